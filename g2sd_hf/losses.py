@@ -1,0 +1,217 @@
+"""The losses of G2SD as small pure functions.
+
+Generic distillation (paper's L_GD): Smooth-L1 between the student's predicted decoder features and the teacher's
+LayerNorm-ed MAE decoder features. Specific distillation (paper's L_SD = L_task + beta * L_KD): a task loss plus a
+knowledge-distillation loss from a task-fine-tuned teacher, hard (DeiT), soft (Hinton) or normalized (NKD).
+
+Every loss is computed in float32 and returns the mean over the batch. This file imports only torch, so that
+`save_pretrained` can ship it beside `modeling_g2sd.py` for `trust_remote_code` loading.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize_teacher_features(hidden_states: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The generic-distillation target: LayerNorm without affine parameters over the feature dimension.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch, tokens, dim)`): The teacher's decoder hidden states.
+        eps (`float`): LayerNorm epsilon (1e-6 in G2SD).
+
+    Returns:
+        `torch.Tensor` of the same shape, in float32.
+
+    Example:
+
+    ```python
+    >>> targets = normalize_teacher_features(torch.randn(2, 5, 8))
+    >>> targets.mean(-1).abs().max() < 1e-5
+    tensor(True)
+    ```
+    """
+    hidden_states = hidden_states.float()
+    return F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=eps)
+
+
+def generic_distillation_loss(
+    predicted_features: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    tokens: str = "all",
+    beta: float = 2.0,
+) -> torch.Tensor:
+    """L_GD: Smooth-L1 (with `beta`) between predicted and target features, averaged over tokens and channels.
+
+    Args:
+        predicted_features (`torch.Tensor` of shape `(batch, 1 + num_patches, dim)`):
+            The student's feature-head output for the cls token followed by every patch (visible and masked).
+        teacher_targets (`torch.Tensor` of the same shape): The normalized teacher features.
+        mask (`torch.Tensor` of shape `(batch, num_patches)`, *optional*):
+            1 for masked patches, 0 for visible ones. Required unless `tokens="all"`.
+        tokens (`str`): `"all"` averages over the cls token and every patch (the official setting); `"masked"` and
+            `"visible"` average over those patch tokens only.
+        beta (`float`): Smooth-L1 threshold between the quadratic and the linear regime (2.0 in G2SD).
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+
+    Example:
+
+    ```python
+    >>> prediction, target = torch.zeros(1, 3, 4), torch.ones(1, 3, 4)
+    >>> generic_distillation_loss(prediction, target, beta=2.0)  # 0.5 * 1**2 / 2
+    tensor(0.2500)
+    ```
+    """
+    if predicted_features.shape != teacher_targets.shape:
+        raise ValueError(
+            f"Predicted features {tuple(predicted_features.shape)} and teacher targets "
+            f"{tuple(teacher_targets.shape)} differ in shape: the student's target_hidden_size must equal the "
+            "teacher's decoder width and both must see the same patch grid."
+        )
+    per_element = F.smooth_l1_loss(predicted_features.float(), teacher_targets.float(), beta=beta, reduction="none")
+    if tokens == "all":
+        return per_element.mean()
+    if tokens not in ("masked", "visible"):
+        raise ValueError(f"tokens must be 'all', 'masked' or 'visible', got {tokens!r}.")
+    if mask is None:
+        raise ValueError(f"tokens={tokens!r} needs the mask of masked patches.")
+    per_token = per_element[:, 1:].mean(dim=-1)  # (batch, num_patches), the cls token dropped
+    weights = mask.float() if tokens == "masked" else 1.0 - mask.float()
+    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def smooth_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Class-probability targets: one-hot (or already mixed, e.g. by mixup/cutmix) with label smoothing.
+
+    Args:
+        labels (`torch.Tensor`): class indices of shape `(batch,)`, or probabilities of shape `(batch, num_classes)`.
+        num_classes (`int`): Number of classes.
+        label_smoothing (`float`): epsilon; the target becomes `(1 - epsilon) * target + epsilon / num_classes`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, num_classes)`, in float32.
+    """
+    if labels.ndim == 1:
+        targets = F.one_hot(labels.long(), num_classes).float()
+    else:
+        targets = labels.float()
+    return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against class probabilities: `mean_b( -sum_k targets[b, k] * log_softmax(logits)[b, k] )`.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        targets (`torch.Tensor` of shape `(batch, num_classes)`): rows summing to one.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard distillation: cross-entropy against the teacher's arg-max class, `CE(s, argmax t)`.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, num_classes)`): Usually the distillation head's logits.
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=-1))
+
+
+def soft_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Hinton's soft distillation: `T^2 * KL(softmax(t / T) || softmax(s / T))`, summed over classes, batch mean.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        temperature (`float`): T.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def nkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+) -> torch.Tensor:
+    """Normalized knowledge distillation (NKD, Yang et al. 2023), as used by the G2SD release.
+
+    With `t` the label, `S = softmax(s)`, `T = softmax(t_logits)` and `N(.)` the softmax over the non-target classes
+    at temperature `temperature` (lambda):
+
+        L_NKD = -T_t log S_t  -  gamma * lambda^2 * sum_{i != t} N(T^lambda)_i log N(S^lambda)_i
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        labels (`torch.Tensor`): class indices `(batch,)`, or probabilities `(batch, num_classes)` (mixup/cutmix)
+            whose arg-max is taken as the target class, as in the authors' code.
+        temperature (`float`): lambda, the temperature of the non-target distributions.
+        gamma (`float`): weight of the non-target term.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    target = labels.argmax(dim=-1) if labels.ndim == 2 else labels.long()
+    batch_size, num_classes = student_logits.shape
+    is_target = F.one_hot(target, num_classes).bool()
+
+    student_target_log_prob = F.log_softmax(student_logits, dim=-1)[is_target]  # (batch,)
+    teacher_target_prob = F.softmax(teacher_logits, dim=-1)[is_target]  # (batch,)
+    target_term = -(teacher_target_prob * student_target_log_prob).mean()
+
+    # The non-target classes of each row, renormalized: softmax over the other num_classes - 1 logits.
+    student_others = student_logits[~is_target].view(batch_size, num_classes - 1)
+    teacher_others = teacher_logits[~is_target].view(batch_size, num_classes - 1)
+    teacher_others_probs = F.softmax(teacher_others / temperature, dim=-1)
+    student_others_log_probs = F.log_softmax(student_others / temperature, dim=-1)
+    non_target_term = -(teacher_others_probs * student_others_log_probs).sum(dim=-1).mean()
+    return target_term + gamma * temperature**2 * non_target_term
+
+
+def specific_distillation_loss(task_loss: torch.Tensor, distillation_loss: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """L_SD = L_task + beta * L_KD, divided by (1 + beta).
+
+    The division keeps the loss scale fixed as beta changes, and with beta = 1 gives the official
+    `(CE(cls_logits, y) + CE(distillation_logits, argmax teacher_logits)) / 2`.
+
+    Args:
+        task_loss (`torch.Tensor`): L_task.
+        distillation_loss (`torch.Tensor`): L_KD.
+        beta (`float`): weight of the distillation loss.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    return (task_loss + beta * distillation_loss) / (1.0 + beta)
+
+
+__all__ = [
+    "generic_distillation_loss",
+    "hard_distillation_loss",
+    "nkd_loss",
+    "normalize_teacher_features",
+    "smooth_targets",
+    "soft_distillation_loss",
+    "soft_target_cross_entropy",
+    "specific_distillation_loss",
+]

@@ -1,0 +1,85 @@
+"""Parameter groups of the G2SD recipes: timm's weight-decay rule and MAE's layer-wise learning-rate decay.
+
+- Weight decay (timm `add_weight_decay`): none on biases and 1-D weights (norms), plus any name in `no_decay_names`.
+- Layer-wise lr decay (MAE `param_groups_lrd`): the patch/position embeddings and prefix tokens are layer 0, encoder
+  block `i` is layer `i + 1`, everything else (final norm, heads, decoder) is layer `num_layers + 1`; the learning
+  rate of layer `l` is scaled by `layer_decay ** (num_layers + 1 - l)`.
+"""
+
+import re
+
+from torch import nn
+
+
+# Within the encoder (the model's `base_model_prefix` module): G2SD's `layers.N`, ViT/ViTMAE's `layers.N` or
+# `encoder.layer.N`.
+_LAYER_PATTERN = re.compile(r"^(?:encoder\.)?layers?\.(\d+)\.")
+
+# Parameters that MAE fine-tuning exempts from weight decay (`no_weight_decay()` of timm's VisionTransformer).
+FINE_TUNING_NO_DECAY_NAMES = ("position_embeddings", "cls_token", "distillation_token")
+
+
+def layer_id(parameter_name: str, num_layers: int, encoder_prefix: str = "g2sd.") -> int:
+    """MAE's layer id: 0 for the encoder's embeddings, `i + 1` for encoder block `i`, `num_layers + 1` otherwise.
+
+    Args:
+        parameter_name (`str`): e.g. `"g2sd.layers.3.mlp.fc1.weight"`.
+        num_layers (`int`): Encoder depth.
+        encoder_prefix (`str`): Where the encoder lives (`"g2sd."`, `"vit."`, or `""` for a bare encoder).
+    """
+    if not parameter_name.startswith(encoder_prefix):
+        return num_layers + 1
+    name = parameter_name[len(encoder_prefix) :]
+    if name.startswith("embeddings."):
+        return 0
+    match = _LAYER_PATTERN.match(name)
+    return int(match.group(1)) + 1 if match else num_layers + 1
+
+
+def parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    no_decay_names: tuple[str, ...] = (),
+) -> list[dict]:
+    """Optimizer parameter groups with per-group `lr` and `weight_decay`.
+
+    Args:
+        model (`nn.Module`): A G2SD (or ViT-family) model; its encoder is the `base_model_prefix` module.
+        learning_rate (`float`): The peak learning rate of the last layer.
+        weight_decay (`float`): Weight decay of the decayed parameters.
+        layer_decay (`float`, *optional*): MAE's layer-wise decay factor (0.75 in G2SD's fine-tuning); `None` or 1
+            gives every parameter the same learning rate.
+        no_decay_names (`tuple[str, ...]`): Name fragments exempt from weight decay besides biases and 1-D weights.
+
+    Returns:
+        `list[dict]`: groups with `params`, `lr`, `weight_decay` and, with layer decay, `lr_scale`.
+
+    Example:
+
+    ```python
+    >>> groups = parameter_groups(model, learning_rate=1e-3, weight_decay=0.05, layer_decay=0.75)
+    >>> optimizer = torch.optim.AdamW(groups)
+    ```
+    """
+    config = getattr(model, "config", None)
+    num_layers = getattr(config, "num_hidden_layers", 0)
+    prefix = getattr(model, "base_model_prefix", "")
+    encoder_prefix = f"{prefix}." if prefix and hasattr(model, prefix) else ""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        no_decay = parameter.ndim <= 1 or name.endswith(".bias") or any(part in name for part in no_decay_names)
+        layer = layer_id(name, num_layers, encoder_prefix) if layer_decay not in (None, 1.0) else num_layers + 1
+        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay not in (None, 1.0) else 1.0
+        group = groups.setdefault(
+            (layer, no_decay),
+            {"params": [], "lr": learning_rate * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay},
+        )
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+__all__ = ["FINE_TUNING_NO_DECAY_NAMES", "layer_id", "parameter_groups"]

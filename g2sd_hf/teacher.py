@@ -1,0 +1,286 @@
+"""Frozen teachers: the MAE teacher of generic distillation and the classifier teacher of specific distillation.
+
+A teacher is loaded, validated (a teacher with untrained parts is refused), frozen (`requires_grad_(False)`,
+`eval()`), and run under `torch.inference_mode()`. It owns the pixel normalization it was trained with and converts
+the student's pixels to it, so a teacher is never fed silently wrong pixels.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    ViTMAEForPreTraining,
+    ViTMAEModel,
+)
+from transformers.utils import logging
+
+from .losses import normalize_teacher_features
+from .modeling_g2sd import restore_with_mask_tokens
+
+
+logger = logging.get_logger(__name__)
+
+# The normalization of every facebookresearch/mae checkpoint (and of `facebook/vit-mae-*`).
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _as_tuple(values: Sequence[float] | float, num_channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values) if isinstance(values, (list, tuple)) else (float(values),) * num_channels
+    if len(values) != num_channels:
+        raise ValueError(f"Expected {num_channels} per-channel values, got {values}.")
+    return values
+
+
+class _FrozenTeacher(nn.Module):
+    """A frozen model plus the pixel normalization it expects, converting inputs normalized another way."""
+
+    def __init__(self, model: PreTrainedModel, image_mean, image_std):
+        super().__init__()
+        self.model = model
+        num_channels = model.config.num_channels
+        self.image_mean = _as_tuple(image_mean, num_channels)
+        self.image_std = _as_tuple(image_std, num_channels)
+        self.input_mean, self.input_std = self.image_mean, self.image_std
+        self.freeze()
+
+    def freeze(self) -> "_FrozenTeacher":
+        """Stop gradients and put the teacher in eval mode (call again after `from_pretrained` or `.train()`)."""
+        self.model.requires_grad_(False)
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        # A teacher stays in eval mode (no dropout, no drop path), whatever its owner does.
+        return super().train(False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.model.config.image_size
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    def accept_inputs_normalized_with(self, image_mean, image_std) -> None:
+        """Declare how the pixels given to this teacher are normalized; they are converted to the teacher's own."""
+        num_channels = self.model.config.num_channels
+        self.input_mean = _as_tuple(image_mean, num_channels)
+        self.input_std = _as_tuple(image_std, num_channels)
+        if self.needs_conversion:
+            logger.info(
+                f"Teacher inputs normalized with mean={self.input_mean}, std={self.input_std} are converted to the "
+                f"teacher's mean={self.image_mean}, std={self.image_std}."
+            )
+
+    @property
+    def needs_conversion(self) -> bool:
+        return (self.input_mean, self.input_std) != (self.image_mean, self.image_std)
+
+    def prepare_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Convert `pixel_values` from the input normalization to the teacher's, and to the teacher's dtype."""
+        if pixel_values.shape[1] != len(self.image_mean):
+            raise ValueError(
+                f"The teacher expects {len(self.image_mean)} channels, got {pixel_values.shape[1]}: student and "
+                "teacher must read the same images."
+            )
+        dtype = next(self.model.parameters()).dtype
+        if not self.needs_conversion:
+            return pixel_values.to(dtype)
+        shape = (1, -1, 1, 1)
+        device = pixel_values.device
+        input_mean, input_std, mean, std = (
+            torch.tensor(values, device=device).view(shape)
+            for values in (self.input_mean, self.input_std, self.image_mean, self.image_std)
+        )
+        raw = pixel_values.float() * input_std + input_mean  # back to [0, 1] pixels
+        return ((raw - mean) / std).to(dtype)
+
+    @staticmethod
+    def _load_normalization(name_or_path, image_mean, image_std, kwargs):
+        if image_mean is not None and image_std is not None:
+            return image_mean, image_std
+        try:
+            processor = AutoImageProcessor.from_pretrained(
+                name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+            )
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not read the image processor of {name_or_path} ({error}). Pass image_mean= and image_std= "
+                "with the normalization the teacher was trained with."
+            ) from error
+        return image_mean or processor.image_mean, image_std or processor.image_std
+
+
+class MAETeacher(_FrozenTeacher):
+    r"""
+    The generic-distillation teacher: an MAE ViT with its pre-training decoder (`ViTMAEForPreTraining`).
+
+    Called with `pixel_values` and the masking `noise`, it runs its encoder on the visible patches (the same mask as
+    the student's for the same noise), then decoder blocks 1..`target_layer` only, and returns the hidden states after
+    block `target_layer` for every token, normalized by a LayerNorm without affine parameters: G2SD's targets.
+
+    Args:
+        model (`ViTMAEForPreTraining`): The teacher, with trained decoder weights.
+        target_layer (`int`, *optional*, defaults to 4): Decoder block whose output is the target (1-based).
+        image_mean, image_std (`Sequence[float]`, *optional*): The teacher's pixel normalization; ImageNet's,
+            which every MAE checkpoint uses, by default.
+        target_eps (`float`, *optional*, defaults to 1e-6): Epsilon of the target LayerNorm.
+
+    Example:
+
+    ```python
+    >>> teacher = MAETeacher.from_pretrained("facebook/vit-mae-base", target_layer=4)
+    >>> noise = torch.rand(2, 196)
+    >>> targets = teacher(pixel_values, noise)  # (2, 197, 512)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: ViTMAEForPreTraining,
+        target_layer: int = 4,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        target_eps: float = 1e-6,
+    ):
+        if isinstance(model, ViTMAEModel) or not isinstance(model, ViTMAEForPreTraining):
+            raise TypeError(
+                f"The generic-distillation teacher must be a ViTMAEForPreTraining with its pre-training decoder, got "
+                f"{type(model).__name__}. An encoder-only MAE (ViTMAEModel) has no decoder features to distill: load "
+                "the full pre-training checkpoint, e.g. ViTMAEForPreTraining.from_pretrained('facebook/vit-mae-base')."
+            )
+        depth = model.config.decoder_num_hidden_layers
+        if not 1 <= target_layer <= depth:
+            raise ValueError(
+                f"target_layer must be between 1 and the teacher's decoder depth ({depth}), got {target_layer}. "
+                "G2SD uses 4."
+            )
+        super().__init__(model, image_mean, image_std)
+        self.target_layer = target_layer
+        self.target_eps = target_eps
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        target_layer: int = 4,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs,
+    ) -> "MAETeacher":
+        """Load a `ViTMAEForPreTraining` checkpoint (Hub id or folder), refusing one without trained decoder weights.
+
+        The normalization comes from the checkpoint's image processor unless `image_mean`/`image_std` are given.
+        Other keyword arguments (`dtype`, `revision`, ...) go to `ViTMAEForPreTraining.from_pretrained`.
+        """
+        model, loading_info = ViTMAEForPreTraining.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info.get("missing_keys", []))
+        if missing:
+            decoder_missing = [key for key in missing if key.startswith("decoder.")]
+            what = "its MAE pre-training decoder" if decoder_missing else "part of its weights"
+            raise ValueError(
+                f"{name_or_path} lacks {what}: {len(missing)} weights would be random "
+                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). G2SD distills the decoder features "
+                "of a fully pre-trained MAE: use a checkpoint saved from ViTMAEForPreTraining with its decoder "
+                "(e.g. facebook/vit-mae-base, or the authors' mae_pretrain_vit_base_full.pth converted with "
+                "`python -m g2sd_hf.convert --kind mae-teacher`), not an encoder-only one."
+            )
+        image_mean, image_std = cls._load_normalization(name_or_path, image_mean, image_std, kwargs)
+        return cls(model, target_layer=target_layer, image_mean=image_mean, image_std=image_std)
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.model.config.mask_ratio
+
+    @mask_ratio.setter
+    def mask_ratio(self, value: float) -> None:
+        self.model.config.mask_ratio = value
+
+    @property
+    def target_hidden_size(self) -> int:
+        return self.model.config.decoder_hidden_size
+
+    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`):
+                Images, normalized as declared with `accept_inputs_normalized_with` (the teacher's own by default).
+            noise (`torch.FloatTensor` of shape `(batch, num_patches)`): The masking noise shared with the student.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, 1 + num_patches, decoder_hidden_size)`: the targets, in float32.
+        """
+        with torch.inference_mode():
+            encoder_outputs = self.model.vit(self.prepare_pixels(pixel_values), noise=noise)
+            decoder = self.model.decoder
+            hidden_states = decoder.decoder_embed(encoder_outputs.last_hidden_state)
+            hidden_states = restore_with_mask_tokens(hidden_states, decoder.mask_token, encoder_outputs.ids_restore)
+            hidden_states = hidden_states + decoder.decoder_pos_embed.to(hidden_states.dtype)
+            for layer in decoder.decoder_layers[: self.target_layer]:
+                hidden_states = layer(hidden_states)
+                hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
+            targets = normalize_teacher_features(hidden_states, eps=self.target_eps)
+        # Inference tensors cannot be saved for backward: clone into a normal tensor for the student's loss.
+        return targets.clone()
+
+
+class ClassificationTeacher(_FrozenTeacher):
+    r"""
+    The specific-distillation teacher: any transformers image classifier (e.g. an MAE ViT-B fine-tuned on the task).
+
+    Args:
+        model (`PreTrainedModel`): An image-classification model returning `logits`.
+        image_mean, image_std (`Sequence[float]`, *optional*): Its pixel normalization (ImageNet's by default).
+
+    Example:
+
+    ```python
+    >>> teacher = ClassificationTeacher.from_pretrained("path/to/fine-tuned-mae-vit-base")
+    >>> teacher_logits = teacher(pixel_values)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        super().__init__(model, image_mean, image_std)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None, **kwargs
+    ) -> "ClassificationTeacher":
+        """Load with `AutoModelForImageClassification`, refusing a checkpoint whose classifier was not trained."""
+        model, loading_info = AutoModelForImageClassification.from_pretrained(
+            name_or_path, output_loading_info=True, **kwargs
+        )
+        missing = sorted(loading_info.get("missing_keys", []))
+        if missing:
+            raise ValueError(
+                f"{name_or_path} is not a trained image classifier: {len(missing)} weights would be random "
+                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). The specific-distillation teacher "
+                "must be fine-tuned on the task first."
+            )
+        image_mean, image_std = cls._load_normalization(name_or_path, image_mean, image_std, kwargs)
+        return cls(model, image_mean=image_mean, image_std=image_std)
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.config.num_labels
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return the teacher's logits `(batch, num_labels)` for `pixel_values` (normalized as declared)."""
+        with torch.inference_mode():
+            logits = self.model(pixel_values=self.prepare_pixels(pixel_values)).logits
+        return logits.clone()
+
+
+__all__ = ["ClassificationTeacher", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "MAETeacher"]

@@ -1,0 +1,493 @@
+"""Trainers for G2SD's two stages, as `transformers.Trainer` subclasses.
+
+Each trainer adds what distillation needs and nothing else: the teacher is a constructor argument, frozen, placed by
+accelerate on every process without a gradient wrapper, and never saved with the student; each loss term is logged;
+a non-finite loss stops training before the step's update, so the last checkpoint on disk stays good. Everything
+else (gradient accumulation, mixed precision, gradient checkpointing, checkpoints and resuming, the Hub, multi-process
+runs under `accelerate launch`) is the Trainer's own.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTMAEForPreTraining
+from transformers.utils import logging
+
+from .losses import (
+    generic_distillation_loss,
+    hard_distillation_loss,
+    nkd_loss,
+    smooth_targets,
+    soft_distillation_loss,
+    soft_target_cross_entropy,
+    specific_distillation_loss,
+)
+from .modeling_g2sd import G2SDForGenericDistillation
+from .optimization import FINE_TUNING_NO_DECAY_NAMES, parameter_groups
+from .teacher import ClassificationTeacher, MAETeacher
+
+
+logger = logging.get_logger(__name__)
+
+DISTILLATION_TYPES = ("hard", "soft", "nkd", "none")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class GenericDistillationConfig(TrainingArguments):
+    r"""
+    `TrainingArguments` with the defaults of G2SD's generic-distillation recipe: AdamW with betas (0.9, 0.95), weight
+    decay 0.05 (none on biases and 1-D weights), base learning rate 1.5e-4 scaled by total batch / 256, cosine schedule
+    with 10 warm-up epochs out of 300.
+
+    The student's mask ratio, feature-loss tokens and Smooth-L1 beta live in its `G2SDConfig`; the teacher's target
+    layer in its `MAETeacher`.
+    """
+
+    learning_rate: float = field(
+        default=1.5e-4,
+        metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."},
+    )
+    scale_lr_with_batch_size: bool = field(
+        default=True,
+        metadata={
+            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
+            "linear scaling rule). Set False to use learning_rate as is."
+        },
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 in MAE and G2SD)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(
+        default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the training steps."}
+    )
+    num_train_epochs: float = field(default=300.0, metadata={"help": "Training epochs (300 in G2SD)."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
+
+
+@dataclass
+class SpecificDistillationConfig(TrainingArguments):
+    r"""
+    `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification: hard
+    distillation with a distillation token, label smoothing 0.1, mixup 0.8 / cutmix 1.0, AdamW with weight decay 0.05,
+    layer-wise learning-rate decay 0.75, base learning rate 1e-3 scaled by total batch / 256, cosine schedule with 5
+    warm-up epochs out of 200.
+
+    The loss is `L_SD = (L_task + beta * L_KD) / (1 + beta)`: with beta = 1 and hard distillation this is the
+    official `(CE(cls_logits, y) + CE(distillation_logits, argmax teacher_logits)) / 2`.
+    """
+
+    distillation_type: str = field(
+        default="hard",
+        metadata={
+            "help": "L_KD: 'hard' (CE to the teacher's arg-max, DeiT), 'soft' (T^2 KL at temperature T), 'nkd' "
+            "(normalized KD), or 'none' (plain fine-tuning, no teacher).",
+            "choices": list(DISTILLATION_TYPES),
+        },
+    )
+    distillation_beta: float = field(default=1.0, metadata={"help": "beta, the weight of L_KD."})
+    distillation_temperature: float = field(default=1.0, metadata={"help": "Temperature of 'soft' and 'nkd'."})
+    nkd_gamma: float = field(default=1.0, metadata={"help": "gamma, the non-target weight of 'nkd'."})
+    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise learning-rate decay (1.0 disables it)."})
+    mixup_alpha: float = field(default=0.8, metadata={"help": "Mixup alpha (0 disables mixup)."})
+    cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables cutmix)."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the task loss."})
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."},
+    )
+    scale_lr_with_batch_size: bool = field(
+        default=True,
+        metadata={
+            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
+            "linear scaling rule). Set False to use learning_rate as is."
+        },
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(
+        default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the training steps."}
+    )
+    num_train_epochs: float = field(default=200.0, metadata={"help": "Training epochs (200 in G2SD)."})
+
+    def __post_init__(self):
+        if self.distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(
+                f"distillation_type must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}."
+            )
+        if self.distillation_beta < 0 or self.distillation_temperature <= 0:
+            raise ValueError(
+                "distillation_beta must be >= 0 and distillation_temperature > 0, got "
+                f"{self.distillation_beta} and {self.distillation_temperature}."
+            )
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay} (G2SD uses 0.75; 1 disables it).")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0 (0 disables them).")
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------------------------------------------------
+class DistillationTrainer(Trainer):
+    """What both G2SD trainers share: the teacher's placement, the optimizer groups, term logging, the loss guard."""
+
+    # compute_loss returns a per-batch mean: the Trainer divides it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+    _no_decay_names: tuple[str, ...] = ()
+
+    def __init__(self, model, teacher, args, **kwargs):
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = self._place_teacher(teacher) if teacher is not None else None
+        self._term_history: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    # -- teacher ------------------------------------------------------------------------------------------------------
+    def _place_teacher(self, teacher: nn.Module) -> nn.Module:
+        if self.args.bf16:
+            teacher = teacher.to(torch.bfloat16)
+        elif self.args.fp16:
+            teacher = teacher.to(torch.float16)
+        # evaluation_mode: placed on this process's device, never wrapped for gradients (no DDP).
+        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+        return teacher
+
+    @staticmethod
+    def _accept_student_normalization(teacher, processing_class) -> None:
+        mean = getattr(processing_class, "image_mean", None)
+        std = getattr(processing_class, "image_std", None)
+        if processing_class is None or mean is None or std is None:
+            logger.info(
+                "No image processor given: the student's pixels are taken to be normalized like the teacher's "
+                f"(mean={teacher.image_mean}, std={teacher.image_std})."
+            )
+            return
+        if getattr(processing_class, "do_normalize", True) is False:
+            raise ValueError(
+                "The image processor does not normalize (do_normalize=False) but the teacher expects normalized "
+                "pixels: enable normalization in the processor."
+            )
+        teacher.accept_inputs_normalized_with(mean, std)
+
+    # -- optimizer ----------------------------------------------------------------------------------------------------
+    @property
+    def peak_learning_rate(self) -> float:
+        """The learning rate after the linear scaling rule (`learning_rate * total batch / 256`) when enabled."""
+        if not getattr(self.args, "scale_lr_with_batch_size", False):
+            return self.args.learning_rate
+        total_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return self.args.learning_rate * total_batch / 256
+
+    def _layer_decay(self) -> float | None:
+        return None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = parameter_groups(
+                model, self.peak_learning_rate, self.args.weight_decay, self._layer_decay(), self._no_decay_names
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs = {**optimizer_kwargs, "lr": self.peak_learning_rate}
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            logger.info(f"Peak learning rate {self.peak_learning_rate:.3g} over {len(groups)} parameter groups.")
+        return self.optimizer
+
+    # -- loss terms ---------------------------------------------------------------------------------------------------
+    def _check_and_record(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Average the loss and its terms over processes, stop on a non-finite one, and keep the terms for the log."""
+        names = ["loss", *terms]
+        values = torch.stack([value.detach().float().reshape(()) for value in (loss, *terms.values())])
+        values = self.accelerator.gather(values[None]).reshape(-1, len(names))  # (processes, terms)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            bad = [f"{name}={values[:, i].tolist()}" for i, name in enumerate(names) if not bool(finite[:, i].all())]
+            raise FloatingPointError(
+                f"Non-finite loss at training step {self.state.global_step + 1}: {'; '.join(bad)} (one value per "
+                f"process). Training stopped before this step's update, so the last checkpoint in "
+                f"{self.args.output_dir} is intact. Lower the learning rate, set max_grad_norm, or use bf16 instead "
+                "of fp16, then resume with resume_from_checkpoint."
+            )
+        for i, name in enumerate(names[1:], start=1):
+            self._term_history[name].append(values[:, i].mean())
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        is_eval = any(key.startswith("eval_") for key in logs)
+        if not is_eval and self._term_history:
+            for name, values in self._term_history.items():
+                logs[name] = round(torch.stack(values).mean().item(), 6)
+            self._term_history.clear()
+        super().log(logs, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic distillation
+# --------------------------------------------------------------------------------------------------------------------
+class GenericDistillationTrainer(DistillationTrainer):
+    r"""
+    Trainer for G2SD's generic distillation: a `G2SDForGenericDistillation` student learns to predict the normalized
+    decoder features of a frozen MAE teacher on masked images (Smooth-L1, paper's L_GD).
+
+    The masking noise of each sample is drawn from a generator seeded with `(seed, step)`, so the masks, and hence the
+    losses, are the same whether a global batch runs on one process or several, with or without gradient
+    accumulation, and after resuming. Teacher and student get the same noise, hence the same mask.
+
+    Logged terms: `masked_token_loss` and `visible_token_loss` (the loss restricted to those patches).
+
+    Args:
+        model (`G2SDForGenericDistillation`): The student.
+        teacher (`MAETeacher` or `ViTMAEForPreTraining`): The teacher (a model is wrapped with target layer 4).
+        args (`GenericDistillationConfig` or `TrainingArguments`, *optional*).
+        processing_class (image processor, *optional*): How the student's pixels are normalized; when it differs
+            from the teacher's normalization, the teacher's inputs are converted.
+        Other arguments are the Trainer's.
+
+    Example:
+
+    ```python
+    >>> teacher = MAETeacher.from_pretrained("facebook/vit-mae-base", target_layer=4)
+    >>> student = G2SDForGenericDistillation(G2SDConfig.from_preset("vit_small_patch16"))
+    >>> trainer = GenericDistillationTrainer(
+    ...     model=student, teacher=teacher, args=GenericDistillationConfig("g2sd-small-gd"), train_dataset=dataset
+    ... )
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(self, model: G2SDForGenericDistillation, teacher: MAETeacher | ViTMAEForPreTraining, args=None, **kwargs):
+        if not isinstance(model, G2SDForGenericDistillation):
+            raise TypeError(f"The student must be a G2SDForGenericDistillation, got {type(model).__name__}.")
+        if isinstance(teacher, PreTrainedModel):
+            teacher = MAETeacher(teacher)
+        if not isinstance(teacher, MAETeacher):
+            raise TypeError(f"The teacher must be an MAETeacher or a ViTMAEForPreTraining, got {type(teacher).__name__}.")
+        check_generic_distillation_pair(model, teacher)
+        if teacher.mask_ratio != model.config.mask_ratio:
+            logger.info(f"Teacher mask ratio set to the student's ({model.config.mask_ratio}).")
+            teacher.mask_ratio = model.config.mask_ratio
+        self._accept_student_normalization(teacher, kwargs.get("processing_class"))
+        if args is None:
+            args = GenericDistillationConfig(output_dir="g2sd-generic-distillation")
+        super().__init__(model, teacher, args, **kwargs)
+        self._noise_step, self._noise_micro_step, self._eval_batches_seen = -1, 0, 0
+
+    def _masking_noise(self, batch_size: int, device: torch.device, training: bool) -> torch.Tensor:
+        """Noise `(batch, num_patches)` for this process's share of the global batch, seeded by `(seed, step)`."""
+        world_size, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if training:
+            if self.state.global_step != self._noise_step:
+                self._noise_step, self._noise_micro_step = self.state.global_step, 0
+            index, micro_step = 2 * self.state.global_step, self._noise_micro_step
+            self._noise_micro_step += 1
+            per_device, micro_steps = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+        else:
+            index, micro_step = 2 * self._eval_batches_seen + 1, 0
+            self._eval_batches_seen += 1
+            per_device, micro_steps = self.args.per_device_eval_batch_size, 1
+        generator = torch.Generator().manual_seed((self.args.seed * 1_000_003 + index) % 2**63)
+        num_patches = self.accelerator.unwrap_model(self.model).config.num_patches
+        # Rows in global-batch order: micro-step-major, then process, as accelerate shards the batches.
+        global_noise = torch.rand(micro_steps * world_size * per_device, num_patches, generator=generator)
+        start = (micro_step * world_size + rank) * per_device
+        return global_noise[start : start + batch_size].to(device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values = inputs["pixel_values"]
+        noise = inputs.get("noise")
+        if noise is None:
+            noise = self._masking_noise(pixel_values.shape[0], pixel_values.device, model.training)
+        teacher_targets = self.teacher(pixel_values, noise)  # (batch, 1 + num_patches, teacher decoder width)
+        outputs = model(pixel_values=pixel_values, noise=noise, teacher_targets=teacher_targets)
+        loss = outputs.loss
+        if model.training:
+            beta = self.accelerator.unwrap_model(model).config.feature_loss_beta
+            with torch.no_grad():
+                terms = {
+                    tokens: generic_distillation_loss(
+                        outputs.predicted_features, teacher_targets, outputs.mask, tokens=tokens, beta=beta
+                    )
+                    for tokens in ("masked", "visible")
+                }
+            self._check_and_record(loss, {"masked_token_loss": terms["masked"], "visible_token_loss": terms["visible"]})
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_batches_seen = 0  # the same masks at every evaluation
+        return super().evaluate(*args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def check_generic_distillation_pair(student: G2SDForGenericDistillation, teacher: MAETeacher) -> None:
+    """Refuse a student/teacher pair that cannot be distilled, with the fix in the message."""
+    student_config, teacher_config = student.config, teacher.config
+
+    def pair(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+    if pair(student_config.image_size) != pair(teacher_config.image_size) or pair(student_config.patch_size) != pair(
+        teacher_config.patch_size
+    ):
+        raise ValueError(
+            f"Student and teacher see different patch grids: student image_size={student_config.image_size}, "
+            f"patch_size={student_config.patch_size}; teacher image_size={teacher_config.image_size}, "
+            f"patch_size={teacher_config.patch_size}. Both read the same pixels and share one mask: build the student "
+            "with the teacher's image_size and patch_size."
+        )
+    if student_config.num_channels != teacher_config.num_channels:
+        raise ValueError(
+            f"Student has {student_config.num_channels} input channels, the teacher {teacher_config.num_channels}: "
+            "set num_channels in the student config to the teacher's."
+        )
+    if student_config.target_hidden_size != teacher.target_hidden_size:
+        raise ValueError(
+            f"The student's feature head predicts {student_config.target_hidden_size}-d features but the teacher's "
+            f"decoder is {teacher.target_hidden_size}-d: build the student with "
+            f"target_hidden_size={teacher.target_hidden_size}."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Specific distillation
+# --------------------------------------------------------------------------------------------------------------------
+class SpecificDistillationTrainer(DistillationTrainer):
+    r"""
+    Trainer for G2SD's specific distillation on image classification: the student classifier (usually a
+    `G2SDForImageClassification` initialized from a generic-distillation checkpoint) learns the task from the labels
+    and from a frozen task-fine-tuned teacher: `L_SD = (L_task + beta * L_KD) / (1 + beta)`.
+
+    - `L_task`: soft-target cross-entropy of the classification head (`cls_logits`) with label smoothing, on
+      mixup/cutmix batches when enabled.
+    - `L_KD`: on the distillation head (`distillation_logits`) when the student has a distillation token, else on the
+      classification head: `hard`, `soft` or `nkd` (see `SpecificDistillationConfig`). The teacher sees the same
+      (mixed) images.
+    - Layer-wise learning-rate decay over the encoder; no weight decay on biases, norms, position embeddings and tokens.
+
+    Logged terms: `task_loss` and `distillation_loss`. Evaluation reports the cross-entropy of `logits` (the average of
+    the two heads); pass `compute_metrics` for accuracy.
+
+    Args:
+        model (`G2SDForImageClassification`, or any image classifier returning `logits`): The student.
+        teacher (`ClassificationTeacher` or an image-classification `PreTrainedModel`, *optional*): Required unless
+            `distillation_type="none"`.
+        args (`SpecificDistillationConfig`, *optional*).
+        processing_class (image processor, *optional*): How the student's pixels are normalized.
+        Other arguments are the Trainer's.
+
+    Example:
+
+    ```python
+    >>> student = G2SDForImageClassification.from_pretrained("g2sd-small-gd", num_labels=1000, use_distillation_token=True)
+    >>> teacher = ClassificationTeacher.from_pretrained("path/to/fine-tuned-mae-vit-base")
+    >>> trainer = SpecificDistillationTrainer(
+    ...     model=student, teacher=teacher, args=SpecificDistillationConfig("g2sd-small-sd"), train_dataset=dataset
+    ... )
+    >>> trainer.train()
+    ```
+    """
+
+    _no_decay_names = FINE_TUNING_NO_DECAY_NAMES
+
+    def __init__(self, model: PreTrainedModel, teacher: ClassificationTeacher | PreTrainedModel | None = None, args=None, **kwargs):
+        if args is None:
+            args = SpecificDistillationConfig(output_dir="g2sd-specific-distillation")
+        distillation_type = getattr(args, "distillation_type", "none")
+        if isinstance(teacher, PreTrainedModel):
+            teacher = ClassificationTeacher(teacher)
+        if teacher is None and distillation_type != "none":
+            raise ValueError(
+                f"distillation_type={distillation_type!r} needs a teacher: pass teacher=..., or set "
+                "distillation_type='none' for plain fine-tuning."
+            )
+        if teacher is not None:
+            if not isinstance(teacher, ClassificationTeacher):
+                raise TypeError(f"The teacher must be a ClassificationTeacher or a PreTrainedModel, got {type(teacher).__name__}.")
+            check_specific_distillation_pair(model, teacher)
+            self._accept_student_normalization(teacher, kwargs.get("processing_class"))
+        super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
+        self._batch_mix = self._make_batch_mix(model.config.num_labels)
+
+    def _layer_decay(self) -> float | None:
+        return getattr(self.args, "layer_decay", None)
+
+    def _make_batch_mix(self, num_labels: int):
+        from torchvision.transforms import v2
+
+        mixes = []
+        if getattr(self.args, "mixup_alpha", 0) > 0:
+            mixes.append(v2.MixUp(alpha=self.args.mixup_alpha, num_classes=num_labels))
+        if getattr(self.args, "cutmix_alpha", 0) > 0:
+            mixes.append(v2.CutMix(alpha=self.args.cutmix_alpha, num_classes=num_labels))
+        if not mixes:
+            return None
+        return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)  # timm's default: either, with p = 0.5
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            # Evaluation: the cross-entropy of the prediction (the two heads' average).
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if self._batch_mix is not None and labels.ndim == 1:
+            pixel_values, labels = self._batch_mix(pixel_values, labels)  # labels: (batch, num_labels) probabilities
+        outputs = model(pixel_values=pixel_values)
+        num_labels = outputs.logits.shape[-1]
+        cls_logits = getattr(outputs, "cls_logits", None)
+        cls_logits = outputs.logits if cls_logits is None else cls_logits
+        task_loss = soft_target_cross_entropy(
+            cls_logits, smooth_targets(labels, num_labels, self.args.label_smoothing_factor)
+        )
+        terms = {"task_loss": task_loss}
+        loss = task_loss
+        if self.teacher is not None:
+            teacher_logits = self.teacher(pixel_values)
+            student_logits = getattr(outputs, "distillation_logits", None)
+            student_logits = cls_logits if student_logits is None else student_logits
+            distillation_loss = self._distillation_loss(student_logits, teacher_logits, labels)
+            terms["distillation_loss"] = distillation_loss
+            loss = specific_distillation_loss(task_loss, distillation_loss, self.args.distillation_beta)
+        self._check_and_record(loss, terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _distillation_loss(self, student_logits, teacher_logits, labels):
+        kind = self.args.distillation_type
+        if kind == "hard":
+            return hard_distillation_loss(student_logits, teacher_logits)
+        if kind == "soft":
+            return soft_distillation_loss(student_logits, teacher_logits, self.args.distillation_temperature)
+        return nkd_loss(student_logits, teacher_logits, labels, self.args.distillation_temperature, self.args.nkd_gamma)
+
+
+def check_specific_distillation_pair(student: PreTrainedModel, teacher: ClassificationTeacher) -> None:
+    """Refuse a student/teacher pair that cannot be distilled, with the fix in the message."""
+    if student.config.num_labels != teacher.num_labels:
+        raise ValueError(
+            f"The student predicts {student.config.num_labels} classes, the teacher {teacher.num_labels}: fine-tune "
+            "the teacher on the same label set, or build the student with the teacher's num_labels / id2label."
+        )
+    student_size = student.config.image_size
+    student_size = tuple(student_size) if isinstance(student_size, (list, tuple)) else (student_size, student_size)
+    if student_size != teacher.image_size:
+        raise ValueError(
+            f"Student image_size {student_size} differs from the teacher's {teacher.image_size}: both read the same "
+            "pixels. Use one input resolution for both."
+        )
+
+
+__all__ = [
+    "DistillationTrainer",
+    "GenericDistillationConfig",
+    "GenericDistillationTrainer",
+    "SpecificDistillationConfig",
+    "SpecificDistillationTrainer",
+]

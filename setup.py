@@ -1,0 +1,46 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+here = Path(__file__).parent
+version = next(
+    line.split('"')[1] for line in (here / "g2sd_hf" / "__init__.py").read_text().splitlines() if line.startswith("__version__")
+)
+
+extras = {
+    # The embedded demo data set and the demo's figure.
+    "demo": ["elpv-dataset>=1.0", "matplotlib>=3.7", "tensorboard>=2.14"],
+    # Tests: timm is an independent ViT implementation to check the converted checkpoints against.
+    "testing": ["pytest>=7.4", "timm>=1.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+}
+extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})
+
+setup(
+    name="g2sd-hf",
+    version=version,
+    description="Generic-to-Specific Distillation of masked autoencoders (G2SD, CVPR 2023) for Hugging Face transformers",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["g2sd_hf", "g2sd_hf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10.0",
+    ],
+    extras_require=extras,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
