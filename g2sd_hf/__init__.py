@@ -27,7 +27,7 @@ from .modeling_g2sd import (
     G2SDModel,
     G2SDPreTrainedModel,
 )
-from .teacher import ClassificationTeacher, MAETeacher
+from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
     GenericDistillationConfig,
     GenericDistillationTrainer,
@@ -59,6 +59,7 @@ __all__ = [
     "SpecificDistillationTrainer",
     "generic_distillation_loss",
     "hard_distillation_loss",
+    "initialize_mae_from_scratch",
     "nkd_loss",
     "normalize_teacher_features",
     "soft_distillation_loss",

@@ -317,9 +317,8 @@ class G2SDAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_attention_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, head_dim)
 
-        implementation = self.config._attn_implementation or "sdpa"
-        attention_interface: Callable = (
-            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
         attention_output, attention_probs = attention_interface(
             self,

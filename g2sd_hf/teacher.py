@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .losses import normalize_teacher_features
-from .modeling_g2sd import restore_with_mask_tokens
+from .modeling_g2sd import get_2d_sincos_position_embeddings, restore_with_mask_tokens
 
 
 logger = logging.get_logger(__name__)
@@ -115,6 +115,30 @@ class _FrozenTeacher(nn.Module):
                 "with the normalization the teacher was trained with."
             ) from error
         return image_mean or processor.image_mean, image_std or processor.image_std
+
+
+@torch.no_grad()
+def initialize_mae_from_scratch(model: ViTMAEForPreTraining) -> ViTMAEForPreTraining:
+    """Give a newly built `ViTMAEForPreTraining` MAE's initialization of its fixed tables before pre-training it.
+
+    transformers 5.x leaves the encoder's and decoder's sin-cos position embeddings (and the mask token) at zero when
+    the model is built from a config rather than loaded, which would pre-train an MAE blind to patch positions. This
+    writes MAE's 2-D sin-cos tables (the layout of the released weights) and draws the mask token from N(0, 0.02).
+
+    Example:
+
+    ```python
+    >>> mae = initialize_mae_from_scratch(ViTMAEForPreTraining(ViTMAEConfig(image_size=64, patch_size=8)))
+    ```
+    """
+    config = model.config
+    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
+    grid = (size[0] // patch[0], size[1] // patch[1])
+    model.vit.embeddings.position_embeddings.copy_(get_2d_sincos_position_embeddings(config.hidden_size, grid)[None])
+    model.decoder.decoder_pos_embed.copy_(get_2d_sincos_position_embeddings(config.decoder_hidden_size, grid)[None])
+    model.decoder.mask_token.normal_(std=config.initializer_range)
+    return model
 
 
 class MAETeacher(_FrozenTeacher):
@@ -283,4 +307,10 @@ class ClassificationTeacher(_FrozenTeacher):
         return logits.clone()
 
 
-__all__ = ["ClassificationTeacher", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "MAETeacher"]
+__all__ = [
+    "ClassificationTeacher",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "MAETeacher",
+    "initialize_mae_from_scratch",
+]

@@ -1,0 +1,383 @@
+"""Both trainers: losses against references, what gets gradients, accumulation, resuming, the refusals, the guard."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import TrainerCallback, ViTImageProcessor
+
+from g2sd_hf import (
+    ClassificationTeacher,
+    G2SDForGenericDistillation,
+    G2SDForImageClassification,
+    GenericDistillationConfig,
+    GenericDistillationTrainer,
+    MAETeacher,
+    SpecificDistillationConfig,
+    SpecificDistillationTrainer,
+)
+from g2sd_hf.losses import nkd_loss
+
+from .conftest import NUM_PATCHES, tiny_classifier_teacher, tiny_image_dataset, tiny_mae_teacher, tiny_student_config
+
+
+def generic_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        scale_lr_with_batch_size=False,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return GenericDistillationConfig(**values)
+
+
+def specific_args(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        scale_lr_with_batch_size=False,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        seed=0,
+    )
+    values.update(overrides)
+    return SpecificDistillationConfig(**values)
+
+
+def generic_trainer(tmp_path, student_seed=0, dataset=None, **overrides):
+    torch.manual_seed(student_seed)
+    student = G2SDForGenericDistillation(tiny_student_config())
+    teacher = MAETeacher(tiny_mae_teacher(), target_layer=2)
+    return GenericDistillationTrainer(
+        model=student, teacher=teacher, args=generic_args(tmp_path, **overrides), train_dataset=dataset or tiny_image_dataset()
+    )
+
+
+def student_state(trainer):
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generic distillation
+# ---------------------------------------------------------------------------------------------------------------------
+def test_generic_loss_equals_reference_from_the_formulas(tmp_path, pixel_values, noise):
+    trainer = generic_trainer(tmp_path)
+    mae = trainer.teacher.model
+    captured = {}
+    handle = mae.decoder.decoder_layers[1].register_forward_hook(lambda m, a, output: captured.update(h=output))
+    with torch.no_grad():
+        mae(pixel_values, noise=noise)
+    handle.remove()
+    hidden = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
+    target = (hidden - hidden.mean(-1, keepdim=True)) / torch.sqrt(hidden.var(-1, unbiased=False, keepdim=True) + 1e-6)
+
+    student = trainer.model.eval()
+    prediction = student(pixel_values, noise=noise).predicted_features
+    difference = (prediction - target).abs()
+    expected = torch.where(difference < 2.0, 0.5 * difference**2 / 2.0, difference - 1.0).mean()
+
+    loss = trainer.compute_loss(student, {"pixel_values": pixel_values, "noise": noise})
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_only_student_parameters_receive_gradients(tmp_path):
+    trainer = generic_trainer(tmp_path)
+    teacher_before = {name: value.clone() for name, value in trainer.teacher.state_dict().items()}
+    student_before = student_state(trainer)
+    trainer.train()
+    assert all(parameter.grad is None for parameter in trainer.teacher.parameters())
+    for name, value in trainer.teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_before[name], rtol=0, atol=0)
+    after = student_state(trainer)
+    assert not torch.equal(after["g2sd.layers.0.attention.qkv.weight"], student_before["g2sd.layers.0.attention.qkv.weight"])
+    # Fixed sin-cos tables are not trained.
+    torch.testing.assert_close(after["g2sd.embeddings.position_embeddings"], student_before["g2sd.embeddings.position_embeddings"])
+    history = trainer.state.log_history[0]
+    assert {"loss", "masked_token_loss", "visible_token_loss"} <= history.keys()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # SGD: Adam would turn the float noise of exactly-zero gradients (the key bias) into full-size steps.
+    large = generic_trainer(tmp_path / "large", per_device_train_batch_size=4, gradient_accumulation_steps=1, optim="sgd")
+    large.train()
+    accumulated = generic_trainer(
+        tmp_path / "accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd"
+    )
+    accumulated.train()
+    large_state, accumulated_state = student_state(large), student_state(accumulated)
+    for name in large_state:
+        torch.testing.assert_close(accumulated_state[name], large_state[name], atol=1e-7, rtol=1e-6)
+    losses = [entry["loss"] for entry in large.state.log_history if "loss" in entry]
+    accumulated_losses = [entry["loss"] for entry in accumulated.state.log_history if "loss" in entry]
+    assert accumulated_losses == pytest.approx(losses, rel=1e-5)
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_weights(tmp_path):
+    uninterrupted = generic_trainer(tmp_path / "full", max_steps=4)
+    uninterrupted.train()
+    first = generic_trainer(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = generic_trainer(tmp_path / "resumed", student_seed=123, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, actual = student_state(uninterrupted), student_state(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoints_hold_the_student_only(tmp_path):
+    trainer = generic_trainer(tmp_path)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert set(saved) == set(trainer.model.state_dict())
+    reloaded = G2SDForGenericDistillation.from_pretrained(tmp_path / "final")
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_generic_optimizer_follows_timm_weight_decay(tmp_path):
+    trainer = generic_trainer(tmp_path, weight_decay=0.05)
+    optimizer = trainer.create_optimizer()
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(trainer.model.named_parameters())
+    assert decay_of[id(named["g2sd.layers.0.attention.qkv.weight"])] == 0.05
+    assert decay_of[id(named["g2sd.embeddings.cls_token"])] == 0.05  # 3-D: decayed, as in MAE pre-training
+    assert decay_of[id(named["g2sd.layers.0.attention.qkv.bias"])] == 0.0
+    assert decay_of[id(named["g2sd.layers.0.norm1.weight"])] == 0.0
+    assert id(named["g2sd.embeddings.position_embeddings"]) not in decay_of  # fixed, not optimized
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_learning_rate_scales_with_total_batch(tmp_path):
+    trainer = generic_trainer(tmp_path, learning_rate=1.5e-4, scale_lr_with_batch_size=True, gradient_accumulation_steps=2)
+    assert trainer.peak_learning_rate == pytest.approx(1.5e-4 * 8 / 256)
+    assert all(group["lr"] == pytest.approx(1.5e-4 * 8 / 256) for group in trainer.create_optimizer().param_groups)
+
+
+def test_gradient_checkpointing_and_bf16_train(tmp_path):
+    plain = generic_trainer(tmp_path / "plain", max_steps=1)
+    plain.train()
+    checkpointed = generic_trainer(tmp_path / "checkpointed", max_steps=1, gradient_checkpointing=True)
+    checkpointed.train()
+    assert checkpointed.model.g2sd.layers[0].gradient_checkpointing
+    assert checkpointed.state.log_history[0]["loss"] == pytest.approx(plain.state.log_history[0]["loss"], rel=1e-5)
+    bf16 = generic_trainer(tmp_path / "bf16", max_steps=2, bf16=True)
+    bf16.train()
+    assert next(bf16.teacher.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in bf16.state.log_history if "loss" in entry)
+
+
+class NaNAfter(MAETeacher):
+    """A teacher whose targets turn NaN from its `after`-th call on."""
+
+    def __init__(self, model, after):
+        super().__init__(model, target_layer=2)
+        self.calls, self.after = 0, after
+
+    def forward(self, pixel_values, noise):
+        self.calls += 1
+        targets = super().forward(pixel_values, noise)
+        return targets * float("nan") if self.calls >= self.after else targets
+
+
+class RecordSaves(TrainerCallback):
+    def __init__(self):
+        self.digests = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.digests[folder] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()}
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
+    student = G2SDForGenericDistillation(tiny_student_config())
+    recorder = RecordSaves()
+    trainer = GenericDistillationTrainer(
+        model=student,
+        teacher=NaNAfter(tiny_mae_teacher(), after=4),
+        args=generic_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2),
+        train_dataset=tiny_image_dataset(32),
+        callbacks=[recorder],
+    )
+    with pytest.raises(FloatingPointError, match=r"training step 4: loss=\[nan\]; masked_token_loss"):
+        trainer.train()
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    folder = tmp_path / "checkpoint-2"
+    assert recorder.digests[folder] == {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()
+    }
+    assert all(torch.isfinite(value).all() for value in trainer.model.state_dict().values())
+
+
+def test_refuses_mismatched_patch_grids(tmp_path):
+    student = G2SDForGenericDistillation(tiny_student_config(patch_size=4, target_hidden_size=24))
+    with pytest.raises(ValueError, match="different patch grids"):
+        GenericDistillationTrainer(model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path))
+
+
+def test_refuses_feature_head_of_the_wrong_width(tmp_path):
+    student = G2SDForGenericDistillation(tiny_student_config(target_hidden_size=32))
+    with pytest.raises(ValueError, match="target_hidden_size=24"):
+        GenericDistillationTrainer(model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path))
+
+
+def test_refuses_wrong_student_and_teacher_types(tmp_path):
+    with pytest.raises(TypeError, match="G2SDForGenericDistillation"):
+        GenericDistillationTrainer(
+            model=G2SDForImageClassification(tiny_student_config()), teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path)
+        )
+    with pytest.raises(TypeError, match="MAETeacher or a ViTMAEForPreTraining"):
+        GenericDistillationTrainer(
+            model=G2SDForGenericDistillation(tiny_student_config()), teacher=torch.nn.Linear(2, 2), args=generic_args(tmp_path)
+        )
+
+
+def test_teacher_mask_ratio_follows_the_student(tmp_path):
+    student = G2SDForGenericDistillation(tiny_student_config(mask_ratio=0.5))
+    teacher = MAETeacher(tiny_mae_teacher(), 2)
+    trainer = GenericDistillationTrainer(model=student, teacher=teacher, args=generic_args(tmp_path))
+    assert trainer.teacher.mask_ratio == 0.5
+
+
+def test_student_normalization_is_converted_for_the_teacher(tmp_path, pixel_values, noise):
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    student = G2SDForGenericDistillation(tiny_student_config())
+    trainer = GenericDistillationTrainer(
+        model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path), processing_class=processor
+    )
+    assert trainer.teacher.input_mean == (0.5, 0.5, 0.5) and trainer.teacher.needs_conversion
+    raw = pixel_values.sigmoid()
+    reference = MAETeacher(tiny_mae_teacher(), 2)
+    mean, std = torch.tensor(reference.image_mean).view(1, 3, 1, 1), torch.tensor(reference.image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(trainer.teacher((raw - 0.5) / 0.5, noise), reference((raw - mean) / std, noise), atol=1e-5, rtol=1e-5)
+
+    processor.do_normalize = False
+    with pytest.raises(ValueError, match="does not normalize"):
+        GenericDistillationTrainer(
+            model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path), processing_class=processor
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Specific distillation
+# ---------------------------------------------------------------------------------------------------------------------
+def specific_trainer(tmp_path, distillation_token=True, teacher=True, **overrides):
+    torch.manual_seed(0)
+    student = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=distillation_token))
+    return SpecificDistillationTrainer(
+        model=student,
+        teacher=tiny_classifier_teacher() if teacher else None,
+        args=specific_args(tmp_path, **overrides),
+        train_dataset=tiny_image_dataset(16, num_labels=4),
+        eval_dataset=tiny_image_dataset(8, num_labels=4, seed=1),
+    )
+
+
+@pytest.mark.parametrize("distillation_type", ["hard", "soft", "nkd"])
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_specific_loss_equals_formula(tmp_path, distillation_type, beta, pixel_values):
+    trainer = specific_trainer(tmp_path, distillation_type=distillation_type, distillation_beta=beta, distillation_temperature=2.0)
+    labels = torch.tensor([0, 3, 1, 1])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels})
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        outputs = model(pixel_values)
+        teacher_logits = trainer.teacher.model(pixel_values).logits
+    task = F.cross_entropy(outputs.cls_logits, labels, label_smoothing=0.1)
+    student = outputs.distillation_logits
+    if distillation_type == "hard":
+        kd = F.cross_entropy(student, teacher_logits.argmax(-1))
+    elif distillation_type == "soft":
+        kd = F.kl_div(F.log_softmax(student / 2, -1), F.softmax(teacher_logits / 2, -1), reduction="batchmean") * 4
+    else:
+        kd = nkd_loss(student, teacher_logits, labels, temperature=2.0)
+    torch.testing.assert_close(loss, (task + beta * kd) / (1 + beta), atol=1e-5, rtol=1e-5)
+
+
+def test_specific_distillation_without_token_distills_the_cls_head(tmp_path, pixel_values):
+    trainer = specific_trainer(tmp_path, distillation_token=False)
+    labels = torch.tensor([0, 1, 2, 3])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels})
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        teacher_logits = trainer.teacher.model(pixel_values).logits
+    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1) + F.cross_entropy(logits, teacher_logits.argmax(-1))) / 2
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_specific_training_logs_terms_and_evaluates(tmp_path):
+    trainer = specific_trainer(tmp_path, mixup_alpha=0.8, cutmix_alpha=1.0, max_steps=3)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"loss", "task_loss", "distillation_loss"} <= logged.keys()
+    assert logged["loss"] == pytest.approx((logged["task_loss"] + logged["distillation_loss"]) / 2, rel=1e-4)
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        batch = tiny_image_dataset(8, num_labels=4, seed=1)[:]
+        logits = trainer.model.eval()(batch["pixel_values"]).logits
+    assert metrics["eval_loss"] == pytest.approx(F.cross_entropy(logits, batch["labels"]).item(), rel=1e-4)
+
+
+def test_layer_wise_learning_rate_decay_groups(tmp_path):
+    trainer = specific_trainer(tmp_path, layer_decay=0.5, weight_decay=0.05)
+    optimizer = trainer.create_optimizer()
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    named = dict(trainer.model.named_parameters())
+    peak = trainer.peak_learning_rate
+    # Two encoder layers: embeddings are layer 0 (scale 0.5^3), block i is layer i + 1, heads are layer 3 (scale 1).
+    assert group_of[id(named["g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(peak * 0.125)
+    assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.25)
+    assert group_of[id(named["g2sd.layers.1.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.5)
+    assert group_of[id(named["classifier.weight"])]["lr"] == pytest.approx(peak)
+    for name in ("g2sd.embeddings.position_embeddings", "g2sd.embeddings.cls_token", "g2sd.embeddings.distillation_token", "classifier.bias", "g2sd.layernorm.weight"):
+        assert group_of[id(named[name])]["weight_decay"] == 0.0, name
+    assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["weight_decay"] == 0.05
+
+
+def test_specific_refusals(tmp_path):
+    student = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        SpecificDistillationTrainer(model=student, teacher=None, args=specific_args(tmp_path))
+    with pytest.raises(ValueError, match="predicts 4 classes, the teacher 7"):
+        SpecificDistillationTrainer(model=student, teacher=tiny_classifier_teacher(num_labels=7), args=specific_args(tmp_path))
+    with pytest.raises(ValueError, match="distillation_type must be one of"):
+        specific_args(tmp_path, distillation_type="feature")
+    with pytest.raises(ValueError, match="layer_decay must be in"):
+        specific_args(tmp_path, layer_decay=0.0)
+
+
+def test_plain_fine_tuning_needs_no_teacher(tmp_path):
+    trainer = specific_trainer(tmp_path, teacher=False, distillation_type="none")
+    trainer.train()
+    assert trainer.teacher is None
+    assert "distillation_loss" not in trainer.state.log_history[0]
+
+
+def test_classification_teacher_wrapper_is_used_for_models(tmp_path):
+    trainer = specific_trainer(tmp_path)
+    assert isinstance(trainer.teacher, ClassificationTeacher)
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert NUM_PATCHES == 16
