@@ -177,8 +177,8 @@ class G2SDConfig(PretrainedConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """The patch grid `(rows, columns)` at `image_size`."""
-        height, width = _pair(self.image_size)
-        patch_height, patch_width = _pair(self.patch_size)
+        height, width = to_pair(self.image_size)
+        patch_height, patch_width = to_pair(self.patch_size)
         return height // patch_height, width // patch_width
 
     @property
@@ -204,7 +204,7 @@ class G2SDConfig(PretrainedConfig):
             raise ValueError(
                 f"feature_loss_tokens must be one of {FEATURE_LOSS_TOKENS}, got {self.feature_loss_tokens!r}."
             )
-        for size, patch in zip(_pair(self.image_size), _pair(self.patch_size)):
+        for size, patch in zip(to_pair(self.image_size), to_pair(self.patch_size)):
             if size % patch != 0:
                 raise ValueError(
                     f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; choose an "
@@ -225,8 +225,9 @@ class G2SDConfig(PretrainedConfig):
             )
 
 
-def _pair(value):
+def to_pair(value) -> tuple:
+    """`224` -> `(224, 224)`; a pair stays a pair (image and patch sizes may be either)."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
-__all__ = ["G2SDConfig", "G2SD_PRESETS", "G2SD_PRESET_ALIASES", "resolve_preset_name"]
+__all__ = ["G2SDConfig", "G2SD_PRESETS", "G2SD_PRESET_ALIASES", "resolve_preset_name", "to_pair"]

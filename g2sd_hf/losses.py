@@ -34,6 +34,50 @@ def normalize_teacher_features(hidden_states: torch.Tensor, eps: float = 1e-6) -
     return F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=eps)
 
 
+def feature_loss_per_token(predicted_features: torch.Tensor, teacher_targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """Smooth-L1 (with `beta`) between predicted and target features, averaged over channels: one value per token.
+
+    Args:
+        predicted_features (`torch.Tensor` of shape `(batch, 1 + num_patches, dim)`):
+            The student's feature-head output for the cls token followed by every patch (visible and masked).
+        teacher_targets (`torch.Tensor` of the same shape): The normalized teacher features.
+        beta (`float`): Smooth-L1 threshold between the quadratic and the linear regime (2.0 in G2SD).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1 + num_patches)`, in float32.
+    """
+    if predicted_features.shape != teacher_targets.shape:
+        raise ValueError(
+            f"Predicted features {tuple(predicted_features.shape)} and teacher targets "
+            f"{tuple(teacher_targets.shape)} differ in shape: the student's target_hidden_size must equal the "
+            "teacher's decoder width and both must see the same patch grid."
+        )
+    per_element = F.smooth_l1_loss(predicted_features.float(), teacher_targets.float(), beta=beta, reduction="none")
+    return per_element.mean(dim=-1)
+
+
+def reduce_token_losses(per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens: str = "all") -> torch.Tensor:
+    """Average per-token losses `(batch, 1 + num_patches)` over `"all"` tokens, or the `"masked"` / `"visible"` patches.
+
+    Args:
+        per_token (`torch.Tensor` of shape `(batch, 1 + num_patches)`): From `feature_loss_per_token`.
+        mask (`torch.Tensor` of shape `(batch, num_patches)`, *optional*): 1 for masked patches, 0 for visible ones.
+            Required unless `tokens="all"`.
+        tokens (`str`): `"all"` (cls + every patch), `"masked"` or `"visible"` (patch tokens only).
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    if tokens == "all":
+        return per_token.mean()
+    if tokens not in ("masked", "visible"):
+        raise ValueError(f"tokens must be 'all', 'masked' or 'visible', got {tokens!r}.")
+    if mask is None:
+        raise ValueError(f"tokens={tokens!r} needs the mask of masked patches.")
+    weights = mask.float() if tokens == "masked" else 1.0 - mask.float()
+    return (per_token[:, 1:] * weights).sum() / weights.sum().clamp(min=1.0)  # the cls token dropped
+
+
 def generic_distillation_loss(
     predicted_features: torch.Tensor,
     teacher_targets: torch.Tensor,
@@ -64,22 +108,7 @@ def generic_distillation_loss(
     tensor(0.2500)
     ```
     """
-    if predicted_features.shape != teacher_targets.shape:
-        raise ValueError(
-            f"Predicted features {tuple(predicted_features.shape)} and teacher targets "
-            f"{tuple(teacher_targets.shape)} differ in shape: the student's target_hidden_size must equal the "
-            "teacher's decoder width and both must see the same patch grid."
-        )
-    per_element = F.smooth_l1_loss(predicted_features.float(), teacher_targets.float(), beta=beta, reduction="none")
-    if tokens == "all":
-        return per_element.mean()
-    if tokens not in ("masked", "visible"):
-        raise ValueError(f"tokens must be 'all', 'masked' or 'visible', got {tokens!r}.")
-    if mask is None:
-        raise ValueError(f"tokens={tokens!r} needs the mask of masked patches.")
-    per_token = per_element[:, 1:].mean(dim=-1)  # (batch, num_patches), the cls token dropped
-    weights = mask.float() if tokens == "masked" else 1.0 - mask.float()
-    return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+    return reduce_token_losses(feature_loss_per_token(predicted_features, teacher_targets, beta), mask, tokens)
 
 
 def smooth_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -131,6 +160,8 @@ def soft_distillation_loss(
 ) -> torch.Tensor:
     """Hinton's soft distillation: `T^2 * KL(softmax(t / T) || softmax(s / T))`, summed over classes, batch mean.
 
+    (DeiT's implementation divides the summed KL by batch x classes instead of batch.)
+
     Args:
         student_logits (`torch.Tensor` of shape `(batch, num_classes)`).
         teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
@@ -152,7 +183,10 @@ def nkd_loss(
     temperature: float = 1.0,
     gamma: float = 1.0,
 ) -> torch.Tensor:
-    """Normalized knowledge distillation (NKD, Yang et al. 2023), as used by the G2SD release.
+    """Normalized knowledge distillation (NKD, Yang et al., ICCV 2023).
+
+    The G2SD release offers NKD alone on the classification head; `SpecificDistillationTrainer` uses it as L_KD on
+    the distillation head, beside the task loss, so that every option shares L_SD = L_task + beta * L_KD.
 
     With `t` the label, `S = softmax(s)`, `T = softmax(t_logits)` and `N(.)` the softmax over the non-target classes
     at temperature `temperature` (lambda):
@@ -206,10 +240,12 @@ def specific_distillation_loss(task_loss: torch.Tensor, distillation_loss: torch
 
 
 __all__ = [
+    "feature_loss_per_token",
     "generic_distillation_loss",
     "hard_distillation_loss",
     "nkd_loss",
     "normalize_teacher_features",
+    "reduce_token_losses",
     "smooth_targets",
     "soft_distillation_loss",
     "soft_target_cross_entropy",

@@ -24,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_g2sd import G2SDConfig
+from .configuration_g2sd import G2SDConfig, to_pair
 from .losses import generic_distillation_loss, smooth_targets, soft_target_cross_entropy
 
 
@@ -197,7 +197,9 @@ def restore_with_mask_tokens(tokens: torch.Tensor, mask_token: torch.Tensor, ids
     """
     batch_size, num_tokens, dim = tokens.shape
     num_masked = ids_restore.shape[1] + 1 - num_tokens
-    patches = torch.cat([tokens[:, 1:], mask_token.to(tokens.dtype).expand(batch_size, num_masked, -1)], dim=1)
+    dtype = torch.promote_types(tokens.dtype, mask_token.dtype)
+    tokens = tokens.to(dtype)
+    patches = torch.cat([tokens[:, 1:], mask_token.to(dtype).expand(batch_size, num_masked, -1)], dim=1)
     patches = torch.gather(patches, 1, ids_restore.to(tokens.device).unsqueeze(-1).expand(-1, -1, dim))
     return torch.cat([tokens[:, :1], patches], dim=1)  # (batch, 1 + num_patches, dim)
 
@@ -210,8 +212,8 @@ class G2SDPatchEmbeddings(nn.Module):
 
     def __init__(self, config: G2SDConfig):
         super().__init__()
-        patch_size = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
-        self.patch_size = tuple(patch_size)
+        patch_size = to_pair(config.patch_size)
+        self.patch_size = patch_size
         self.num_channels = config.num_channels
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
 
@@ -262,14 +264,12 @@ class G2SDEmbeddings(nn.Module):
             )
         embeddings = self.patch_embeddings(pixel_values)  # (batch, num_patches, hidden)
 
-        position_embeddings = self.position_embeddings
-        if self.freeze_position_embeddings:
-            position_embeddings = position_embeddings.detach()
-        position_embeddings = interpolate_position_embeddings(position_embeddings, self.config.grid_size, grid_size)
-        embeddings = embeddings + position_embeddings[:, 1:].to(embeddings.dtype)
+        position_embeddings = interpolate_position_embeddings(self.position_embeddings, self.config.grid_size, grid_size)
+        # The float32 position embeddings promote the residual stream to float32 under autocast, as in MAE and timm.
+        embeddings = embeddings + position_embeddings[:, 1:]
 
         mask = ids_restore = None
-        if mask_ratio:
+        if mask_ratio is not None:
             embeddings, mask, ids_restore = random_masking(embeddings, mask_ratio, noise)
 
         prefix = [(self.cls_token + position_embeddings[:, :1]).to(embeddings.dtype).expand(batch_size, -1, -1)]
@@ -497,7 +497,8 @@ class G2SDModel(G2SDPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): Normalized images.
-            mask_ratio (`float`, *optional*): Fraction of patches dropped before the encoder (MAE masking).
+            mask_ratio (`float`, *optional*): Fraction of patches dropped before the encoder (MAE masking); `None`
+                keeps every patch in image order.
             noise (`torch.FloatTensor` of shape `(batch, num_patches)`, *optional*): The masking noise.
             interpolate_pos_encoding (`bool`): Resize the position embeddings to the input resolution.
         """
@@ -544,10 +545,8 @@ class G2SDDecoder(nn.Module):
     def forward(self, encoder_output: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         hidden_states = self.decoder_embed(encoder_output)  # (batch, 1 + num_visible, decoder_hidden)
         hidden_states = restore_with_mask_tokens(hidden_states, self.mask_token, ids_restore)
-        position_embeddings = interpolate_position_embeddings(
-            self.position_embeddings.detach(), self.config.grid_size, grid_size
-        )
-        hidden_states = hidden_states + position_embeddings.to(hidden_states.dtype)  # (batch, 1 + num_patches, decoder_hidden)
+        position_embeddings = interpolate_position_embeddings(self.position_embeddings, self.config.grid_size, grid_size)
+        hidden_states = hidden_states + position_embeddings  # (batch, 1 + num_patches, decoder_hidden)
         hidden_states, _, _ = _run_layers(self.layers, hidden_states, False, False)
         return hidden_states
 

@@ -1,9 +1,10 @@
 """Parameter groups of the G2SD recipes: timm's weight-decay rule and MAE's layer-wise learning-rate decay.
 
 - Weight decay (timm `add_weight_decay`): none on biases and 1-D weights (norms), plus any name in `no_decay_names`.
-- Layer-wise lr decay (MAE `param_groups_lrd`): the patch/position embeddings and prefix tokens are layer 0, encoder
-  block `i` is layer `i + 1`, everything else (final norm, heads, decoder) is layer `num_layers + 1`; the learning
-  rate of layer `l` is scaled by `layer_decay ** (num_layers + 1 - l)`.
+- Layer-wise lr decay (MAE `param_groups_lrd`): the patch and position embeddings and the cls token are layer 0,
+  encoder block `i` is layer `i + 1`, everything else (final norm, heads, decoder, and the distillation token, as in
+  the G2SD release) is layer `num_layers + 1`; the learning rate of layer `l` is scaled by
+  `layer_decay ** (num_layers + 1 - l)`.
 """
 
 import re
@@ -14,6 +15,7 @@ from torch import nn
 # Within the encoder (the model's `base_model_prefix` module): G2SD's `layers.N`, ViT/ViTMAE's `layers.N` or
 # `encoder.layer.N`.
 _LAYER_PATTERN = re.compile(r"^(?:encoder\.)?layers?\.(\d+)\.")
+_WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 # Parameters that MAE fine-tuning exempts from weight decay (`no_weight_decay()` of timm's VisionTransformer).
 FINE_TUNING_NO_DECAY_NAMES = ("position_embeddings", "cls_token", "distillation_token")
@@ -31,7 +33,8 @@ def layer_id(parameter_name: str, num_layers: int, encoder_prefix: str = "g2sd."
         return num_layers + 1
     name = parameter_name[len(encoder_prefix) :]
     if name.startswith("embeddings."):
-        return 0
+        # A new distillation token learns at the full rate (the release's `get_layer_id_for_vit`).
+        return num_layers + 1 if name.endswith("distillation_token") else 0
     match = _LAYER_PATTERN.match(name)
     return int(match.group(1)) + 1 if match else num_layers + 1
 
@@ -54,7 +57,8 @@ def parameter_groups(
         no_decay_names (`tuple[str, ...]`): Name fragments exempt from weight decay besides biases and 1-D weights.
 
     Returns:
-        `list[dict]`: groups with `params`, `lr`, `weight_decay` and, with layer decay, `lr_scale`.
+        `list[dict]`: groups with `params`, `lr`, `lr_scale` and `weight_decay`, the full-rate groups first (the
+        Trainer logs the first group's learning rate).
 
     Example:
 
@@ -71,6 +75,7 @@ def parameter_groups(
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        name = _WRAPPER_PREFIXES.sub("", name)  # FSDP / activation-checkpointing wrappers
         no_decay = parameter.ndim <= 1 or name.endswith(".bias") or any(part in name for part in no_decay_names)
         layer = layer_id(name, num_layers, encoder_prefix) if layer_decay not in (None, 1.0) else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay not in (None, 1.0) else 1.0
@@ -79,7 +84,7 @@ def parameter_groups(
             {"params": [], "lr": learning_rate * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay},
         )
         group["params"].append(parameter)
-    return list(groups.values())
+    return sorted(groups.values(), key=lambda group: -group["lr_scale"])
 
 
 __all__ = ["FINE_TUNING_NO_DECAY_NAMES", "layer_id", "parameter_groups"]

@@ -13,11 +13,14 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     PreTrainedModel,
+    ViTConfig,
+    ViTForImageClassification,
     ViTMAEForPreTraining,
     ViTMAEModel,
 )
 from transformers.utils import logging
 
+from .configuration_g2sd import to_pair
 from .losses import normalize_teacher_features
 from .modeling_g2sd import get_2d_sincos_position_embeddings, restore_with_mask_tokens
 
@@ -64,8 +67,7 @@ class _FrozenTeacher(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.model.config.image_size
-        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return to_pair(self.model.config.image_size)
 
     def accept_inputs_normalized_with(self, image_mean, image_std) -> None:
         """Declare how the pixels given to this teacher are normalized; they are converted to the teacher's own."""
@@ -132,13 +134,43 @@ def initialize_mae_from_scratch(model: ViTMAEForPreTraining) -> ViTMAEForPreTrai
     ```
     """
     config = model.config
-    size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
-    patch = config.patch_size if isinstance(config.patch_size, (list, tuple)) else (config.patch_size,) * 2
-    grid = (size[0] // patch[0], size[1] // patch[1])
+    (height, width), (patch_height, patch_width) = to_pair(config.image_size), to_pair(config.patch_size)
+    grid = (height // patch_height, width // patch_width)
     model.vit.embeddings.position_embeddings.copy_(get_2d_sincos_position_embeddings(config.hidden_size, grid)[None])
     model.decoder.decoder_pos_embed.copy_(get_2d_sincos_position_embeddings(config.decoder_hidden_size, grid)[None])
     model.decoder.mask_token.normal_(std=config.initializer_range)
     return model
+
+
+def classifier_from_mae(
+    mae: ViTMAEForPreTraining | ViTMAEModel, num_labels: int, id2label: dict[int, str] | None = None
+) -> ViTForImageClassification:
+    """A `ViTForImageClassification` whose encoder is the MAE's, to fine-tune into a specific-distillation teacher.
+
+    The classification head is newly initialized; the MAE's decoder (if any) is left out.
+
+    Example:
+
+    ```python
+    >>> mae = ViTMAEForPreTraining.from_pretrained("facebook/vit-mae-base")
+    >>> classifier = classifier_from_mae(mae, num_labels=1000)
+    ```
+    """
+    encoder = mae.vit if isinstance(mae, ViTMAEForPreTraining) else mae
+    fields = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "initializer_range")
+    config = ViTConfig(**{name: getattr(mae.config, name) for name in fields}, num_labels=num_labels)
+    if id2label is not None:
+        config.id2label = dict(id2label)
+        config.label2id = {label: index for index, label in config.id2label.items()}
+    classifier = ViTForImageClassification(config)
+    missing, unexpected = classifier.vit.load_state_dict(encoder.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The MAE encoder does not match ViTModel in this transformers version (missing {missing}, unexpected "
+            f"{unexpected})."
+        )
+    return classifier
 
 
 class MAETeacher(_FrozenTeacher):
@@ -173,7 +205,7 @@ class MAETeacher(_FrozenTeacher):
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         target_eps: float = 1e-6,
     ):
-        if isinstance(model, ViTMAEModel) or not isinstance(model, ViTMAEForPreTraining):
+        if not isinstance(model, ViTMAEForPreTraining):
             raise TypeError(
                 f"The generic-distillation teacher must be a ViTMAEForPreTraining with its pre-training decoder, got "
                 f"{type(model).__name__}. An encoder-only MAE (ViTMAEModel) has no decoder features to distill: load "
@@ -309,6 +341,7 @@ class ClassificationTeacher(_FrozenTeacher):
 
 __all__ = [
     "ClassificationTeacher",
+    "classifier_from_mae",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "MAETeacher",

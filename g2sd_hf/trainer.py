@@ -7,18 +7,21 @@ else (gradient accumulation, mixed precision, gradient checkpointing, checkpoint
 runs under `accelerate launch`) is the Trainer's own.
 """
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTMAEForPreTraining
 from transformers.utils import logging
 
+from .configuration_g2sd import to_pair
+from .hub import build_model_card
 from .losses import (
-    generic_distillation_loss,
+    feature_loss_per_token,
     hard_distillation_loss,
     nkd_loss,
+    reduce_token_losses,
     smooth_targets,
     soft_distillation_loss,
     soft_target_cross_entropy,
@@ -34,11 +37,34 @@ logger = logging.get_logger(__name__)
 DISTILLATION_TYPES = ("hard", "soft", "nkd", "none")
 
 
+def _value(option) -> str:
+    return str(getattr(option, "value", option))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class GenericDistillationConfig(TrainingArguments):
+class RecipeConfig(TrainingArguments):
+    """`TrainingArguments` with what the MAE/G2SD recipes share: AdamW with weight decay 0.05, a cosine schedule, and
+    the linear scaling rule of the learning rate."""
+
+    scale_lr_with_batch_size: bool = field(
+        default=True,
+        metadata={
+            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
+            "linear scaling rule). Set False to use learning_rate as is."
+        },
+    )
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the raw image column: the data transforms turn it into pixel_values."}
+    )
+
+
+@dataclass
+class GenericDistillationConfig(RecipeConfig):
     r"""
     `TrainingArguments` with the defaults of G2SD's generic-distillation recipe: AdamW with betas (0.9, 0.95), weight
     decay 0.05 (none on biases and 1-D weights), base learning rate 1.5e-4 scaled by total batch / 256, cosine schedule
@@ -49,28 +75,16 @@ class GenericDistillationConfig(TrainingArguments):
     """
 
     learning_rate: float = field(
-        default=1.5e-4,
-        metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."},
+        default=1.5e-4, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
     )
-    scale_lr_with_batch_size: bool = field(
-        default=True,
-        metadata={
-            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
-            "linear scaling rule). Set False to use learning_rate as is."
-        },
-    )
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 in MAE and G2SD)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(
-        default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the training steps."}
-    )
+    warmup_steps: float = field(default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
     num_train_epochs: float = field(default=300.0, metadata={"help": "Training epochs (300 in G2SD)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
 
 
 @dataclass
-class SpecificDistillationConfig(TrainingArguments):
+class SpecificDistillationConfig(RecipeConfig):
     r"""
     `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification: hard
     distillation with a distillation token, label smoothing 0.1, mixup 0.8 / cutmix 1.0, AdamW with weight decay 0.05,
@@ -97,21 +111,9 @@ class SpecificDistillationConfig(TrainingArguments):
     cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables cutmix)."})
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the task loss."})
     learning_rate: float = field(
-        default=1e-3,
-        metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."},
+        default=1e-3, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
     )
-    scale_lr_with_batch_size: bool = field(
-        default=True,
-        metadata={
-            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
-            "linear scaling rule). Set False to use learning_rate as is."
-        },
-    )
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(
-        default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the training steps."}
-    )
+    warmup_steps: float = field(default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
     num_train_epochs: float = field(default=200.0, metadata={"help": "Training epochs (200 in G2SD)."})
 
     def __post_init__(self):
@@ -134,28 +136,71 @@ class SpecificDistillationConfig(TrainingArguments):
 # --------------------------------------------------------------------------------------------------------------------
 # Shared machinery
 # --------------------------------------------------------------------------------------------------------------------
-class DistillationTrainer(Trainer):
-    """What both G2SD trainers share: the teacher's placement, the optimizer groups, term logging, the loss guard."""
+class RecipeTrainer(Trainer):
+    """A Trainer with the MAE/G2SD optimizer recipe: timm's weight-decay groups, optional layer-wise lr decay, and
+    the learning rate scaled by the total batch size (`scale_lr_with_batch_size`)."""
+
+    _no_decay_names: tuple[str, ...] = ()
+
+    @property
+    def total_train_batch_size(self) -> int:
+        """Images per optimizer step, over every process and accumulation step."""
+        return self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The learning rate after the linear scaling rule (`learning_rate * total batch / 256`) when enabled."""
+        if not getattr(self.args, "scale_lr_with_batch_size", False):
+            return self.args.learning_rate
+        return self.args.learning_rate * self.total_train_batch_size / 256
+
+    def _layer_decay(self) -> float | None:
+        return None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, model)
+        if {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys():
+            # Optimizers that build their own parameter groups (GaLore, LOMO, ...): the Trainer's way, no recipe groups.
+            logger.warning(f"{self.args.optim} builds its own parameter groups: the recipe's weight-decay and "
+                           "layer-decay groups are not applied.")
+            return super().create_optimizer(model)
+        groups = parameter_groups(model, self.peak_learning_rate, self.args.weight_decay, self._layer_decay(), self._no_decay_names)
+        self.optimizer = optimizer_cls(groups, **{**optimizer_kwargs, "lr": self.peak_learning_rate})
+        logger.info(f"Peak learning rate {self.peak_learning_rate:.3g} over {len(groups)} parameter groups.")
+        return self.optimizer
+
+
+class DistillationTrainer(RecipeTrainer):
+    """What both G2SD trainers share: the teacher's placement, term logging, the loss guard, the model card."""
 
     # compute_loss returns a per-batch mean: the Trainer divides it by the gradient-accumulation steps.
     loss_is_scaled_for_ga = False
-    _no_decay_names: tuple[str, ...] = ()
+    model_card_stage = "specific-distillation"
 
     def __init__(self, model, teacher, args, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
-        self.teacher = self._place_teacher(teacher) if teacher is not None else None
+        self.teacher_name_or_path = getattr(getattr(teacher, "model", None), "name_or_path", None) or None
+        if teacher is not None and self.args.bf16:
+            # A frozen teacher in bf16 weights runs faster and in half the memory. (With fp16 it keeps float32
+            # weights under autocast: large ViTs overflow in pure fp16.)
+            teacher = teacher.to(torch.bfloat16)
+        self.teacher = teacher
+        self._teacher_placed = False
         self._term_history: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     # -- teacher ------------------------------------------------------------------------------------------------------
-    def _place_teacher(self, teacher: nn.Module) -> nn.Module:
-        if self.args.bf16:
-            teacher = teacher.to(torch.bfloat16)
-        elif self.args.fp16:
-            teacher = teacher.to(torch.float16)
-        # evaluation_mode: placed on this process's device, never wrapped for gradients (no DDP).
-        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher.eval()
-        return teacher
+    def _run_teacher(self, *args) -> torch.Tensor:
+        """The teacher's output, placed by accelerate on this process's device the first time it is needed."""
+        if not self._teacher_placed:
+            # Placed after the student, so that the Trainer still prepares the student itself for a standalone
+            # evaluate(); evaluation_mode: never wrapped for gradients (no DDP). FSDP leaves evaluation models
+            # where they are, hence the explicit move.
+            self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True).to(self.args.device)
+            self._teacher_placed = True
+        return self.teacher(*args)
 
     @staticmethod
     def _accept_student_normalization(teacher, processing_class) -> None:
@@ -174,30 +219,6 @@ class DistillationTrainer(Trainer):
             )
         teacher.accept_inputs_normalized_with(mean, std)
 
-    # -- optimizer ----------------------------------------------------------------------------------------------------
-    @property
-    def peak_learning_rate(self) -> float:
-        """The learning rate after the linear scaling rule (`learning_rate * total batch / 256`) when enabled."""
-        if not getattr(self.args, "scale_lr_with_batch_size", False):
-            return self.args.learning_rate
-        total_batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return self.args.learning_rate * total_batch / 256
-
-    def _layer_decay(self) -> float | None:
-        return None
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            model = self.model if model is None else model
-            groups = parameter_groups(
-                model, self.peak_learning_rate, self.args.weight_decay, self._layer_decay(), self._no_decay_names
-            )
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            optimizer_kwargs = {**optimizer_kwargs, "lr": self.peak_learning_rate}
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-            logger.info(f"Peak learning rate {self.peak_learning_rate:.3g} over {len(groups)} parameter groups.")
-        return self.optimizer
-
     # -- loss terms ---------------------------------------------------------------------------------------------------
     def _check_and_record(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Average the loss and its terms over processes, stop on a non-finite one, and keep the terms for the log."""
@@ -215,6 +236,45 @@ class DistillationTrainer(Trainer):
             )
         for i, name in enumerate(names[1:], start=1):
             self._term_history[name].append(values[:, i].mean())
+
+    # -- model card ---------------------------------------------------------------------------------------------------
+    def _card_hyperparameters(self) -> dict:
+        args = self.args
+        values = {
+            "peak learning rate": self.peak_learning_rate,
+            "total batch size": self.total_train_batch_size,
+            "epochs" if args.max_steps <= 0 else "steps": args.num_train_epochs if args.max_steps <= 0 else args.max_steps,
+            "optimizer": f"{_value(args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
+            "schedule": f"{_value(args.lr_scheduler_type)}, warm-up {args.warmup_steps:.3g}"
+            + (" of the steps" if 0 < args.warmup_steps < 1 else " steps"),
+            "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            "seed": args.seed,
+        }
+        return values
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Write the G2SD model card (`README.md`) into `output_dir`; `push_to_hub` calls this before uploading."""
+        if not self.is_world_process_zero():
+            return
+        metrics = {}
+        for entry in self.state.log_history:
+            metrics.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+        card = build_model_card(
+            self.accelerator.unwrap_model(self.model),
+            stage=self.model_card_stage,
+            dataset=dataset if isinstance(dataset, str) else (dataset or ["unknown"])[0],
+            teacher=finetuned_from or self.teacher_name_or_path,
+            metrics=metrics,
+            hyperparameters=self._card_hyperparameters(),
+            repo_id=self.args.hub_model_id,
+            model_name=model_name,
+            trainer_class=type(self).__name__,
+            license=license or "apache-2.0",
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         is_eval = any(key.startswith("eval_") for key in logs)
@@ -259,6 +319,8 @@ class GenericDistillationTrainer(DistillationTrainer):
     ```
     """
 
+    model_card_stage = "generic-distillation"
+
     def __init__(self, model: G2SDForGenericDistillation, teacher: MAETeacher | ViTMAEForPreTraining, args=None, **kwargs):
         if not isinstance(model, G2SDForGenericDistillation):
             raise TypeError(f"The student must be a G2SDForGenericDistillation, got {type(model).__name__}.")
@@ -280,15 +342,16 @@ class GenericDistillationTrainer(DistillationTrainer):
         """Noise `(batch, num_patches)` for this process's share of the global batch, seeded by `(seed, step)`."""
         world_size, rank = self.accelerator.num_processes, self.accelerator.process_index
         if training:
+            micro_steps = self.args.gradient_accumulation_steps
             if self.state.global_step != self._noise_step:
                 self._noise_step, self._noise_micro_step = self.state.global_step, 0
-            index, micro_step = 2 * self.state.global_step, self._noise_micro_step
+            index, micro_step = 2 * self.state.global_step, self._noise_micro_step % micro_steps
             self._noise_micro_step += 1
-            per_device, micro_steps = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+            per_device = self._train_batch_size
         else:
-            index, micro_step = 2 * self._eval_batches_seen + 1, 0
+            index, micro_step, micro_steps = 2 * self._eval_batches_seen + 1, 0, 1
             self._eval_batches_seen += 1
-            per_device, micro_steps = self.args.per_device_eval_batch_size, 1
+            per_device = self.args.eval_batch_size
         generator = torch.Generator().manual_seed((self.args.seed * 1_000_003 + index) % 2**63)
         num_patches = self.accelerator.unwrap_model(self.model).config.num_patches
         # Rows in global-batch order: micro-step-major, then process, as accelerate shards the batches.
@@ -301,20 +364,32 @@ class GenericDistillationTrainer(DistillationTrainer):
         noise = inputs.get("noise")
         if noise is None:
             noise = self._masking_noise(pixel_values.shape[0], pixel_values.device, model.training)
-        teacher_targets = self.teacher(pixel_values, noise)  # (batch, 1 + num_patches, teacher decoder width)
-        outputs = model(pixel_values=pixel_values, noise=noise, teacher_targets=teacher_targets)
-        loss = outputs.loss
+        teacher_targets = self._run_teacher(pixel_values, noise)  # (batch, 1 + num_patches, teacher decoder width)
+        outputs = model(pixel_values=pixel_values, noise=noise)
+        config = self.accelerator.unwrap_model(model).config
+        # L_GD from the per-token losses, which also give the masked/visible terms without a second pass.
+        per_token = feature_loss_per_token(outputs.predicted_features, teacher_targets, config.feature_loss_beta)
+        loss = reduce_token_losses(per_token, outputs.mask, config.feature_loss_tokens)
+        outputs["loss"] = loss
         if model.training:
-            beta = self.accelerator.unwrap_model(model).config.feature_loss_beta
-            with torch.no_grad():
-                terms = {
-                    tokens: generic_distillation_loss(
-                        outputs.predicted_features, teacher_targets, outputs.mask, tokens=tokens, beta=beta
-                    )
-                    for tokens in ("masked", "visible")
-                }
-            self._check_and_record(loss, {"masked_token_loss": terms["masked"], "visible_token_loss": terms["visible"]})
+            per_token = per_token.detach()
+            self._check_and_record(
+                loss,
+                {
+                    "masked_token_loss": reduce_token_losses(per_token, outputs.mask, "masked"),
+                    "visible_token_loss": reduce_token_losses(per_token, outputs.mask, "visible"),
+                },
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def _card_hyperparameters(self) -> dict:
+        config = self.accelerator.unwrap_model(self.model).config
+        return {
+            **super()._card_hyperparameters(),
+            "mask ratio": config.mask_ratio,
+            "teacher decoder block distilled": self.teacher.target_layer,
+            "feature loss": f"Smooth-L1 (beta {config.feature_loss_beta}) on {config.feature_loss_tokens} tokens",
+        }
 
     def evaluate(self, *args, **kwargs):
         self._eval_batches_seen = 0  # the same masks at every evaluation
@@ -330,12 +405,9 @@ class GenericDistillationTrainer(DistillationTrainer):
 def check_generic_distillation_pair(student: G2SDForGenericDistillation, teacher: MAETeacher) -> None:
     """Refuse a student/teacher pair that cannot be distilled, with the fix in the message."""
     student_config, teacher_config = student.config, teacher.config
-
-    def pair(value):
-        return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-
-    if pair(student_config.image_size) != pair(teacher_config.image_size) or pair(student_config.patch_size) != pair(
-        teacher_config.patch_size
+    if (to_pair(student_config.image_size), to_pair(student_config.patch_size)) != (
+        to_pair(teacher_config.image_size),
+        to_pair(teacher_config.patch_size),
     ):
         raise ValueError(
             f"Student and teacher see different patch grids: student image_size={student_config.image_size}, "
@@ -369,7 +441,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
       mixup/cutmix batches when enabled.
     - `L_KD`: on the distillation head (`distillation_logits`) when the student has a distillation token, else on the
       classification head: `hard`, `soft` or `nkd` (see `SpecificDistillationConfig`). The teacher sees the same
-      (mixed) images.
+      (mixed) images. Without a teacher (`distillation_type="none"`), both heads learn the task loss.
     - Layer-wise learning-rate decay over the encoder; no weight decay on biases, norms, position embeddings and tokens.
 
     Logged terms: `task_loss` and `distillation_loss`. Evaluation reports the cross-entropy of `logits` (the average of
@@ -416,8 +488,23 @@ class SpecificDistillationTrainer(DistillationTrainer):
         super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
         self._batch_mix = self._make_batch_mix(model.config.num_labels)
 
+    @property
+    def model_card_stage(self) -> str:
+        return "specific-distillation" if self.teacher is not None else "fine-tuning"
+
     def _layer_decay(self) -> float | None:
         return getattr(self.args, "layer_decay", None)
+
+    def _card_hyperparameters(self) -> dict:
+        args = self.args
+        values = {**super()._card_hyperparameters(), "layer-wise lr decay": getattr(args, "layer_decay", None)}
+        if self.teacher is not None:
+            values["distillation"] = (
+                f"{args.distillation_type}, beta {args.distillation_beta}, temperature {args.distillation_temperature}"
+            )
+        values["label smoothing"] = args.label_smoothing_factor
+        values["mixup / cutmix alpha"] = f"{getattr(args, 'mixup_alpha', 0)} / {getattr(args, 'cutmix_alpha', 0)}"
+        return values
 
     def _make_batch_mix(self, num_labels: int):
         from torchvision.transforms import v2
@@ -444,18 +531,20 @@ class SpecificDistillationTrainer(DistillationTrainer):
         num_labels = outputs.logits.shape[-1]
         cls_logits = getattr(outputs, "cls_logits", None)
         cls_logits = outputs.logits if cls_logits is None else cls_logits
-        task_loss = soft_target_cross_entropy(
-            cls_logits, smooth_targets(labels, num_labels, self.args.label_smoothing_factor)
-        )
+        targets = smooth_targets(labels, num_labels, self.args.label_smoothing_factor)
+        task_loss = soft_target_cross_entropy(cls_logits, targets)
+        distillation_logits = getattr(outputs, "distillation_logits", None)
         terms = {"task_loss": task_loss}
         loss = task_loss
         if self.teacher is not None:
-            teacher_logits = self.teacher(pixel_values)
-            student_logits = getattr(outputs, "distillation_logits", None)
-            student_logits = cls_logits if student_logits is None else student_logits
+            teacher_logits = self._run_teacher(pixel_values)
+            student_logits = cls_logits if distillation_logits is None else distillation_logits
             distillation_loss = self._distillation_loss(student_logits, teacher_logits, labels)
             terms["distillation_loss"] = distillation_loss
             loss = specific_distillation_loss(task_loss, distillation_loss, self.args.distillation_beta)
+        elif distillation_logits is not None:
+            # Without a teacher both heads learn the task: the prediction averages them.
+            loss = (task_loss + soft_target_cross_entropy(distillation_logits, targets)) / 2
         self._check_and_record(loss, terms)
         return (loss, outputs) if return_outputs else loss
 
@@ -475,8 +564,7 @@ def check_specific_distillation_pair(student: PreTrainedModel, teacher: Classifi
             f"The student predicts {student.config.num_labels} classes, the teacher {teacher.num_labels}: fine-tune "
             "the teacher on the same label set, or build the student with the teacher's num_labels / id2label."
         )
-    student_size = student.config.image_size
-    student_size = tuple(student_size) if isinstance(student_size, (list, tuple)) else (student_size, student_size)
+    student_size = to_pair(student.config.image_size)
     if student_size != teacher.image_size:
         raise ValueError(
             f"Student image_size {student_size} differs from the teacher's {teacher.image_size}: both read the same "
@@ -486,6 +574,8 @@ def check_specific_distillation_pair(student: PreTrainedModel, teacher: Classifi
 
 __all__ = [
     "DistillationTrainer",
+    "RecipeConfig",
+    "RecipeTrainer",
     "GenericDistillationConfig",
     "GenericDistillationTrainer",
     "SpecificDistillationConfig",

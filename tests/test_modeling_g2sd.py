@@ -194,6 +194,19 @@ def test_config_refuses_bad_values(overrides, message):
         tiny_student_config(**overrides)
 
 
+def test_generic_distillation_without_masking(pixel_values):
+    model = G2SDForGenericDistillation(tiny_student_config(mask_ratio=0.0)).eval()
+    outputs = model(pixel_values, noise=torch.rand(4, NUM_PATCHES))
+    assert outputs.mask.sum() == 0 and outputs.predicted_features.shape == (4, 1 + NUM_PATCHES, 24)
+
+
+def test_residual_stream_stays_float32_under_autocast(pixel_values, noise):
+    model = G2SDForGenericDistillation(tiny_student_config()).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(pixel_values, noise=noise, output_hidden_states=True)
+    assert all(hidden.dtype == torch.float32 for hidden in outputs.hidden_states)  # as MAE and timm under autocast
+
+
 def test_generic_distillation_model_refuses_classifier_options():
     with pytest.raises(ValueError, match="use_distillation_token=False"):
         G2SDForGenericDistillation(tiny_student_config(use_distillation_token=True))

@@ -352,6 +352,10 @@ def test_layer_wise_learning_rate_decay_groups(tmp_path):
     assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.25)
     assert group_of[id(named["g2sd.layers.1.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.5)
     assert group_of[id(named["classifier.weight"])]["lr"] == pytest.approx(peak)
+    # The new distillation token learns at the full rate, as in the release (its layer id is the heads').
+    assert group_of[id(named["g2sd.embeddings.distillation_token"])]["lr"] == pytest.approx(peak)
+    # The Trainer logs the first group's learning rate: it is the peak one.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(peak)
     for name in ("g2sd.embeddings.position_embeddings", "g2sd.embeddings.cls_token", "g2sd.embeddings.distillation_token", "classifier.bias", "g2sd.layernorm.weight"):
         assert group_of[id(named[name])]["weight_decay"] == 0.0, name
     assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["weight_decay"] == 0.05
@@ -367,6 +371,18 @@ def test_specific_refusals(tmp_path):
         specific_args(tmp_path, distillation_type="feature")
     with pytest.raises(ValueError, match="layer_decay must be in"):
         specific_args(tmp_path, layer_decay=0.0)
+
+
+def test_without_teacher_both_heads_learn_the_task(tmp_path, pixel_values):
+    trainer = specific_trainer(tmp_path, teacher=False, distillation_type="none")
+    labels = torch.tensor([0, 1, 2, 3])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels})
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    expected = (F.cross_entropy(outputs.cls_logits, labels, label_smoothing=0.1)
+                + F.cross_entropy(outputs.distillation_logits, labels, label_smoothing=0.1)) / 2
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_plain_fine_tuning_needs_no_teacher(tmp_path):

@@ -1,0 +1,255 @@
+"""Hub-ready checkpoints: the model card of a G2SD student, and the last steps of a training run.
+
+Cards are built with `huggingface_hub`'s `ModelCard`/`ModelCardData` (YAML metadata with a `model-index`) and a Jinja
+template, never by string concatenation.
+"""
+
+import logging
+import os
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+logger = logging.getLogger(__name__)
+
+PAPER_URL = "https://arxiv.org/abs/2302.14771"
+CITATION = """@inproceedings{huang2023generic,
+  title     = {Generic-to-Specific Distillation of Masked Autoencoders},
+  author    = {Huang, Wei and Peng, Zhiliang and Dong, Li and Wei, Furu and Jiao, Jianbin and Ye, Qixiang},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {15996--16005},
+  year      = {2023}
+}"""
+
+STAGES = {
+    "generic-distillation": {
+        "title": "generic distillation",
+        "pipeline_tag": "image-feature-extraction",
+        "task_type": "image-feature-extraction",
+        "summary": (
+            "the task-agnostic first stage of G2SD: with a light MAE-style decoder, the student saw masked images and "
+            "learned to predict the teacher's LayerNorm-ed MAE decoder features for visible and masked patches "
+            "(Smooth-L1). Fine-tune it on a task (ideally with specific distillation) before using it as a classifier."
+        ),
+    },
+    "specific-distillation": {
+        "title": "specific distillation",
+        "pipeline_tag": "image-classification",
+        "task_type": "image-classification",
+        "summary": (
+            "the task-specific second stage of G2SD: the student was fine-tuned on the task with the task loss plus a "
+            "knowledge-distillation loss from a task-fine-tuned teacher, L_SD = L_task + beta * L_KD."
+        ),
+    },
+    "fine-tuning": {
+        "title": "supervised fine-tuning",
+        "pipeline_tag": "image-classification",
+        "task_type": "image-classification",
+        "summary": "supervised fine-tuning of a G2SD-architecture student, without a distillation teacher.",
+    },
+}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A **G2SD student** ({{ architecture }}, {{ parameters }} parameters) from {{ stage_title }} of
+*Generic-to-Specific Distillation of Masked Autoencoders* (Huang et al., CVPR 2023, [arXiv 2302.14771]({{ paper_url }})).
+{% if teacher %}The teacher is [{{ teacher }}]({{ teacher_link }}).{% endif %}
+
+This checkpoint is {{ summary }}
+
+## How to use
+
+```python
+{{ usage }}
+```
+
+The model code ships with the checkpoint (`trust_remote_code=True`); with `pip install g2sd-hf` and `import g2sd_hf` it
+loads without remote code.
+
+## Model
+
+| | |
+|---|---|
+{% for name, value in details %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Training
+
+Trained with `g2sd_hf`'s `{{ trainer_class }}` on **{{ dataset }}**.
+
+| Hyperparameter | Value |
+|---|---|
+{% for name, value in hyperparameters %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Results
+
+{% if results %}| Metric ({{ dataset }}, validation) | Value |
+|---|---|
+{% for name, value in results %}| {{ name }} | {{ value }} |
+{% endfor %}{% else %}No evaluation was run.{% endif %}
+
+## Intended use and limitations
+
+{{ limitations }}
+
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+
+def _is_quality_metric(name: str) -> bool:
+    return name == "loss" or "accuracy" in name
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_model_card(
+    model,
+    stage: str,
+    dataset: str,
+    teacher: str | None = None,
+    metrics: dict | None = None,
+    hyperparameters: dict | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    trainer_class: str = "Trainer",
+    license: str = "apache-2.0",
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """The model card of a G2SD student checkpoint.
+
+    Args:
+        model: The student (`G2SDForImageClassification`, `G2SDForGenericDistillation`, or an exported stock model).
+        stage (`str`): `"generic-distillation"`, `"specific-distillation"` or `"fine-tuning"`.
+        dataset (`str`): The training data set's name.
+        teacher (`str`, *optional*): The teacher's Hub id or path (the card's `base_model` when a Hub id).
+        metrics (`dict`, *optional*): Evaluation metrics, e.g. `{"eval_accuracy": 0.9}`.
+        hyperparameters (`dict`, *optional*): Training hyperparameters to list.
+        repo_id (`str`, *optional*): Where the checkpoint will live (used in the loading example).
+        model_name (`str`, *optional*): The card's title.
+        trainer_class (`str`): The trainer's class name.
+        license (`str`): The license identifier.
+        tags (`list[str]`, *optional*): Extra tags.
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+
+    Example:
+
+    ```python
+    >>> card = build_model_card(student, "specific-distillation", dataset="elpv", teacher="facebook/vit-mae-base")
+    >>> card.save("g2sd-vit-small/README.md")
+    ```
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}.")
+    info = STAGES[stage]
+    config = model.config
+    metrics = {
+        key: value
+        for key, value in (metrics or {}).items()
+        if isinstance(value, (int, float)) and _is_quality_metric(key.removeprefix("eval_"))
+    }
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"g2sd-{stage}")
+    location = repo_id or "path/to/this/checkpoint"
+
+    eval_results = []
+    for key, value in metrics.items():
+        metric = key.removeprefix("eval_")
+        eval_results.append(
+            EvalResult(
+                task_type=info["task_type"],
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split="validation",
+                metric_type="accuracy" if "accuracy" in metric else "loss",
+                metric_name=metric,
+                metric_value=round(float(value), 6),
+            )
+        )
+    teacher_is_hub_id = teacher is not None and not os.path.exists(teacher) and teacher.count("/") == 1
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag=info["pipeline_tag"],
+        license=license,
+        tags=["g2sd", "knowledge-distillation", "vision", "vit", stage, *(tags or [])],
+        datasets=[dataset],
+        base_model=teacher if teacher_is_hub_id else None,
+        metrics=sorted({result.metric_type for result in eval_results}) or None,
+        eval_results=eval_results or None,
+    )
+
+    if info["pipeline_tag"] == "image-classification":
+        usage = (
+            "from transformers import pipeline\n\n"
+            f'classifier = pipeline("image-classification", model="{location}", trust_remote_code=True)\n'
+            'predictions = classifier("image.png")'
+        )
+    else:
+        usage = (
+            "from transformers import pipeline\n\n"
+            f'extractor = pipeline("image-feature-extraction", model="{location}", trust_remote_code=True)\n'
+            'features = extractor("image.png")  # one vector per token of the (unmasked) encoder'
+        )
+    image_size = getattr(config, "image_size", "?")
+    details = [
+        ("Architecture", f"ViT, {config.hidden_size}-d, {config.num_hidden_layers} layers, {config.num_attention_heads} heads"),
+        ("Patch / image size", f"{config.patch_size} / {image_size}"),
+        ("Parameters", f"{model.num_parameters() / 1e6:.2f}M"),
+        ("Stage", info["title"]),
+    ]
+    if getattr(config, "use_distillation_token", False):
+        details.append(("Distillation token", "yes: the prediction averages the classification and distillation heads"))
+    if stage == "generic-distillation":
+        details.append(("Decoder", f"{config.decoder_hidden_size}-d, {config.decoder_num_hidden_layers} blocks, predicting {config.target_hidden_size}-d teacher features"))
+    if getattr(config, "id2label", None) and info["pipeline_tag"] == "image-classification":
+        details.append(("Classes", ", ".join(str(label) for label in config.id2label.values())))
+
+    limitations = (
+        "The student inherits the teacher's and the training data's biases. It was trained and evaluated on "
+        f"**{dataset}** only; check it on your own data before relying on it. "
+        + ("As a generic-distillation checkpoint it is not a classifier: fine-tune it first." if stage == "generic-distillation" else
+           "Its accuracy outside the training distribution is unknown.")
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        model_name=model_name,
+        architecture=f"ViT {config.hidden_size}-d x {config.num_hidden_layers}",
+        parameters=f"{model.num_parameters() / 1e6:.2f}M",
+        stage_title=info["title"],
+        paper_url=PAPER_URL,
+        teacher=teacher,
+        teacher_link=f"https://huggingface.co/{teacher}" if teacher_is_hub_id else teacher,
+        summary=info["summary"],
+        usage=usage,
+        details=details,
+        trainer_class=trainer_class,
+        dataset=dataset,
+        hyperparameters=[(name, _fmt(value)) for name, value in (hyperparameters or {}).items()],
+        results=[(name.removeprefix("eval_"), _fmt(value)) for name, value in metrics.items()],
+        limitations=limitations,
+        citation=CITATION,
+    )
+
+
+def finish_training_run(trainer, teacher_name_or_path: str | None, dataset_name: str) -> None:
+    """Write the model card into the output folder and, with `--push_to_hub`, upload the folder."""
+    kwargs = {"dataset": dataset_name, "finetuned_from": teacher_name_or_path}
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**kwargs)  # saves the model, writes the card, uploads
+    else:
+        trainer.create_model_card(**kwargs)
+    logger.info(f"Checkpoint, processor and model card in {trainer.args.output_dir}")
+
+
+__all__ = ["CITATION", "build_model_card", "finish_training_run"]

@@ -1,0 +1,144 @@
+"""Data: the ELPV split, image decoding and conversion, unreadable files, transforms, metrics."""
+
+import logging
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from g2sd_hf.data import (
+    ELPV_CLASS_NAMES,
+    DataArguments,
+    ImageTransform,
+    classification_train_transform,
+    drop_unreadable_images,
+    evaluation_transform,
+    generic_distillation_transform,
+    load_elpv,
+    load_image_dataset,
+    open_rgb_image,
+    prepare_splits,
+)
+from g2sd_hf.metrics import ClassificationMetrics, classification_metrics
+
+
+@pytest.fixture(scope="module")
+def elpv():
+    return load_elpv()
+
+
+def test_elpv_split_is_the_documented_stratified_75_25(elpv):
+    assert len(elpv["train"]) == 1968 and len(elpv["test"]) == 656  # 2,624 cells
+    assert elpv["train"].features["label"].names == list(ELPV_CLASS_NAMES)
+    overall = Counter(elpv["train"]["label"]) + Counter(elpv["test"]["label"])
+    assert overall == {0: 1508, 1: 295, 2: 106, 3: 715}  # the package's defect-probability levels
+    test = Counter(elpv["test"]["label"])
+    for label, count in overall.items():
+        assert abs(test[label] - count * 0.25) <= 1  # stratified
+    again = load_elpv()
+    assert again["test"]["defect_probability"] == elpv["test"]["defect_probability"]
+    assert [image["path"] for image in again["test"]["image"]] == [image["path"] for image in elpv["test"]["image"]]
+
+
+def test_elpv_labels_match_defect_probabilities(elpv):
+    levels = np.array([0, 1 / 3, 2 / 3, 1])
+    probabilities = np.array(elpv["train"]["defect_probability"])
+    np.testing.assert_allclose(levels[elpv["train"]["label"]], probabilities, atol=1e-6)
+    assert set(elpv["train"]["cell_type"]) == {"mono", "poly"}
+
+
+def test_elpv_images_are_real_300px_grayscale_converted_to_rgb(elpv):
+    image = open_rgb_image(elpv["train"][0]["image"])
+    assert image.mode == "RGB" and image.size == (300, 300)
+    array = np.asarray(image)
+    assert np.array_equal(array[..., 0], array[..., 2]) and array.std() > 5  # gray, and not blank
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA"])
+def test_images_of_any_mode_become_rgb(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / "image.png"
+    image.save(path)
+    converted = open_rgb_image({"path": str(path), "bytes": None})
+    assert converted.mode == "RGB" and converted.size == (30, 20)
+    if mode == "I;16":
+        assert np.asarray(converted).max() == 255 and np.asarray(converted).min() == 0
+
+
+def make_image_folder(root, corrupt: bool = True):
+    rng = np.random.default_rng(0)
+    for label, mode in (("cat", "L"), ("dog", "RGBA")):
+        folder = root / label
+        folder.mkdir(parents=True)
+        for index in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert(mode).save(folder / f"{index}.png")
+    if corrupt:
+        (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
+    make_image_folder(tmp_path / "train")
+    data_args = DataArguments(train_dir=str(tmp_path / "train"), validation_split=0.25)
+    with caplog.at_level(logging.WARNING, logger="g2sd_hf.data"):
+        splits, counts = prepare_splits(data_args, seed=0)
+    assert counts["skipped_train_images"] + counts["skipped_validation_images"] == 1
+    assert "broken.png" in caplog.text and "Skipped 1 unreadable image" in caplog.text
+    assert len(splits["train"]) + len(splits["validation"]) == 12
+    assert splits["train"].features["label"].names == ["cat", "dog"]
+    pixels = splits["train"].with_transform(ImageTransform(evaluation_transform(32, [0.5] * 3, [0.5] * 3), with_labels=True))[0]
+    assert pixels["pixel_values"].shape == (3, 32, 32)
+
+
+def test_without_the_check_an_unreadable_image_is_an_error_naming_the_file(tmp_path):
+    make_image_folder(tmp_path / "train")
+    splits = load_image_dataset(train_dir=str(tmp_path / "train"), validation_split=0.25)
+    dataset = datasets.concatenate_datasets([splits["train"], splits["validation"]])
+    broken = next(index for index, image in enumerate(dataset["image"]) if image["path"].endswith("broken.png"))
+    transformed = dataset.with_transform(ImageTransform(evaluation_transform(32, [0.5] * 3, [0.5] * 3)))
+    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png.*drop_unreadable_images"):
+        transformed[broken]
+    readable, skipped = drop_unreadable_images(dataset)
+    assert len(readable) == len(dataset) - 1 and skipped[0].endswith("broken.png")
+
+
+def test_missing_image_column_is_named(tmp_path):
+    make_image_folder(tmp_path / "train", corrupt=False)
+    with pytest.raises(ValueError, match="No image column 'picture'"):
+        load_image_dataset(train_dir=str(tmp_path / "train"), image_column_name="picture")
+
+
+def test_transforms_produce_normalized_tensors(elpv):
+    image = open_rgb_image(elpv["train"][3]["image"])
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    evaluated = evaluation_transform(64, mean, std)(image)
+    expected = (torch.from_numpy(np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC))).permute(2, 0, 1) / 255.0
+                - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert evaluated.shape == (3, 64, 64) and evaluated.dtype == torch.float32
+    torch.testing.assert_close(evaluated, expected, atol=2 / 255 / 0.224, rtol=0)
+    torch.manual_seed(0)
+    for transform in (generic_distillation_transform(64, mean, std), classification_train_transform(64, mean, std)):
+        first, second = transform(image), transform(image)
+        assert first.shape == (3, 64, 64) and not torch.equal(first, second)  # random augmentation
+
+
+def test_classification_metrics_by_hand():
+    logits = np.array([[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 3], [3, 0, 0, 0], [0, 0, 3, 0]], dtype=np.float32)
+    labels = np.array([0, 1, 2, 3, 2])
+    metrics = classification_metrics(logits, labels, list(ELPV_CLASS_NAMES), positive_classes=[2, 3])
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["accuracy_0"] == 1.0 and metrics["accuracy_1_3"] == 1.0
+    assert metrics["accuracy_2_3"] == 0.5 and metrics["accuracy_1"] == 0.0
+    assert metrics["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    # Binary: predicted defective for samples 2, 4 (classes 3, 2); actual defective 2, 3, 4 -> sample 3 wrong.
+    assert metrics["binary_accuracy"] == pytest.approx(4 / 5)
+    from transformers import EvalPrediction
+
+    assert ClassificationMetrics(list(ELPV_CLASS_NAMES), [2, 3])(EvalPrediction(predictions=logits, label_ids=labels)) == metrics
