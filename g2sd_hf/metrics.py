@@ -42,7 +42,7 @@ def classification_metrics(
             selected = labels == index
             if selected.any():
                 value = float((predictions[selected] == index).mean())
-                metrics[f"accuracy_{_metric_name(name)}"] = value
+                metrics[f"accuracy_{metric_name(name)}"] = value
                 per_class.append(value)
         metrics["balanced_accuracy"] = float(np.mean(per_class))
     if positive_classes is not None:
@@ -51,7 +51,8 @@ def classification_metrics(
     return metrics
 
 
-def _metric_name(class_name: str) -> str:
+def metric_name(class_name: str) -> str:
+    """The metric-key form of a class name: non-alphanumerics become `_` (`"1/3"` -> `"1_3"`)."""
     return "".join(character if character.isalnum() else "_" for character in str(class_name))
 
 
@@ -67,4 +68,4 @@ class ClassificationMetrics:
         return classification_metrics(logits, prediction.label_ids, self.class_names, self.positive_classes)
 
 
-__all__ = ["ClassificationMetrics", "classification_metrics"]
+__all__ = ["ClassificationMetrics", "classification_metrics", "metric_name"]

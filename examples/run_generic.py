@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""G2SD generic distillation: a frozen MAE teacher (with its pre-training decoder) -> a small ViT student.
+
+    accelerate launch examples/run_generic.py \\
+        --teacher_name_or_path facebook/vit-mae-base --student_preset vit_small_patch16_dec256d4b \\
+        --dataset_name imagenet-1k --output_dir g2sd-vit-small-gd \\
+        --per_device_train_batch_size 256 --bf16 --do_train --do_eval
+
+Without --dataset_name or --train_dir the embedded ELPV solar-cell images are used. Arguments can also come from a
+single JSON or YAML file: `python examples/run_generic.py args.yaml`.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from transformers import ViTImageProcessor, set_seed
+
+from g2sd_hf import G2SDConfig, G2SDForGenericDistillation, GenericDistillationConfig, GenericDistillationTrainer, MAETeacher
+from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
+from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, prepare_splits
+from g2sd_hf.hub import finish_training_run
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    teacher_name_or_path: str = field(
+        default="facebook/vit-mae-base",
+        metadata={"help": "MAE teacher with its pre-training decoder (ViTMAEForPreTraining): Hub id or folder."},
+    )
+    target_layer: int = field(default=4, metadata={"help": "Teacher decoder block whose features are distilled."})
+    student_preset: str = field(
+        default="vit_small_patch16_dec256d4b",
+        metadata={"help": "Student architecture (see g2sd_hf.G2SD_PRESETS), unless --student_config_name is given."},
+    )
+    student_config_name: str | None = field(default=None, metadata={"help": "A G2SDConfig file or folder instead."})
+    student_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this generic-distillation checkpoint instead of a new student."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Student config overrides, e.g. 'hidden_size=96,num_hidden_layers=6'."}
+    )
+    mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches masked."})
+    feature_loss_tokens: str = field(default="all", metadata={"help": "'all', 'masked' or 'visible'."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Teacher revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private teachers or data."})
+
+
+def build_student(model_args: ModelArguments, teacher: MAETeacher) -> G2SDForGenericDistillation:
+    """The student, made compatible with the teacher: same image and patch size, feature head to its width."""
+    teacher_config = teacher.config
+    compatible = {
+        "image_size": teacher_config.image_size,
+        "patch_size": teacher_config.patch_size,
+        "num_channels": teacher_config.num_channels,
+        "target_hidden_size": teacher.target_hidden_size,
+        "mask_ratio": model_args.mask_ratio,
+        "feature_loss_tokens": model_args.feature_loss_tokens,
+    }
+    overrides = {**compatible, **parse_overrides(model_args.config_overrides)}
+    if model_args.student_name_or_path is not None:
+        return G2SDForGenericDistillation.from_pretrained(model_args.student_name_or_path, **overrides)
+    if model_args.student_config_name is not None:
+        config = G2SDConfig.from_pretrained(model_args.student_config_name, **overrides)
+    else:
+        config = G2SDConfig.from_preset(model_args.student_preset, **overrides)
+    return G2SDForGenericDistillation(config)
+
+
+def main(args: list[str] | None = None) -> dict:
+    model_args, data_args, augmentation_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationConfig), args
+    )
+    setup_logging(training_args)
+    logger.info(f"Training arguments {training_args}")
+    last_checkpoint = checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    with training_args.main_process_first(desc="preparing the data"):
+        splits, data_counts = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
+
+    teacher = MAETeacher.from_pretrained(
+        model_args.teacher_name_or_path,
+        target_layer=model_args.target_layer,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+    )
+    student = build_student(model_args, teacher)
+    image_size = student.config.grid_size[0] * student.config.patch_size
+    # The student reads the teacher's pixels: its processor carries the teacher's normalization.
+    processor = ViTImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=list(teacher.image_mean), image_std=list(teacher.image_std), resample=3
+    )
+    train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
+    train_dataset = splits["train"].with_transform(ImageTransform(train_transform))
+    eval_dataset = splits["validation"].with_transform(ImageTransform(evaluation_transform(image_size, teacher.image_mean, teacher.image_std)))
+
+    trainer = GenericDistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=processor,
+    )
+
+    metrics = train_and_evaluate(trainer, last_checkpoint, data_counts)
+
+    finish_training_run(trainer, model_args.teacher_name_or_path, data_args.dataset_name or "elpv")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

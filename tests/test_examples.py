@@ -1,0 +1,182 @@
+"""The example scripts, called through their `main()` with tiny models and a few steps on real ELPV images."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
+
+from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification
+
+from .conftest import tiny_classifier_teacher, tiny_mae_teacher
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import run_demo  # noqa: E402
+import run_generic  # noqa: E402
+import run_specific  # noqa: E402
+
+
+TINY_STUDENT = (
+    "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32,"
+    "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32"
+)
+NORMALIZATION = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION)
+    tiny_mae_teacher(decoder_num_hidden_layers=4).save_pretrained(root / "mae")
+    processor.save_pretrained(root / "mae")
+    tiny_classifier_teacher(num_labels=4).save_pretrained(root / "classifier")
+    processor.save_pretrained(root / "classifier")
+    return root
+
+
+def common(output_dir, max_steps=3, **extra):
+    arguments = [
+        "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--per_device_train_batch_size", "8",
+        "--max_train_samples", "48", "--max_eval_samples", "16", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--do_train", "--do_eval",
+    ]
+    for name, value in extra.items():
+        arguments += [f"--{name}", str(value)]
+    return arguments
+
+
+@pytest.fixture(scope="module")
+def generic_run(teachers, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("generic")
+    metrics = run_generic.main(
+        common(output_dir, teacher_name_or_path=teachers / "mae", target_layer=2, config_overrides=TINY_STUDENT)
+    )
+    return output_dir, metrics
+
+
+def test_run_generic_writes_a_loadable_student(generic_run):
+    output_dir, metrics = generic_run
+    assert {"train_loss", "eval_loss", "skipped_train_images"} <= metrics.keys() and metrics["skipped_train_images"] == 0
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"):
+        assert (output_dir / name).exists(), name
+    student = G2SDForGenericDistillation.from_pretrained(output_dir)
+    assert (student.config.image_size, student.config.patch_size, student.config.target_hidden_size) == (32, 8, 24)
+    assert json.loads((output_dir / "preprocessor_config.json").read_text())["image_mean"] == NORMALIZATION["image_mean"]
+    assert not any(key.startswith(("teacher", "model.")) for key in load_file(output_dir / "model.safetensors"))
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert "masked_token_loss" in history[0] and "visible_token_loss" in history[0]
+
+
+def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
+    import yaml
+
+    arguments = {
+        "output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 8, "max_train_samples": 48,
+        "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "do_train": True,
+        "teacher_name_or_path": str(teachers / "mae"), "target_layer": 2, "config_overrides": TINY_STUDENT,
+    }
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(arguments))
+    metrics = run_generic.main([str(tmp_path / "args.yaml")])
+    assert metrics["train_samples"] == 48 and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_run_specific_from_the_generic_checkpoint(generic_run, teachers, tmp_path):
+    metrics = run_specific.main(
+        common(tmp_path, student_name_or_path=generic_run[0], teacher_name_or_path=teachers / "classifier",
+               mixup_alpha=0.8, cutmix_alpha=1.0)
+    )
+    assert {"eval_accuracy", "eval_balanced_accuracy", "eval_binary_accuracy", "eval_accuracy_1_3"} <= metrics.keys()
+    model = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(model, G2SDForImageClassification) and model.config.use_distillation_token
+    assert list(model.config.id2label.values()) == ["0", "1/3", "2/3", "1"]
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    assert "task_loss" in history[0] and "distillation_loss" in history[0]
+    card = (tmp_path / "README.md").read_text()
+    assert "g2sd" in card and "image-classification" in card and "specific-distillation" in card
+
+
+def test_run_specific_refuses_unknown_positive_classes(generic_run, tmp_path):
+    with pytest.raises(ValueError, match=r"\['3/3'\] are not classes"):
+        run_specific.main(common(tmp_path, student_name_or_path=generic_run[0], distillation_type="none", positive_classes="3/3"))
+
+
+def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
+    results = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
+    assert set(results["models"]) == {"teacher", "g2sd", "gd_only", "sd_only", "scratch"}
+    for row in results["models"].values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["binary_accuracy"] <= 1 and row["images_per_second"] > 0
+    assert results["models"]["g2sd"]["parameters"] < results["models"]["teacher"]["parameters"]
+    assert not any(stage["reused"] for stage in results["stages"].values())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| G2SD (GD + SD) |" in table and "| Scratch (supervised only) |" in table
+    with Image.open(tmp_path / "results.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 500
+    classifier = pipeline("image-classification", model=str(tmp_path / "g2sd-student"))
+    assert classifier(Image.new("RGB", (40, 40)))[0]["label"] in {"0", "1/3", "2/3", "1"}
+
+    again = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
+    assert all(stage["reused"] for stage in again["stages"].values())
+    assert again["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
+
+
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(teachers, tmp_path):
+    """SIGKILL after a checkpoint, then --resume_from_checkpoint: the final weights equal an uninterrupted run's.
+
+    Deterministic settings: full-image crops without flips. (With random augmentation a resumed run is equivalent
+    but not identical: accelerate's data loader prepares the next batch, drawing its random crop, before the
+    checkpoint saves the RNG state.)
+    """
+    max_steps, save_steps = 30, 5
+
+    def command(output_dir, *extra):
+        arguments = common(output_dir, max_steps=max_steps, teacher_name_or_path=teachers / "mae", target_layer=2,
+                           config_overrides=TINY_STUDENT, save_steps=save_steps, save_strategy="steps",
+                           per_device_train_batch_size=4, max_train_samples=64, min_crop_scale=1.0,
+                           horizontal_flip="false", learning_rate=1e-3, scale_lr_with_batch_size="false")
+        arguments.remove("--do_eval")
+        return [sys.executable, str(EXAMPLES / "run_generic.py"), *arguments, *extra]
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(command(tmp_path / "uninterrupted"), check=True, env=environment, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(command(interrupted), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = interrupted / f"checkpoint-{save_steps}" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if first_checkpoint.exists():
+            try:
+                json.loads(first_checkpoint.read_text())
+                break
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (interrupted / "model.safetensors").exists()
+
+    checkpoints = sorted(interrupted.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    complete = [path for path in checkpoints if (path / "trainer_state.json").exists()]
+    last = complete[-1]
+    assert int(last.name.split("-")[1]) < max_steps
+    subprocess.run(command(interrupted, "--resume_from_checkpoint", str(last)), check=True, env=environment, capture_output=True)
+
+    expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], atol=1e-6, rtol=1e-5)
