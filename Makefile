@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python examples/run_demo.py --output_dir $(DEMO_OUTPUT)
 
 docs: install
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 benchmark: install
 	$(BIN)/python benchmarks/benchmark_generic_distillation.py

@@ -12,7 +12,8 @@ extras = {
     # The embedded demo data set and the demo's figure.
     "demo": ["elpv-dataset>=1.0", "matplotlib>=3.7", "tensorboard>=2.14"],
     # Tests: timm is an independent ViT implementation to check the converted checkpoints against.
-    "testing": ["pytest>=7.4", "timm>=1.0", "elpv-dataset>=1.0", "matplotlib>=3.7"],
+    "testing": ["pytest>=7.4", "timm>=1.0", "elpv-dataset>=1.0", "matplotlib>=3.7", "pyyaml>=6.0",
+                "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
 }
 extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})

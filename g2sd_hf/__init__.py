@@ -1,7 +1,8 @@
 """g2sd-hf: Generic-to-Specific Distillation of masked autoencoders (Huang et al., CVPR 2023) for transformers.
 
 Importing the package registers the G2SD classes with transformers' Auto classes, so that `AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification` and `AutoModelForPreTraining` load G2SD checkpoints.
+`AutoModelForImageClassification` and `AutoModelForPreTraining` load G2SD checkpoints, and makes `save_pretrained`
+ship the model code with the weights for `trust_remote_code=True` loading without the package.
 """
 
 from transformers import (
@@ -27,6 +28,7 @@ from .modeling_g2sd import (
     G2SDModel,
     G2SDPreTrainedModel,
 )
+from .export import export_to_transformers
 from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
     GenericDistillationConfig,
@@ -42,6 +44,12 @@ AutoConfig.register(G2SDConfig.model_type, G2SDConfig, exist_ok=True)
 AutoModel.register(G2SDConfig, G2SDModel, exist_ok=True)
 AutoModelForImageClassification.register(G2SDConfig, G2SDForImageClassification, exist_ok=True)
 AutoModelForPreTraining.register(G2SDConfig, G2SDForGenericDistillation, exist_ok=True)
+# save_pretrained ships configuration_g2sd.py, modeling_g2sd.py and losses.py with the weights, so checkpoints load
+# with `trust_remote_code=True` where g2sd_hf is not installed.
+G2SDConfig.register_for_auto_class()
+G2SDModel.register_for_auto_class("AutoModel")
+G2SDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+G2SDForGenericDistillation.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "ClassificationTeacher",
@@ -57,6 +65,7 @@ __all__ = [
     "MAETeacher",
     "SpecificDistillationConfig",
     "SpecificDistillationTrainer",
+    "export_to_transformers",
     "generic_distillation_loss",
     "hard_distillation_loss",
     "initialize_mae_from_scratch",

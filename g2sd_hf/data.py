@@ -172,7 +172,7 @@ def open_rgb_image(image: dict) -> Image.Image:
     """Decode an `Image(decode=False)` value to an RGB PIL image (grayscale, palette, RGBA and 16-bit converted).
 
     Raises:
-        `ValueError` naming the file when it cannot be read.
+        ValueError: naming the file, when it cannot be read.
     """
     try:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]

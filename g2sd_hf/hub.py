@@ -67,8 +67,7 @@ This checkpoint is {{ summary }}
 {{ usage }}
 ```
 
-The model code ships with the checkpoint (`trust_remote_code=True`); with `pip install g2sd-hf` and `import g2sd_hf` it
-loads without remote code.
+{{ loading_note }}
 
 ## Model
 
@@ -123,6 +122,7 @@ def build_model_card(
     trainer_class: str = "Trainer",
     license: str = "apache-2.0",
     tags: list[str] | None = None,
+    stock: bool = False,
 ) -> ModelCard:
     """The model card of a G2SD student checkpoint.
 
@@ -138,6 +138,7 @@ def build_model_card(
         trainer_class (`str`): The trainer's class name.
         license (`str`): The license identifier.
         tags (`list[str]`, *optional*): Extra tags.
+        stock (`bool`): The checkpoint is a stock transformers class (an export): no remote code needed.
 
     Returns:
         `huggingface_hub.ModelCard`.
@@ -188,18 +189,25 @@ def build_model_card(
         eval_results=eval_results or None,
     )
 
+    remote = "" if stock else ", trust_remote_code=True"
     if info["pipeline_tag"] == "image-classification":
         usage = (
             "from transformers import pipeline\n\n"
-            f'classifier = pipeline("image-classification", model="{location}", trust_remote_code=True)\n'
+            f'classifier = pipeline("image-classification", model="{location}"{remote})\n'
             'predictions = classifier("image.png")'
         )
     else:
         usage = (
             "from transformers import pipeline\n\n"
-            f'extractor = pipeline("image-feature-extraction", model="{location}", trust_remote_code=True)\n'
+            f'extractor = pipeline("image-feature-extraction", model="{location}"{remote})\n'
             'features = extractor("image.png")  # one vector per token of the (unmasked) encoder'
         )
+    loading_note = (
+        f"A stock `{type(model).__name__}` exported from a G2SD student: plain transformers loads it, no remote code."
+        if stock
+        else "The model code ships with the checkpoint (`trust_remote_code=True`); with `pip install g2sd-hf` and "
+        "`import g2sd_hf` it loads without remote code."
+    )
     image_size = getattr(config, "image_size", "?")
     details = [
         ("Architecture", f"ViT, {config.hidden_size}-d, {config.num_hidden_layers} layers, {config.num_attention_heads} heads"),
@@ -232,6 +240,7 @@ def build_model_card(
         teacher_link=f"https://huggingface.co/{teacher}" if teacher_is_hub_id else teacher,
         summary=info["summary"],
         usage=usage,
+        loading_note=loading_note,
         details=details,
         trainer_class=trainer_class,
         dataset=dataset,

@@ -133,8 +133,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     """Cross-entropy against class probabilities: `mean_b( -sum_k targets[b, k] * log_softmax(logits)[b, k] )`.
 
     Args:
-        logits (`torch.Tensor` of shape `(batch, num_classes)`).
-        targets (`torch.Tensor` of shape `(batch, num_classes)`): rows summing to one.
+        logits (`torch.Tensor` of shape `(batch, num_classes)`): The logits.
+        targets (`torch.Tensor` of shape `(batch, num_classes)`): Rows summing to one.
 
     Returns:
         `torch.Tensor`: the scalar loss.
@@ -147,7 +147,7 @@ def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
 
     Args:
         student_logits (`torch.Tensor` of shape `(batch, num_classes)`): Usually the distillation head's logits.
-        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`): The teacher's logits.
 
     Returns:
         `torch.Tensor`: the scalar loss.
@@ -163,8 +163,8 @@ def soft_distillation_loss(
     (DeiT's implementation divides the summed KL by batch x classes instead of batch.)
 
     Args:
-        student_logits (`torch.Tensor` of shape `(batch, num_classes)`).
-        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        student_logits (`torch.Tensor` of shape `(batch, num_classes)`): The student's logits.
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`): The teacher's logits.
         temperature (`float`): T.
 
     Returns:
@@ -194,8 +194,8 @@ def nkd_loss(
         L_NKD = -T_t log S_t  -  gamma * lambda^2 * sum_{i != t} N(T^lambda)_i log N(S^lambda)_i
 
     Args:
-        student_logits (`torch.Tensor` of shape `(batch, num_classes)`).
-        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`).
+        student_logits (`torch.Tensor` of shape `(batch, num_classes)`): The student's logits.
+        teacher_logits (`torch.Tensor` of shape `(batch, num_classes)`): The teacher's logits.
         labels (`torch.Tensor`): class indices `(batch,)`, or probabilities `(batch, num_classes)` (mixup/cutmix)
             whose arg-max is taken as the target class, as in the authors' code.
         temperature (`float`): lambda, the temperature of the non-target distributions.

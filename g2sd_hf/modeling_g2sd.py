@@ -189,8 +189,8 @@ def restore_with_mask_tokens(tokens: torch.Tensor, mask_token: torch.Tensor, ids
 
     Args:
         tokens (`torch.Tensor` of shape `(batch, 1 + num_visible, dim)`): The cls token then the visible patches.
-        mask_token (`torch.Tensor` of shape `(1, 1, dim)`).
-        ids_restore (`torch.LongTensor` of shape `(batch, num_patches)`).
+        mask_token (`torch.Tensor` of shape `(1, 1, dim)`): The learned mask token.
+        ids_restore (`torch.LongTensor` of shape `(batch, num_patches)`): From `random_masking`.
 
     Returns:
         `torch.Tensor` of shape `(batch, 1 + num_patches, dim)`.
@@ -446,6 +446,23 @@ class G2SDPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._freeze_fixed_parameters()
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; when the code ships with the weights (`import g2sd_hf` registers it),
+        `config.json` maps every Auto class to it, so that any G2SD checkpoint loads with `trust_remote_code=True`
+        as a base model, a classifier or a generic-distillation student."""
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **G2SD_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# The Auto classes of a G2SD checkpoint whose code ships with it (`trust_remote_code=True`).
+G2SD_AUTO_MAP = {
+    "AutoConfig": "configuration_g2sd.G2SDConfig",
+    "AutoModel": "modeling_g2sd.G2SDModel",
+    "AutoModelForImageClassification": "modeling_g2sd.G2SDForImageClassification",
+    "AutoModelForPreTraining": "modeling_g2sd.G2SDForGenericDistillation",
+}
 
 
 class G2SDModel(G2SDPreTrainedModel):

@@ -184,8 +184,9 @@ class MAETeacher(_FrozenTeacher):
     Args:
         model (`ViTMAEForPreTraining`): The teacher, with trained decoder weights.
         target_layer (`int`, *optional*, defaults to 4): Decoder block whose output is the target (1-based).
-        image_mean, image_std (`Sequence[float]`, *optional*): The teacher's pixel normalization; ImageNet's,
-            which every MAE checkpoint uses, by default.
+        image_mean (`Sequence[float]`, *optional*): The teacher's pixel mean; ImageNet's, which every MAE checkpoint
+            uses, by default.
+        image_std (`Sequence[float]`, *optional*): The teacher's pixel standard deviation (ImageNet's by default).
         target_eps (`float`, *optional*, defaults to 1e-6): Epsilon of the target LayerNorm.
 
     Example:
@@ -292,7 +293,8 @@ class ClassificationTeacher(_FrozenTeacher):
 
     Args:
         model (`PreTrainedModel`): An image-classification model returning `logits`.
-        image_mean, image_std (`Sequence[float]`, *optional*): Its pixel normalization (ImageNet's by default).
+        image_mean (`Sequence[float]`, *optional*): Its pixel mean (ImageNet's by default).
+        image_std (`Sequence[float]`, *optional*): Its pixel standard deviation (ImageNet's by default).
 
     Example:
 

@@ -302,10 +302,10 @@ class GenericDistillationTrainer(DistillationTrainer):
     Args:
         model (`G2SDForGenericDistillation`): The student.
         teacher (`MAETeacher` or `ViTMAEForPreTraining`): The teacher (a model is wrapped with target layer 4).
-        args (`GenericDistillationConfig` or `TrainingArguments`, *optional*).
-        processing_class (image processor, *optional*): How the student's pixels are normalized; when it differs
-            from the teacher's normalization, the teacher's inputs are converted.
-        Other arguments are the Trainer's.
+        args (`GenericDistillationConfig` or `TrainingArguments`, *optional*): The training arguments.
+        **kwargs: The Trainer's other arguments. `processing_class` (an image processor) says how the student's
+            pixels are normalized; when it differs from the teacher's normalization, the teacher's inputs are
+            converted.
 
     Example:
 
@@ -451,9 +451,9 @@ class SpecificDistillationTrainer(DistillationTrainer):
         model (`G2SDForImageClassification`, or any image classifier returning `logits`): The student.
         teacher (`ClassificationTeacher` or an image-classification `PreTrainedModel`, *optional*): Required unless
             `distillation_type="none"`.
-        args (`SpecificDistillationConfig`, *optional*).
-        processing_class (image processor, *optional*): How the student's pixels are normalized.
-        Other arguments are the Trainer's.
+        args (`SpecificDistillationConfig`, *optional*): The training arguments.
+        **kwargs: The Trainer's other arguments. `processing_class` (an image processor) says how the student's
+            pixels are normalized.
 
     Example:
 

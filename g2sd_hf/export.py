@@ -1,0 +1,226 @@
+"""Export a G2SD classifier to stock transformers classes, loadable with nothing but transformers installed.
+
+A student without a distillation token becomes a `ViTForImageClassification`; one with a distillation token a
+`DeiTForImageClassificationWithTeacher`, whose prediction is also the average of its two heads. The distillation
+token has no position embedding in G2SD; DeiT adds one, which the export sets to zero. The fused query/key/value
+projection is split. The export is checked before it is written: its logits must equal the G2SD model's.
+
+    python -m g2sd_hf.export --model path/to/g2sd-student --output path/to/exported
+"""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    PreTrainedModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.utils import logging
+
+from .hub import build_model_card
+from .modeling_g2sd import G2SDForImageClassification
+
+
+logger = logging.get_logger(__name__)
+
+
+def stock_vit_layer_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of a transformers ViT-family layer (ViT, DeiT, ViTMAE) under layout-independent names.
+
+    transformers 5.x releases name these submodules differently (`attention.q_proj` or `attention.attention.query`,
+    `mlp.fc1` or `intermediate.dense`, ...); this finds them in either layout.
+
+    Returns:
+        `dict` with keys `{query,key,value,output,fc1,fc2,norm1,norm2}.{weight,bias}`.
+    """
+    attention = layer.attention
+    if hasattr(attention, "q_proj"):
+        projections = {"query": attention.q_proj, "key": attention.k_proj, "value": attention.v_proj, "output": attention.o_proj}
+    else:
+        inner = attention.attention
+        projections = {"query": inner.query, "key": inner.key, "value": inner.value, "output": attention.output.dense}
+    if hasattr(layer, "mlp"):
+        mlp = {"fc1": layer.mlp.fc1, "fc2": layer.mlp.fc2}
+    else:
+        mlp = {"fc1": layer.intermediate.dense, "fc2": layer.output.dense}
+    modules = {**projections, **mlp, "norm1": layer.layernorm_before, "norm2": layer.layernorm_after}
+    return {f"{name}.{kind}": getattr(module, kind) for name, module in modules.items() for kind in ("weight", "bias")}
+
+
+def fused_layer_tensors(qkv_weight, qkv_bias, projection_weight, projection_bias, fc1, fc2, norm1, norm2) -> dict:
+    """Map a timm-layout block (fused qkv) onto the names of `stock_vit_layer_parameters`."""
+    query_weight, key_weight, value_weight = qkv_weight.chunk(3, dim=0)
+    query_bias, key_bias, value_bias = qkv_bias.chunk(3, dim=0)
+    return {
+        "query.weight": query_weight, "query.bias": query_bias,
+        "key.weight": key_weight, "key.bias": key_bias,
+        "value.weight": value_weight, "value.bias": value_bias,
+        "output.weight": projection_weight, "output.bias": projection_bias,
+        "fc1.weight": fc1[0], "fc1.bias": fc1[1], "fc2.weight": fc2[0], "fc2.bias": fc2[1],
+        "norm1.weight": norm1[0], "norm1.bias": norm1[1], "norm2.weight": norm2[0], "norm2.bias": norm2[1],
+    }
+
+
+def load_by_parameter(model: nn.Module, values: dict[nn.Parameter, torch.Tensor]) -> None:
+    """`model.load_state_dict(strict=True)` from a {parameter object: value} mapping covering every parameter."""
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    state = {name_of[id(parameter)]: value.detach().clone() for parameter, value in values.items()}
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise RuntimeError(f"The export does not cover {missing}.")
+    model.load_state_dict(state, strict=True)
+
+
+def _stock_config(model: G2SDForImageClassification):
+    config = model.config
+    shared = {
+        name: getattr(config, name)
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "initializer_range")
+    }
+    labels = {"id2label": dict(config.id2label), "label2id": dict(config.label2id)} if config.id2label else {}
+    config_class = DeiTConfig if config.use_distillation_token else ViTConfig
+    return config_class(**shared, num_labels=config.num_labels, **labels)
+
+
+def to_stock_model(model: G2SDForImageClassification) -> PreTrainedModel:
+    """The stock transformers classifier computing the same logits as `model`.
+
+    Raises:
+        ValueError: for a mean-pooling student (stock ViT/DeiT classify the cls token).
+    """
+    config = model.config
+    if config.use_mean_pooling:
+        raise ValueError(
+            "A mean-pooling G2SD classifier (fc_norm over the patch tokens) has no stock transformers equivalent: "
+            "ViTForImageClassification and DeiT classify the cls token. Load it with trust_remote_code instead."
+        )
+    distilled = config.use_distillation_token
+    stock = (DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification)(_stock_config(model))
+    encoder, ours = (stock.deit if distilled else stock.vit), model.g2sd
+    embeddings = ours.embeddings
+    values = {
+        encoder.embeddings.cls_token: embeddings.cls_token,
+        encoder.embeddings.patch_embeddings.projection.weight: embeddings.patch_embeddings.projection.weight,
+        encoder.embeddings.patch_embeddings.projection.bias: embeddings.patch_embeddings.projection.bias,
+        encoder.layernorm.weight: ours.layernorm.weight,
+        encoder.layernorm.bias: ours.layernorm.bias,
+    }
+    position_embeddings = embeddings.position_embeddings
+    if distilled:
+        # DeiT: [cls, distillation, patches], every token with a position embedding; G2SD's distillation token has none.
+        zero = torch.zeros_like(position_embeddings[:, :1])
+        position_embeddings = torch.cat([position_embeddings[:, :1], zero, position_embeddings[:, 1:]], dim=1)
+        values[encoder.embeddings.distillation_token] = embeddings.distillation_token
+        values.update({stock.cls_classifier.weight: model.classifier.weight, stock.cls_classifier.bias: model.classifier.bias,
+                       stock.distillation_classifier.weight: model.distillation_classifier.weight,
+                       stock.distillation_classifier.bias: model.distillation_classifier.bias})
+    else:
+        values.update({stock.classifier.weight: model.classifier.weight, stock.classifier.bias: model.classifier.bias})
+    values[encoder.embeddings.position_embeddings] = position_embeddings
+    stock_layers = encoder.layers if hasattr(encoder, "layers") else encoder.encoder.layer
+    for stock_layer, layer in zip(stock_layers, ours.layers):
+        targets = stock_vit_layer_parameters(stock_layer)
+        sources = fused_layer_tensors(
+            layer.attention.qkv.weight, layer.attention.qkv.bias, layer.attention.projection.weight,
+            layer.attention.projection.bias, (layer.mlp.fc1.weight, layer.mlp.fc1.bias),
+            (layer.mlp.fc2.weight, layer.mlp.fc2.bias), (layer.norm1.weight, layer.norm1.bias),
+            (layer.norm2.weight, layer.norm2.bias),
+        )
+        values.update({targets[name]: sources[name] for name in targets})
+    load_by_parameter(stock, values)
+    return stock.eval()
+
+
+@torch.no_grad()
+def check_same_logits(reference: nn.Module, exported: nn.Module, image_size: int, tolerance: float = 1e-5) -> float:
+    """The largest logit difference on random images; raises when it exceeds `tolerance`."""
+    pixel_values = torch.randn(2, reference.config.num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    difference = (reference.eval()(pixel_values).logits - exported.eval()(pixel_values).logits).abs().max().item()
+    if difference > tolerance:
+        raise RuntimeError(f"The exported model's logits differ from the G2SD model's by {difference:.2e} (> {tolerance}).")
+    return difference
+
+
+def export_to_transformers(
+    model: G2SDForImageClassification | str,
+    output_dir: str,
+    processor=None,
+    dataset: str | None = None,
+    teacher: str | None = None,
+) -> Path:
+    """Write a G2SD classifier as a stock transformers classifier folder (model, processor, model card).
+
+    Args:
+        model (`G2SDForImageClassification` or `str`): The student, or its checkpoint folder / Hub id.
+        output_dir (`str`): Where to write; replaced only once the export is written and checked.
+        processor (image processor, *optional*): Defaults to the checkpoint's own.
+        dataset (`str`, *optional*): For the model card; defaults to the checkpoint card's.
+        teacher (`str`, *optional*): For the model card; defaults to the checkpoint card's.
+
+    Returns:
+        `Path` of the exported folder.
+
+    Example:
+
+    ```python
+    >>> export_to_transformers("g2sd-vit-small-sd", "g2sd-vit-small-sd-deit")
+    >>> pipeline("image-classification", model="g2sd-vit-small-sd-deit")  # plain transformers
+    ```
+    """
+    source = None
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        model = G2SDForImageClassification.from_pretrained(source)
+    if processor is None and source is not None:
+        processor = AutoImageProcessor.from_pretrained(source)
+    if source is not None and Path(source, "README.md").exists():
+        card_data = ModelCard.load(Path(source, "README.md")).data
+        dataset = dataset or (card_data.datasets or [None])[0]
+        teacher = teacher or card_data.base_model
+    stock = to_stock_model(model)
+    image_size = model.config.grid_size[0] * model.config.patch_size
+    difference = check_same_logits(model, stock, image_size)
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir.parent))
+    try:
+        stock.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        stage = "specific-distillation" if model.config.use_distillation_token else "fine-tuning"
+        card = build_model_card(stock, stage=stage, dataset=dataset or "unknown", teacher=teacher,
+                                model_name=output_dir.name, tags=["exported"], stock=True)
+        card.save(staging / "README.md")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info(f"Exported {type(stock).__name__} to {output_dir} (largest logit difference {difference:.1e}).")
+    return output_dir
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="G2SD classifier folder or Hub id")
+    parser.add_argument("--output", required=True, help="Folder to write the stock transformers model to")
+    options = parser.parse_args(args)
+    print(export_to_transformers(options.model, options.output))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["export_to_transformers", "stock_vit_layer_parameters", "to_stock_model"]
