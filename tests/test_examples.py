@@ -78,6 +78,21 @@ def test_run_generic_writes_a_loadable_student(generic_run):
     assert "masked_token_loss" in history[0] and "visible_token_loss" in history[0]
 
 
+def test_tensorboard_logging(teachers, tmp_path):
+    pytest.importorskip("tensorboard")
+    arguments = common(tmp_path / "out", max_steps=2, teacher_name_or_path=teachers / "mae", target_layer=2,
+                       config_overrides=TINY_STUDENT)
+    arguments[arguments.index("--report_to") + 1] = "tensorboard"
+    run_generic.main(arguments)
+    events = list((tmp_path / "out").rglob("events.out.tfevents.*"))  # <output_dir>/runs/<date>_<host>/
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert {"train/loss", "train/masked_token_loss"} <= set(accumulator.Tags()["scalars"])
+
+
 def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
     import yaml
 
