@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= demo_output
 
-.PHONY: install test demo docs benchmark clean
+.PHONY: install test demo demo-dense docs benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: install
 
 demo: install
 	$(BIN)/python examples/run_demo.py --output_dir $(DEMO_OUTPUT)
+
+demo-dense: install
+	$(BIN)/python examples/run_dense_demo.py --output_dir $(DEMO_OUTPUT)/dense
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

@@ -37,6 +37,8 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=10.0",
+        "scipy>=1.10",  # the DETR family's Hungarian matcher
+        "pycocotools>=2.0.7",  # COCO AP of the detection example
     ],
     extras_require=extras,
     classifiers=[

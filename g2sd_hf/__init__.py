@@ -6,13 +6,14 @@ ship the model code with the weights for `trust_remote_code=True` loading withou
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
 )
 
-from .configuration_g2sd import G2SD_PRESET_ALIASES, G2SD_PRESETS, G2SDConfig
+from .configuration_g2sd import G2SD_PRESET_ALIASES, G2SD_PRESETS, G2SDBackboneConfig, G2SDConfig
 from .losses import (
     generic_distillation_loss,
     hard_distillation_loss,
@@ -23,11 +24,13 @@ from .losses import (
     specific_distillation_loss,
 )
 from .modeling_g2sd import (
+    G2SDBackbone,
     G2SDForGenericDistillation,
     G2SDForImageClassification,
     G2SDModel,
     G2SDPreTrainedModel,
 )
+from .dense import DenseDistillationConfig, DenseDistillationTrainer, DenseTeacher
 from .export import export_to_transformers
 from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
@@ -44,15 +47,24 @@ AutoConfig.register(G2SDConfig.model_type, G2SDConfig, exist_ok=True)
 AutoModel.register(G2SDConfig, G2SDModel, exist_ok=True)
 AutoModelForImageClassification.register(G2SDConfig, G2SDForImageClassification, exist_ok=True)
 AutoModelForPreTraining.register(G2SDConfig, G2SDForGenericDistillation, exist_ok=True)
+AutoConfig.register(G2SDBackboneConfig.model_type, G2SDBackboneConfig, exist_ok=True)
+AutoBackbone.register(G2SDBackboneConfig, G2SDBackbone, exist_ok=True)
 # save_pretrained ships configuration_g2sd.py, modeling_g2sd.py and losses.py with the weights, so checkpoints load
 # with `trust_remote_code=True` where g2sd_hf is not installed.
 G2SDConfig.register_for_auto_class()
 G2SDModel.register_for_auto_class("AutoModel")
 G2SDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 G2SDForGenericDistillation.register_for_auto_class("AutoModelForPreTraining")
+G2SDBackboneConfig.register_for_auto_class()
+G2SDBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "ClassificationTeacher",
+    "DenseDistillationConfig",
+    "DenseDistillationTrainer",
+    "DenseTeacher",
+    "G2SDBackbone",
+    "G2SDBackboneConfig",
     "G2SDConfig",
     "G2SDForGenericDistillation",
     "G2SDForImageClassification",

@@ -7,6 +7,12 @@ This file imports only `transformers` so that `save_pretrained` can ship it besi
 from transformers import PretrainedConfig
 
 
+try:  # transformers >= 5.x moved the backbone utilities to the top level
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneConfigMixin
+
+
 # The student architectures of the G2SD release (`models_mae.py` of the authors' code), named timm-style:
 # encoder width / depth / heads, then the light MAE-style decoder used during generic distillation.
 # Every preset uses MLP ratio 4, qkv bias, LayerNorm eps 1e-6 and fixed 2-D sin-cos position embeddings.
@@ -225,9 +231,62 @@ class G2SDConfig(PretrainedConfig):
             )
 
 
+class G2SDBackboneConfig(BackboneConfigMixin, G2SDConfig):
+    r"""
+    Configuration of `G2SDBackbone`: the G2SD encoder as a backbone for detection and segmentation heads, with
+    ViTDet's simple feature pyramid (strides 4, 8, 16 and 32 from the last stride-16 map) and optional windowed
+    attention. All `G2SDConfig` arguments apply; the backbone ignores the decoder and the distillation token.
+
+    Args:
+        fpn_hidden_size (`int`, *optional*, defaults to 256): Channels of every pyramid level.
+        window_size (`int`, *optional*, defaults to 0):
+            Side, in patches, of the attention windows of the windowed blocks (ViTDet uses 14); 0 means global
+            attention in every block.
+        global_attention_layers (`list[int]`, *optional*):
+            Blocks that keep global attention when `window_size > 0` (ViTDet: evenly spaced, e.g. `[2, 5, 8, 11]`).
+            Defaults to the last block of each quarter of the encoder.
+        out_features (`list[str]`, *optional*): Among `"stem"` (the stride-16 patch embeddings) and `"stage1"`..
+            `"stage4"` (strides 4, 8, 16, 32). Defaults to the four pyramid levels.
+        out_indices (`list[int]`, *optional*): The same, by index.
+
+    Example:
+
+    ```python
+    >>> from transformers import UperNetConfig, UperNetForSemanticSegmentation
+    >>> backbone_config = G2SDBackboneConfig.from_preset("g2sd-small", window_size=14)
+    >>> model = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=150))
+    ```
+    """
+
+    model_type = "g2sd_backbone"
+
+    def __init__(self, fpn_hidden_size=256, window_size=0, global_attention_layers=None, out_features=None,
+                 out_indices=None, **kwargs):
+        self.fpn_hidden_size = fpn_hidden_size
+        self.window_size = window_size
+        kwargs["use_distillation_token"] = False
+        kwargs["use_mean_pooling"] = False
+        super().__init__(**kwargs)
+        if global_attention_layers is None:
+            quarter = max(1, self.num_hidden_layers // 4)
+            global_attention_layers = sorted({min(self.num_hidden_layers, quarter * (index + 1)) - 1 for index in range(4)})
+        self.global_attention_layers = list(global_attention_layers)
+        if any(not 0 <= index < self.num_hidden_layers for index in self.global_attention_layers):
+            raise ValueError(
+                f"global_attention_layers {self.global_attention_layers} must be block indices in "
+                f"[0, {self.num_hidden_layers})."
+            )
+        if self.window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0 = global attention everywhere), got {self.window_size}.")
+        self.stage_names = ["stem", "stage1", "stage2", "stage3", "stage4"]
+        if out_features is None and out_indices is None:
+            out_features = self.stage_names[1:]
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+
 def to_pair(value) -> tuple:
     """`224` -> `(224, 224)`; a pair stays a pair (image and patch sizes may be either)."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
-__all__ = ["G2SDConfig", "G2SD_PRESETS", "G2SD_PRESET_ALIASES", "resolve_preset_name", "to_pair"]
+__all__ = ["G2SDBackboneConfig", "G2SDConfig", "G2SD_PRESETS", "G2SD_PRESET_ALIASES", "resolve_preset_name", "to_pair"]

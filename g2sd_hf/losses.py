@@ -239,15 +239,94 @@ def specific_distillation_loss(task_loss: torch.Tensor, distillation_loss: torch
     return (task_loss + beta * distillation_loss) / (1.0 + beta)
 
 
+def weighted_feature_distillation_loss(
+    student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feature distillation on a feature pyramid: per level, the squared error averaged over channels and over
+    locations weighted by `weights` (resized to the level); then averaged over levels.
+
+    Args:
+        student_maps (`list[torch.Tensor]`): Maps of shape `(batch, channels, height_l, width_l)`.
+        teacher_maps (`list[torch.Tensor]`): The teacher's maps, same shapes.
+        weights (`torch.Tensor` of shape `(batch, height, width)`, *optional*): Per-location weights (e.g. the
+            teacher's confidence); uniform when not given.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    if len(student_maps) != len(teacher_maps):
+        raise ValueError(f"{len(student_maps)} student feature maps but {len(teacher_maps)} teacher maps.")
+    losses = []
+    for student, teacher in zip(student_maps, teacher_maps):
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"Student feature map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ: use the "
+                "same pyramid width (fpn_hidden_size) and input size for both."
+            )
+        per_location = (student.float() - teacher.float()).pow(2).mean(dim=1)  # (batch, height_l, width_l)
+        if weights is None:
+            losses.append(per_location.mean())
+            continue
+        level_weights = F.interpolate(weights[:, None].float(), size=per_location.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        losses.append((per_location * level_weights).sum() / level_weights.sum().clamp(min=1e-6))
+    return torch.stack(losses).mean()
+
+
+def pixel_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-pixel soft distillation of class distributions: `T^2 * KL(softmax(t / T) || softmax(s / T))`, summed over
+    classes and averaged over pixels.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, classes, height, width)`): The student's per-pixel logits.
+        teacher_logits (`torch.Tensor` of the same shape): The teacher's.
+        temperature (`float`): T.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return (teacher.exp() * (teacher - student)).sum(dim=1).mean() * temperature**2
+
+
+def probability_distillation_loss(student_probabilities: torch.Tensor, teacher_probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`KL(teacher || student)` between per-pixel class distributions given as probabilities `(batch, classes, h, w)`
+    (e.g. Mask2Former's semantic maps), summed over classes and averaged over pixels."""
+    student = student_probabilities.float().clamp(min=eps)
+    teacher = teacher_probabilities.float().clamp(min=eps)
+    return (teacher * (teacher.log() - student.log())).sum(dim=1).mean()
+
+
+def weighted_score_distillation_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Score distillation: binary cross-entropy between the student's and the teacher's class scores (probabilities)
+    at each location, averaged over classes, and over locations weighted by `weights`.
+
+    Args:
+        student_scores (`torch.Tensor` of shape `(batch, classes, height, width)`): Probabilities in [0, 1].
+        teacher_scores (`torch.Tensor` of the same shape): The teacher's.
+        weights (`torch.Tensor` of shape `(batch, height, width)`): Per-location weights.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    student = student_scores.float().clamp(1e-6, 1 - 1e-6)
+    bce = F.binary_cross_entropy(student, teacher_scores.float(), reduction="none").mean(dim=1)
+    return (bce * weights.float()).sum() / weights.float().sum().clamp(min=1e-6)
+
+
 __all__ = [
     "feature_loss_per_token",
     "generic_distillation_loss",
     "hard_distillation_loss",
     "nkd_loss",
     "normalize_teacher_features",
+    "pixel_distillation_loss",
+    "probability_distillation_loss",
     "reduce_token_losses",
     "smooth_targets",
     "soft_distillation_loss",
     "soft_target_cross_entropy",
     "specific_distillation_loss",
+    "weighted_feature_distillation_loss",
+    "weighted_score_distillation_loss",
 ]

@@ -1,8 +1,10 @@
-"""Classification metrics computed locally (no `evaluate.load`, which fetches its scripts from the Hub).
+"""Metrics computed locally (no `evaluate.load`, which fetches its scripts from the Hub).
 
-`ClassificationMetrics` is a `compute_metrics` callable for the Trainer: top-1 accuracy, per-class accuracy (recall of
-each class), their mean (balanced accuracy), and optionally a binary accuracy for a grouping of the classes (ELPV:
-defective = defect probability >= 0.5).
+- `ClassificationMetrics`, a `compute_metrics` callable for the Trainer: top-1 accuracy, per-class accuracy (recall
+  of each class), their mean (balanced accuracy), and optionally a binary accuracy for a grouping of the classes
+  (ELPV: defective = defect probability >= 0.5).
+- `SegmentationMetrics`: mean IoU and pixel accuracy from a confusion matrix.
+- `coco_detection_metrics`: COCO box (and mask) AP through pycocotools' `COCOeval`.
 """
 
 from collections.abc import Sequence
@@ -68,4 +70,121 @@ class ClassificationMetrics:
         return classification_metrics(logits, prediction.label_ids, self.class_names, self.positive_classes)
 
 
-__all__ = ["ClassificationMetrics", "classification_metrics", "metric_name"]
+class SegmentationMetrics:
+    """`compute_metrics` for semantic segmentation: mIoU, pixel accuracy and per-class IoU from a confusion matrix.
+
+    Feed it class-index predictions, e.g. with `preprocess_logits_for_metrics=segmentation_predictions` in the
+    Trainer, so that full logit maps are not gathered.
+
+    Args:
+        num_labels (`int`): Number of classes.
+        ignore_index (`int`): Label value that is not scored.
+        class_names (`list[str]`, *optional*): For per-class `iou_<name>` entries.
+    """
+
+    def __init__(self, num_labels: int, ignore_index: int = 255, class_names: Sequence[str] | None = None):
+        self.num_labels, self.ignore_index, self.class_names = num_labels, ignore_index, class_names
+
+    def confusion_matrix(self, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
+        valid = labels != self.ignore_index
+        index = labels[valid].astype(np.int64) * self.num_labels + predictions[valid].astype(np.int64)
+        return np.bincount(index, minlength=self.num_labels**2).reshape(self.num_labels, self.num_labels)
+
+    def from_confusion_matrix(self, confusion: np.ndarray) -> dict[str, float]:
+        true_positives = np.diag(confusion).astype(np.float64)
+        union = confusion.sum(0) + confusion.sum(1) - true_positives
+        present = union > 0
+        iou = np.where(present, true_positives / np.maximum(union, 1), np.nan)
+        metrics = {"mean_iou": float(np.nanmean(iou)), "pixel_accuracy": float(true_positives.sum() / max(confusion.sum(), 1))}
+        for index, name in enumerate(self.class_names or []):
+            if present[index]:
+                metrics[f"iou_{metric_name(name)}"] = float(iou[index])
+        return metrics
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        predictions = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return self.from_confusion_matrix(self.confusion_matrix(predictions, prediction.label_ids))
+
+
+def segmentation_predictions(logits, labels):
+    """`preprocess_logits_for_metrics`: upsample the logits to the labels' size and keep the arg-max class."""
+    import torch
+
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+def coco_detection_metrics(
+    ground_truth: list[dict], predictions: list[dict], num_labels: int, iou_types: Sequence[str] = ("bbox",)
+) -> dict[str, float]:
+    """COCO AP (pycocotools' `COCOeval`) of `predictions` against `ground_truth`.
+
+    Args:
+        ground_truth (`list[dict]`): Per image: `boxes` (`(n, 4)` `[x, y, width, height]` pixels), `labels` (`(n,)`),
+            `size` (`(height, width)`), and `masks` (`(n, height, width)` booleans) for `"segm"`.
+        predictions (`list[dict]`): Per image, in the same order: `boxes`, `labels`, `scores` (and `masks`).
+        num_labels (`int`): Number of classes.
+        iou_types (`Sequence[str]`): `"bbox"` and/or `"segm"`.
+
+    Returns:
+        `dict`: `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large` (prefixed `mask_` for masks).
+    """
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def encode(mask):
+        encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+        encoded["counts"] = encoded["counts"].decode("ascii")
+        return encoded
+
+    images, annotations, detections = [], [], []
+    for image_id, (truth, prediction) in enumerate(zip(ground_truth, predictions)):
+        height, width = (int(value) for value in truth["size"])
+        images.append({"id": image_id, "height": height, "width": width})
+        for index, (box, label) in enumerate(zip(np.asarray(truth["boxes"]).reshape(-1, 4), np.asarray(truth["labels"]).reshape(-1))):
+            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box],
+                          "area": float(box[2] * box[3]), "iscrowd": 0}
+            if "masks" in truth:
+                annotation["segmentation"] = encode(truth["masks"][index])
+                annotation["area"] = float(np.asarray(truth["masks"][index]).sum())
+            annotations.append(annotation)
+        for index, (box, label, score) in enumerate(zip(np.asarray(prediction["boxes"]).reshape(-1, 4), np.asarray(prediction["labels"]).reshape(-1), np.asarray(prediction["scores"]).reshape(-1))):
+            detection = {"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box], "score": float(score)}
+            if "masks" in prediction:
+                detection["segmentation"] = encode(prediction["masks"][index])
+            detections.append(detection)
+    truth_api = COCO()
+    truth_api.dataset = {"images": images, "annotations": annotations, "categories": [{"id": index} for index in range(num_labels)]}
+    metrics = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth_api.createIndex()
+        for iou_type in iou_types:
+            if not detections:
+                stats = np.zeros(12)
+            else:
+                evaluation = COCOeval(truth_api, truth_api.loadRes(detections), iouType=iou_type)
+                evaluation.evaluate()
+                evaluation.accumulate()
+                evaluation.summarize()
+                stats = np.maximum(evaluation.stats, 0.0)  # -1 means "no such objects"
+            prefix = "" if iou_type == "bbox" else "mask_"
+            for name, value in zip(("map", "map_50", "map_75", "map_small", "map_medium", "map_large"), stats[:6]):
+                metrics[prefix + name] = float(value)
+    return metrics
+
+
+__all__ = [
+    "ClassificationMetrics",
+    "SegmentationMetrics",
+    "classification_metrics",
+    "coco_detection_metrics",
+    "metric_name",
+    "segmentation_predictions",
+]

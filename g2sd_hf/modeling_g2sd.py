@@ -24,7 +24,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_g2sd import G2SDConfig, to_pair
+from .configuration_g2sd import G2SDBackboneConfig, G2SDConfig, to_pair
+
+
+try:  # transformers >= 5.x moved the backbone utilities to the top level
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:
+    from transformers.utils.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput
 from .losses import generic_distillation_loss, smooth_targets, soft_target_cross_entropy
 
 
@@ -414,6 +421,11 @@ class G2SDPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            # The feature pyramid's convolutions (detectron2's c2_msra_fill); the patch projection is set below.
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, G2SDPatchEmbeddings):
             # Initialize the projection like an nn.Linear over the flattened patch (MAE).
             weight = module.projection.weight
@@ -452,7 +464,9 @@ class G2SDPreTrainedModel(PreTrainedModel):
         `config.json` maps every Auto class to it, so that any G2SD checkpoint loads with `trust_remote_code=True`
         as a base model, a classifier or a generic-distillation student."""
         if self.is_remote_code():
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **G2SD_AUTO_MAP}
+            config_class = f"configuration_g2sd.{type(self.config).__name__}"
+            auto_map = {**G2SD_AUTO_MAP, "AutoConfig": config_class}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -462,6 +476,7 @@ G2SD_AUTO_MAP = {
     "AutoModel": "modeling_g2sd.G2SDModel",
     "AutoModelForImageClassification": "modeling_g2sd.G2SDForImageClassification",
     "AutoModelForPreTraining": "modeling_g2sd.G2SDForGenericDistillation",
+    "AutoBackbone": "modeling_g2sd.G2SDBackbone",
 }
 
 
@@ -761,7 +776,149 @@ class G2SDForImageClassification(G2SDPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Backbone for dense tasks
+# --------------------------------------------------------------------------------------------------------------------
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a `(batch, channels, height, width)` map (ViTDet's)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def window_partition(hidden_states: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`(batch, height, width, dim)` -> `(batch * windows, window_size**2, dim)`, zero-padding to whole windows."""
+    batch_size, height, width, dim = hidden_states.shape
+    pad_height, pad_width = (-height) % window_size, (-width) % window_size
+    hidden_states = F.pad(hidden_states, (0, 0, 0, pad_width, 0, pad_height))
+    padded_height, padded_width = height + pad_height, width + pad_width
+    windows = hidden_states.view(batch_size, padded_height // window_size, window_size, padded_width // window_size, window_size, dim)
+    windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, dim)
+    return windows, (padded_height, padded_width)
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, padded_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Undo `window_partition`: back to `(batch, height, width, dim)` without the padding."""
+    padded_height, padded_width = padded_size
+    dim = windows.shape[-1]
+    batch_size = windows.shape[0] // ((padded_height // window_size) * (padded_width // window_size))
+    hidden_states = windows.view(batch_size, padded_height // window_size, padded_width // window_size, window_size, window_size, dim)
+    hidden_states = hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, padded_height, padded_width, dim)
+    return hidden_states[:, : size[0], : size[1]].contiguous()
+
+
+class G2SDSimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid: strides 4, 8, 16 and 32 from one stride-16 map, each then 1x1 + 3x3 convs."""
+
+    def __init__(self, config: G2SDBackboneConfig):
+        super().__init__()
+        width, out = config.hidden_size, config.fpn_hidden_size
+        self.scale_layers = nn.ModuleList(
+            [
+                nn.Sequential(  # stride 4
+                    nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),
+                    LayerNorm2d(width // 2, eps=1e-6),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(width // 2, width // 4, kernel_size=2, stride=2),
+                ),
+                nn.ConvTranspose2d(width, width // 2, kernel_size=2, stride=2),  # stride 8
+                nn.Identity(),  # stride 16
+                nn.MaxPool2d(kernel_size=2, stride=2),  # stride 32
+            ]
+        )
+        self.output_layers = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(channels, out, kernel_size=1, bias=False),
+                LayerNorm2d(out, eps=1e-6),
+                nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
+                LayerNorm2d(out, eps=1e-6),
+            )
+            for channels in (width // 4, width // 2, width, width)
+        )
+
+    def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        return [output(scale(feature_map)) for scale, output in zip(self.scale_layers, self.output_layers)]
+
+
+class G2SDBackbone(BackboneMixin, G2SDPreTrainedModel):
+    r"""
+    The G2SD encoder as a backbone for transformers' detection and segmentation heads (`UperNetForSemanticSegmentation`,
+    Deformable DETR, RT-DETR, `Mask2FormerForUniversalSegmentation`, ...): ViTDet's recipe — the plain ViT on
+    the patch grid of any input size (position embeddings interpolated), optionally with windowed attention and a few
+    global blocks, then a simple feature pyramid at strides 4, 8, 16 and 32.
+
+    Its weights load from a generic- or specific-distillation checkpoint (`from_pretrained`): the encoder is kept,
+    the decoder, feature head, heads and distillation token are not used.
+
+    Example:
+
+    ```python
+    >>> backbone = G2SDBackbone.from_pretrained("g2sd-vit-small-gd", fpn_hidden_size=256, window_size=14)
+    >>> outputs = backbone(torch.randn(1, 3, 512, 512))
+    >>> [tuple(feature_map.shape) for feature_map in outputs.feature_maps]
+    [(1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 32, 32), (1, 256, 16, 16)]
+    ```
+    """
+
+    config_class = G2SDBackboneConfig
+
+    def __init__(self, config: G2SDBackboneConfig):
+        super().__init__(config)
+        self.g2sd = G2SDModel(config)
+        self.pyramid = G2SDSimpleFeaturePyramid(config)
+        self.num_features = [config.hidden_size] + [config.fpn_hidden_size] * 4
+        self.post_init()
+
+    def get_input_embeddings(self) -> G2SDPatchEmbeddings:
+        return self.g2sd.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): Normalized images of any
+                size; they are zero-padded at the bottom and right to a multiple of the patch size.
+        """
+        patch_height, patch_width = self.g2sd.embeddings.patch_embeddings.patch_size
+        pad_height, pad_width = (-pixel_values.shape[-2]) % patch_height, (-pixel_values.shape[-1]) % patch_width
+        pixel_values = F.pad(pixel_values, (0, pad_width, 0, pad_height))
+        grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
+
+        embeddings, _, _ = self.g2sd.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden_states = embeddings[:, 1:]  # (batch, height * width, hidden): the patch tokens, as in ViTDet
+        batch_size, _, dim = hidden_states.shape
+        stem = hidden_states.transpose(1, 2).reshape(batch_size, dim, *grid)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        window = self.config.window_size
+        for index, layer in enumerate(self.g2sd.layers):
+            if window and index not in self.config.global_attention_layers:
+                windows, padded = window_partition(hidden_states.view(batch_size, *grid, dim), window)
+                windows, attention = layer(windows)
+                hidden_states = window_unpartition(windows, window, padded, grid).view(batch_size, -1, dim)
+            else:
+                hidden_states, attention = layer(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attention,)
+        hidden_states = self.g2sd.layernorm(hidden_states)
+        feature_map = hidden_states.transpose(1, 2).reshape(batch_size, dim, *grid)  # (batch, hidden, height, width)
+
+        maps = dict(zip(self.stage_names, [stem, *self.pyramid(feature_map)]))
+        feature_maps = tuple(maps[stage] for stage in self.out_features)
+        output = BackboneOutput(feature_maps=feature_maps, hidden_states=all_hidden_states, attentions=all_attentions)
+        return output if return_dict is not False else output.to_tuple()
+
+
 __all__ = [
+    "G2SDBackbone",
     "G2SDForGenericDistillation",
     "G2SDForImageClassification",
     "G2SDModel",

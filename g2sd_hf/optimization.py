@@ -39,6 +39,20 @@ def layer_id(parameter_name: str, num_layers: int, encoder_prefix: str = "g2sd."
     return int(match.group(1)) + 1 if match else num_layers + 1
 
 
+def find_encoder(model: nn.Module) -> tuple[str, int]:
+    """The name prefix and depth of the ViT encoder inside `model`: the first module with `embeddings` and `layers`
+    (or `encoder.layer`) — `g2sd.` in a G2SD classifier, `vit.` in a ViT, `backbone.g2sd.` in UperNet with a
+    `G2SDBackbone`, ... Returns `("", 0)` when there is none (then layer decay has nothing to decay)."""
+    for name, module in model.named_modules():
+        layers = getattr(module, "layers", None)
+        if layers is None and hasattr(getattr(module, "encoder", None), "layer"):
+            layers = module.encoder.layer
+        if hasattr(module, "embeddings") and isinstance(layers, nn.ModuleList):
+            name = _WRAPPER_PREFIXES.sub("", name)
+            return (f"{name}." if name else ""), len(layers)
+    return "", 0
+
+
 def parameter_groups(
     model: nn.Module,
     learning_rate: float,
@@ -49,7 +63,8 @@ def parameter_groups(
     """Optimizer parameter groups with per-group `lr` and `weight_decay`.
 
     Args:
-        model (`nn.Module`): A G2SD (or ViT-family) model; its encoder is the `base_model_prefix` module.
+        model (`nn.Module`): A G2SD or ViT-family model, or a detection / segmentation model with such a backbone;
+            its encoder is found with `find_encoder`.
         learning_rate (`float`): The peak learning rate of the last layer.
         weight_decay (`float`): Weight decay of the decayed parameters.
         layer_decay (`float`, *optional*): MAE's layer-wise decay factor (0.75 in G2SD's fine-tuning); `None` or 1
@@ -67,10 +82,7 @@ def parameter_groups(
     >>> optimizer = torch.optim.AdamW(groups)
     ```
     """
-    config = getattr(model, "config", None)
-    num_layers = getattr(config, "num_hidden_layers", 0)
-    prefix = getattr(model, "base_model_prefix", "")
-    encoder_prefix = f"{prefix}." if prefix and hasattr(model, prefix) else ""
+    encoder_prefix, num_layers = find_encoder(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -87,4 +99,4 @@ def parameter_groups(
     return sorted(groups.values(), key=lambda group: -group["lr_scale"])
 
 
-__all__ = ["FINE_TUNING_NO_DECAY_NAMES", "layer_id", "parameter_groups"]
+__all__ = ["FINE_TUNING_NO_DECAY_NAMES", "find_encoder", "layer_id", "parameter_groups"]

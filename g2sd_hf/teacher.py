@@ -45,7 +45,9 @@ class _FrozenTeacher(nn.Module):
     def __init__(self, model: PreTrainedModel, image_mean, image_std):
         super().__init__()
         self.model = model
-        num_channels = model.config.num_channels
+        config = model.config
+        # A detection / segmentation head keeps the channels in its backbone's config.
+        num_channels = getattr(config, "num_channels", None) or getattr(getattr(config, "backbone_config", None), "num_channels", 3)
         self.image_mean = _as_tuple(image_mean, num_channels)
         self.image_std = _as_tuple(image_std, num_channels)
         self.input_mean, self.input_std = self.image_mean, self.image_std
@@ -71,7 +73,7 @@ class _FrozenTeacher(nn.Module):
 
     def accept_inputs_normalized_with(self, image_mean, image_std) -> None:
         """Declare how the pixels given to this teacher are normalized; they are converted to the teacher's own."""
-        num_channels = self.model.config.num_channels
+        num_channels = len(self.image_mean)
         self.input_mean = _as_tuple(image_mean, num_channels)
         self.input_std = _as_tuple(image_std, num_channels)
         if self.needs_conversion:

@@ -1,0 +1,441 @@
+"""Specific distillation for dense tasks: transformers' detection and segmentation heads on a G2SD backbone.
+
+The teacher is the same head on a larger backbone, fine-tuned on the task. On top of the task loss the student gets,
+following the authors' detection recipe:
+
+- **feature distillation** on every pyramid level: the squared error between the student's and the teacher's backbone
+  features, weighted per location by the teacher's confidence;
+- **score distillation**: for detection, binary cross-entropy between the student's and the teacher's class scores at
+  each location, with the same weighting; for segmentation, the per-pixel class distribution (KL with temperature);
+- a linear warm-up of both distillation weights.
+
+Heads: `UperNetForSemanticSegmentation` (per-pixel logits), `Mask2FormerForUniversalSegmentation` (per-pixel class
+distributions from its queries) and DETR-family detectors (Deformable DETR, RT-DETR, DETR). Query-based detectors
+have no per-location scores, so their queries' class scores are projected onto the locations their boxes cover (the
+best-scoring covering query per class), on the grid of the coarsest pyramid level: an adaptation of the release's
+dense (Mask R-CNN / ViTDet) score distillation, documented as such. The teacher's confidence at a location is its
+highest class score there.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    PreTrainedModel,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    Trainer,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+from .cli import parse_overrides
+from .configuration_g2sd import G2SDBackboneConfig
+from .losses import (
+    pixel_distillation_loss,
+    probability_distillation_loss,
+    weighted_feature_distillation_loss,
+    weighted_score_distillation_loss,
+)
+from .modeling_g2sd import BackboneMixin, G2SDBackbone
+from .optimization import FINE_TUNING_NO_DECAY_NAMES
+from .teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _FrozenTeacher
+from .trainer import DistillationTrainer, RecipeConfig
+
+
+@dataclass
+class DenseDistillationConfig(RecipeConfig):
+    r"""
+    `TrainingArguments` for dense-task fine-tuning with (or without) a teacher: ViTDet's AdamW recipe (learning rate
+    1e-4, weight decay 0.1, layer-wise decay over the backbone) and the distillation weights.
+    """
+
+    feature_distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the pyramid-feature loss."})
+    score_distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the score / pixel-KL loss."})
+    distillation_temperature: float = field(default=1.0, metadata={"help": "Temperature of the segmentation KL."})
+    distillation_warmup_steps: float = field(
+        default=0.1, metadata={"help": "Steps (or fraction of the steps, < 1) over which the distillation weights rise linearly from 0."}
+    )
+    detection_top_queries: int = field(
+        default=50, metadata={"help": "Detection: the best queries (by score) projected onto the score maps."}
+    )
+    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise learning-rate decay over the backbone."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    scale_lr_with_batch_size: bool = field(default=False, metadata={"help": "Scale learning_rate by batch / 256."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
+
+    def __post_init__(self):
+        if min(self.feature_distillation_weight, self.score_distillation_weight) < 0:
+            raise ValueError("The distillation weights must be >= 0.")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
+        super().__post_init__()
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The backbone module (a transformers `BackboneMixin`) inside a detection or segmentation model."""
+    for module in model.modules():
+        if isinstance(module, BackboneMixin):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no transformers backbone (BackboneMixin): dense distillation reads the backbone's "
+        "feature pyramid. Build the head with backbone_config=G2SDBackboneConfig(...)."
+    )
+
+
+class _FeatureCapture:
+    """Keeps the feature maps of the last forward of a backbone."""
+
+    def __init__(self, backbone: nn.Module):
+        self.maps = None
+        backbone.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.maps = list(output.feature_maps if hasattr(output, "feature_maps") else output[0])
+
+    def pop(self) -> list[torch.Tensor]:
+        maps, self.maps = self.maps, None
+        if maps is None:
+            raise RuntimeError("The backbone did not run in the last forward.")
+        return maps
+
+
+class DenseTeacher(_FrozenTeacher):
+    r"""
+    A frozen detection or segmentation model (the same head as the student's, on a larger backbone). Called with
+    `pixel_values` (and `pixel_mask`), it returns its outputs and its backbone's feature maps.
+
+    Example:
+
+    ```python
+    >>> teacher = DenseTeacher(UperNetForSemanticSegmentation.from_pretrained("upernet-g2sd-base"))
+    >>> outputs, feature_maps = teacher(pixel_values)
+    ```
+    """
+
+    def __init__(self, model: PreTrainedModel, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
+        super().__init__(model, image_mean, image_std)
+        self.backbone = find_backbone(model)
+        self._capture = _FeatureCapture(self.backbone)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
+        inputs = {"pixel_values": self.prepare_pixels(pixel_values)}
+        if pixel_mask is not None:
+            inputs["pixel_mask"] = pixel_mask
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+            maps = self._capture.pop()
+        # Inference tensors cannot be saved for backward: clone into normal tensors.
+        outputs = type(outputs)(**{key: value.clone() if torch.is_tensor(value) else value for key, value in outputs.items()})
+        return outputs, [feature_map.clone() for feature_map in maps]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building the models
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DenseModelArguments:
+    """The student (a head on a G2SD backbone), its initialization, and the teacher (shared by the dense scripts)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved student (head + backbone)."})
+    backbone_name_or_path: str | None = field(
+        default=None, metadata={"help": "Initialize the backbone from a G2SD checkpoint (generic or specific distillation)."}
+    )
+    backbone_preset: str = field(default="g2sd-small", metadata={"help": "Backbone architecture without a checkpoint."})
+    backbone_overrides: str | None = field(default=None, metadata={"help": "Backbone config overrides, 'name=value,...'."})
+    fpn_hidden_size: int = field(default=256, metadata={"help": "Channels of the simple feature pyramid."})
+    window_size: int = field(default=0, metadata={"help": "Windowed attention (ViTDet: 14); 0 = global everywhere."})
+    head_hidden_size: int | None = field(default=None, metadata={"help": "Width of the head (its default if unset)."})
+    teacher_name_or_path: str | None = field(default=None, metadata={"help": "The teacher: the same head on a larger backbone."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+
+
+def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2SDBackboneConfig:
+    """The backbone config: from the checkpoint (weights loaded later) or a preset, plus the pyramid options."""
+    options = {"fpn_hidden_size": arguments.fpn_hidden_size, "window_size": arguments.window_size,
+               **parse_overrides(arguments.backbone_overrides)}
+    if arguments.backbone_name_or_path is not None:
+        return G2SDBackboneConfig.from_pretrained(arguments.backbone_name_or_path, **options)
+    return G2SDBackboneConfig.from_preset(arguments.backbone_preset, **{"image_size": image_size, **options})
+
+
+def load_backbone_weights(model: PreTrainedModel, name_or_path: str) -> None:
+    """Copy a G2SD checkpoint's encoder into `model`'s G2SD backbone (the pyramid keeps its initialization)."""
+    backbone = find_backbone(model)
+    source = G2SDBackbone.from_pretrained(name_or_path, **{key: getattr(backbone.config, key) for key in ("fpn_hidden_size", "window_size")})
+    backbone.g2sd.load_state_dict(source.g2sd.state_dict(), strict=True)
+
+
+def semantic_segmentation_model(backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int | None = None,
+                                **kwargs) -> UperNetForSemanticSegmentation:
+    """UperNet on a G2SD backbone (all four pyramid levels)."""
+    extra = {"hidden_size": hidden_size, "auxiliary_in_channels": backbone_config.fpn_hidden_size} if hidden_size else {
+        "auxiliary_in_channels": backbone_config.fpn_hidden_size}
+    return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, **extra, **kwargs))
+
+
+def object_detection_model(backbone_config: G2SDBackboneConfig, num_labels: int, detector: str = "deformable-detr",
+                           hidden_size: int | None = None, **kwargs) -> PreTrainedModel:
+    """A DETR-family detector on a G2SD backbone: `"deformable-detr"` (all four levels) or `"rt-detr"` (strides
+    8-32)."""
+    if detector == "deformable-detr":
+        config = DeformableDetrConfig(
+            backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
+            num_feature_levels=len(backbone_config.out_features), **({"d_model": hidden_size} if hidden_size else {}), **kwargs,
+        )
+        return DeformableDetrForObjectDetection(config)
+    if detector == "rt-detr":
+        backbone_config.out_features = ["stage2", "stage3", "stage4"]
+        config = RTDetrConfig(
+            backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
+            encoder_in_channels=[backbone_config.fpn_hidden_size] * 3, feat_strides=[8, 16, 32],
+            **({"d_model": hidden_size, "encoder_hidden_dim": hidden_size, "decoder_in_channels": [hidden_size] * 3} if hidden_size else {}),
+            **kwargs,
+        )
+        return RTDetrForObjectDetection(config)
+    raise ValueError(f"detector must be 'deformable-detr' or 'rt-detr', got {detector!r}.")
+
+
+def universal_segmentation_model(backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int = 256,
+                                 **kwargs) -> Mask2FormerForUniversalSegmentation:
+    """Mask2Former (instance / panoptic / semantic masks) on a G2SD backbone."""
+    config = Mask2FormerConfig(backbone_config=backbone_config, num_labels=num_labels, hidden_dim=hidden_size,
+                               mask_feature_size=hidden_size, feature_size=hidden_size, use_timm_backbone=False, **kwargs)
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-location scores of the different heads
+# --------------------------------------------------------------------------------------------------------------------
+def output_kind(outputs) -> str:
+    """`"detection"` (DETR family), `"universal"` (Mask2Former) or `"semantic"` (per-pixel logits, e.g. UperNet)."""
+    if getattr(outputs, "pred_boxes", None) is not None:
+        return "detection"
+    if getattr(outputs, "masks_queries_logits", None) is not None:
+        return "universal"
+    logits = getattr(outputs, "logits", None)
+    if logits is not None and logits.ndim == 4:
+        return "semantic"
+    raise ValueError(f"Unsupported outputs {type(outputs).__name__}: expected per-pixel logits, Mask2Former or DETR outputs.")
+
+
+def detector_queries(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, pred_boxes)` of a DETR-family output without RT-DETR's training-time denoising queries."""
+    logits, boxes = outputs.logits, outputs.pred_boxes
+    meta = getattr(outputs, "denoising_meta_values", None)
+    if meta is not None and logits.shape[1] == sum(meta["dn_num_split"]):
+        logits, boxes = logits[:, meta["dn_num_split"][0] :], boxes[:, meta["dn_num_split"][0] :]
+    return logits, boxes
+
+
+def query_class_probabilities(logits: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Class probabilities of detector queries: sigmoid (Deformable DETR, RT-DETR) or softmax without the
+    "no object" class (DETR), from the number of logits."""
+    if logits.shape[-1] == num_labels + 1:
+        return logits.float().softmax(dim=-1)[..., :-1]
+    return logits.float().sigmoid()
+
+
+def box_score_maps(probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], top_queries: int) -> torch.Tensor:
+    """Project query class scores onto a grid: at each location and class, the best score among the `top_queries`
+    queries whose box covers the location.
+
+    Args:
+        probabilities (`torch.Tensor` of shape `(batch, queries, classes)`): Class scores.
+        boxes (`torch.Tensor` of shape `(batch, queries, 4)`): Normalized `(center_x, center_y, width, height)`.
+        size (`tuple[int, int]`): `(height, width)` of the grid.
+        top_queries (`int`): Queries kept, by their best class score.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, classes, height, width)`.
+    """
+    keep = min(top_queries, probabilities.shape[1])
+    best = probabilities.max(dim=-1).values.topk(keep, dim=1).indices  # (batch, keep)
+    probabilities = probabilities.gather(1, best[..., None].expand(-1, -1, probabilities.shape[-1]))
+    boxes = boxes.detach().float().gather(1, best[..., None].expand(-1, -1, 4))
+    height, width = size
+    ys = (torch.arange(height, device=boxes.device) + 0.5) / height
+    xs = (torch.arange(width, device=boxes.device) + 0.5) / width
+    center_x, center_y, box_width, box_height = boxes.unbind(-1)  # (batch, keep)
+    inside_x = (xs[None, None] >= (center_x - box_width / 2)[..., None]) & (xs[None, None] <= (center_x + box_width / 2)[..., None])
+    inside_y = (ys[None, None] >= (center_y - box_height / 2)[..., None]) & (ys[None, None] <= (center_y + box_height / 2)[..., None])
+    covers = inside_y[..., :, None] & inside_x[..., None, :]  # (batch, keep, height, width)
+    scores = probabilities[..., None, None] * covers[:, :, None].to(probabilities.dtype)  # (batch, keep, classes, h, w)
+    return scores.max(dim=1).values
+
+
+def universal_pixel_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
+    """Mask2Former's per-pixel class distribution `(batch, classes, height, width)` from its queries."""
+    classes = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]  # (batch, queries, classes)
+    masks = F.interpolate(outputs.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False).sigmoid()
+    semantic = torch.einsum("bqc,bqhw->bchw", classes, masks)
+    return semantic / semantic.sum(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+class DenseDistillationTrainer(DistillationTrainer):
+    r"""
+    Trainer for detection and segmentation heads on a G2SD backbone, with specific distillation from a teacher (the
+    same head on a larger backbone) when one is given:
+
+        loss = L_task + ramp(step) * (feature_distillation_weight * L_feat + score_distillation_weight * L_score)
+
+    `L_task` is the head's own loss (from the `labels` / `mask_labels` in the batch). See the module docstring for
+    `L_feat` and `L_score`. Logged terms: `task_loss`, `feature_distillation_loss`, `score_distillation_loss`.
+    The backbone gets layer-wise learning-rate decay.
+
+    Args:
+        model (`PreTrainedModel`): A detection / segmentation model with a transformers backbone.
+        teacher (`DenseTeacher` or `PreTrainedModel`, *optional*): The teacher; without it, plain fine-tuning.
+        args (`DenseDistillationConfig`, *optional*): The training arguments.
+        **kwargs: The Trainer's other arguments.
+
+    Example:
+
+    ```python
+    >>> config = UperNetConfig(backbone_config=G2SDBackboneConfig.from_preset("g2sd-small"), num_labels=150)
+    >>> student = UperNetForSemanticSegmentation(config)
+    >>> student.backbone.load_state_dict(G2SDBackbone.from_pretrained("g2sd-small-gd").state_dict())
+    >>> trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=DenseDistillationConfig("out"), ...)
+    ```
+    """
+
+    _no_decay_names = FINE_TUNING_NO_DECAY_NAMES
+
+    def __init__(self, model: PreTrainedModel, teacher: DenseTeacher | PreTrainedModel | None = None, args=None, **kwargs):
+        if args is None:
+            args = DenseDistillationConfig(output_dir="g2sd-dense")
+        if isinstance(teacher, PreTrainedModel):
+            teacher = DenseTeacher(teacher)
+        student_backbone = find_backbone(model)
+        if teacher is not None:
+            if not isinstance(teacher, DenseTeacher):
+                raise TypeError(f"The teacher must be a DenseTeacher or a PreTrainedModel, got {type(teacher).__name__}.")
+            if list(student_backbone.channels) != list(teacher.backbone.channels):
+                raise ValueError(
+                    f"Student pyramid channels {student_backbone.channels} differ from the teacher's "
+                    f"{teacher.backbone.channels}: give both backbones the same fpn_hidden_size and out_features."
+                )
+            if model.config.num_labels != teacher.model.config.num_labels:
+                raise ValueError(
+                    f"The student has {model.config.num_labels} classes, the teacher {teacher.model.config.num_labels}."
+                )
+            self._accept_student_normalization(teacher, kwargs.get("processing_class"))
+        super().__init__(model, teacher, args, **kwargs)
+        self._student_features = _FeatureCapture(student_backbone)
+
+    def _layer_decay(self) -> float | None:
+        return getattr(self.args, "layer_decay", None)
+
+    def create_model_card(self, *args, **kwargs):
+        return Trainer.create_model_card(self, *args, **kwargs)  # a stock head: the standard card
+
+    def _ramp(self) -> float:
+        warmup = self.args.distillation_warmup_steps
+        if 0 < warmup < 1:
+            warmup = warmup * max(self.state.max_steps, 1)
+        return min(1.0, (self.state.global_step + 1) / max(warmup, 1))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        task_loss = outputs.loss
+        if not model.training:
+            return (task_loss, outputs) if return_outputs else task_loss
+        student_maps = self._student_features.pop()
+        if self.teacher is None:
+            self._check_and_record(task_loss, {"task_loss": task_loss})
+            return (task_loss, outputs) if return_outputs else task_loss
+
+        teacher_outputs, teacher_maps = self._run_teacher(inputs["pixel_values"], inputs.get("pixel_mask"))
+        kind = output_kind(outputs)
+        num_labels = self.accelerator.unwrap_model(model).config.num_labels
+        if kind == "detection":
+            size, top = student_maps[-1].shape[-2:], self.args.detection_top_queries
+            (student_logits, student_boxes), (teacher_logits, teacher_boxes) = detector_queries(outputs), detector_queries(teacher_outputs)
+            student_scores = box_score_maps(query_class_probabilities(student_logits, num_labels), student_boxes, size, top)
+            teacher_scores = box_score_maps(query_class_probabilities(teacher_logits, num_labels), teacher_boxes, size, top)
+            confidence = teacher_scores.max(dim=1).values
+            score_loss = weighted_score_distillation_loss(student_scores, teacher_scores, confidence)
+        elif kind == "universal":
+            size = student_maps[0].shape[-2:]
+            teacher_scores = universal_pixel_probabilities(teacher_outputs, size)
+            confidence = teacher_scores.max(dim=1).values
+            score_loss = probability_distillation_loss(universal_pixel_probabilities(outputs, size), teacher_scores)
+        else:
+            confidence = teacher_outputs.logits.float().softmax(dim=1).max(dim=1).values
+            score_loss = pixel_distillation_loss(outputs.logits, teacher_outputs.logits, self.args.distillation_temperature)
+        feature_loss = weighted_feature_distillation_loss(student_maps, teacher_maps, confidence)
+        distillation = self.args.feature_distillation_weight * feature_loss + self.args.score_distillation_weight * score_loss
+        loss = task_loss + self._ramp() * distillation
+        self._check_and_record(loss, {"task_loss": task_loss, "feature_distillation_loss": feature_loss, "score_distillation_loss": score_loss})
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Detection outputs -> boxes
+# --------------------------------------------------------------------------------------------------------------------
+def detections_from_outputs(outputs, image_sizes: list[tuple[int, int]], num_labels: int, top_k: int = 100) -> list[dict]:
+    """Boxes of a DETR-family output for COCO evaluation: the `top_k` (query, class) pairs by score, per image.
+
+    Returns:
+        `list[dict]`: per image, `boxes` (`[x, y, width, height]` in pixels), `labels` and `scores` (numpy arrays).
+    """
+    logits, pred_boxes = detector_queries(outputs)
+    probabilities = query_class_probabilities(logits, num_labels)  # (batch, queries, classes)
+    batch_size, num_queries, num_classes = probabilities.shape
+    scores, flat = probabilities.reshape(batch_size, -1).topk(min(top_k, num_queries * num_classes), dim=1)
+    queries, labels = flat // num_classes, flat % num_classes
+    boxes = pred_boxes.float().gather(1, queries[..., None].expand(-1, -1, 4))
+    results = []
+    for index, (height, width) in enumerate(image_sizes):
+        center_x, center_y, box_width, box_height = boxes[index].unbind(-1)
+        xywh = torch.stack([(center_x - box_width / 2) * width, (center_y - box_height / 2) * height, box_width * width, box_height * height], dim=-1)
+        results.append({"boxes": xywh.cpu().numpy(), "labels": labels[index].cpu().numpy(), "scores": scores[index].cpu().numpy()})
+    return results
+
+
+@torch.no_grad()
+def evaluate_detection(model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100) -> dict:
+    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset`."""
+    from .metrics import coco_detection_metrics
+
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, truth = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    sizes = [(image.height, image.width) for image in (raw_dataset[index]["image"] for index in range(len(raw_dataset)))]
+    for start, batch in zip(range(0, len(sizes), batch_size), loader):
+        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+        predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
+    for (height, width), objects in zip(sizes, raw_dataset["objects"]):
+        truth.append({"boxes": objects["bbox"], "labels": objects["category"], "size": (height, width)})
+    return coco_detection_metrics(truth, predictions, num_labels)
+
+
+__all__ = [
+    "DenseDistillationConfig",
+    "DenseModelArguments",
+    "DenseDistillationTrainer",
+    "DenseTeacher",
+    "box_score_maps",
+    "dense_backbone_config",
+    "detections_from_outputs",
+    "detector_queries",
+    "evaluate_detection",
+    "find_backbone",
+    "load_backbone_weights",
+    "object_detection_model",
+    "output_kind",
+    "semantic_segmentation_model",
+    "universal_pixel_probabilities",
+    "universal_segmentation_model",
+]

@@ -1,0 +1,228 @@
+"""Data for the dense tasks: loading (Hub, local folders, or the generated shapes), transforms and batch collation.
+
+- Semantic segmentation: a Hub data set in the `scene_parse_150` layout (`image`, `annotation`), or a folder with
+  `images/` and `masks/` holding files of the same names; labels are class indices (255 = ignored).
+- Object detection: a Hub data set with COCO-style `objects` (`bbox` as `[x, y, width, height]` pixels and
+  `category`), or a folder with `images/` and a COCO `annotations.json`.
+- Without a data set, the generated shapes of `g2sd_hf.synthetic` (the tests and the dense demo use them).
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+
+from .data import open_rgb_image
+from .synthetic import SHAPE_CLASSES, make_shapes_dataset
+
+
+SYNTHETIC_NAME = "synthetic-shapes"
+IGNORE_INDEX = 255
+
+
+@dataclass
+class DenseDataArguments:
+    """Where the dense-task images come from (shared by the dense example scripts)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
+                  f"Without it and without --train_dir: {SYNTHETIC_NAME!r}, generated shapes."},
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "The validation folder, same layout."})
+    image_size: int = field(default=512, metadata={"help": "Images are resized to image_size x image_size."})
+    num_labels: int | None = field(default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."})
+    synthetic_train_size: int = field(default=512, metadata={"help": "Generated training images."})
+    synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+
+    def subsample(self, splits: datasets.DatasetDict) -> datasets.DatasetDict:
+        for name, limit in (("train", self.max_train_samples), ("validation", self.max_eval_samples)):
+            if limit is not None:
+                splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+        return splits
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def _decoded(value) -> Image.Image:
+    return value if isinstance(value, Image.Image) else open_rgb_image(value)
+
+
+def load_segmentation_dataset(
+    dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
+    synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
+) -> tuple[datasets.DatasetDict, list[str], bool]:
+    """`train`/`validation` splits with `image` and `mask` columns, the class names, and whether label 0 means
+    "other" (`scene_parse_150`: it is ignored and the classes shift down by one)."""
+    if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
+        splits = datasets.DatasetDict(
+            train=make_shapes_dataset(synthetic_sizes[0], image_size, seed=0),
+            validation=make_shapes_dataset(synthetic_sizes[1], image_size, seed=1),
+        )
+        splits = splits.rename_column("semantic_mask", "mask").remove_columns(["instance_mask", "objects"])
+        return splits, ["background", *SHAPE_CLASSES], False
+    if dataset_name is not None:
+        raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+        if "annotation" in raw["train"].column_names:
+            raw = raw.rename_column("annotation", "mask")
+        validation = raw["validation"] if "validation" in raw else raw["test"]
+        return datasets.DatasetDict(train=raw["train"], validation=validation), [], True
+    splits = {}
+    for split, folder in (("train", train_dir), ("validation", validation_dir or train_dir)):
+        images = sorted(Path(folder, "images").iterdir())
+        masks = {path.stem: path for path in Path(folder, "masks").iterdir()}
+        missing = [path.name for path in images if path.stem not in masks]
+        if missing:
+            raise ValueError(f"No mask in {Path(folder, 'masks')} for {missing[:5]}: each image needs a mask of the same name.")
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [str(path) for path in images], "mask": [str(masks[path.stem]) for path in images]},
+            features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()}),
+        )
+    return datasets.DatasetDict(splits), [], False
+
+
+def load_detection_dataset(
+    dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
+    synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
+) -> tuple[datasets.DatasetDict, list[str]]:
+    """`train`/`validation` splits with `image` and COCO-style `objects` columns, and the class names."""
+    if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
+        splits = datasets.DatasetDict(
+            train=make_shapes_dataset(synthetic_sizes[0], image_size, seed=0),
+            validation=make_shapes_dataset(synthetic_sizes[1], image_size, seed=1),
+        )
+        return splits, list(SHAPE_CLASSES)
+    if dataset_name is not None:
+        raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+        validation = raw["validation"] if "validation" in raw else raw["test"]
+        objects = raw["train"].features["objects"]
+        category = objects["category"] if isinstance(objects, dict) else objects.feature["category"]
+        names = list(getattr(getattr(category, "feature", category), "names", None) or [])
+        return datasets.DatasetDict(train=raw["train"], validation=validation), names
+    splits, names = {}, None
+    for split, folder in (("train", train_dir), ("validation", validation_dir or train_dir)):
+        coco = json.loads(Path(folder, "annotations.json").read_text())
+        categories = sorted(coco["categories"], key=lambda category: category["id"])
+        index_of = {category["id"]: index for index, category in enumerate(categories)}
+        names = names or [category["name"] for category in categories]
+        objects = {image["id"]: {"bbox": [], "category": []} for image in coco["images"]}
+        for annotation in coco["annotations"]:
+            objects[annotation["image_id"]]["bbox"].append([float(value) for value in annotation["bbox"]])
+            objects[annotation["image_id"]]["category"].append(index_of[annotation["category_id"]])
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [str(Path(folder, "images", image["file_name"])) for image in coco["images"]],
+             "objects": [objects[image["id"]] for image in coco["images"]]},
+            features=datasets.Features({"image": datasets.Image(), "objects": {
+                "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                "category": datasets.Sequence(datasets.Value("int64"))}}),
+        )
+    return datasets.DatasetDict(splits), names
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------------------------
+def _normalize(image_mean: Sequence[float], image_std: Sequence[float]):
+    return v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(image_mean, image_std)])
+
+
+class SegmentationTransform:
+    """Batch transform: image -> `pixel_values`, mask -> `labels` (class indices, 255 ignored), resized to a square;
+    random horizontal flips when training. With `reduce_labels`, label 0 is ignored and the others shift down."""
+
+    def __init__(self, image_size: int, image_mean, image_std, train: bool, reduce_labels: bool = False):
+        self.image_size, self.train, self.reduce_labels = image_size, train, reduce_labels
+        self.normalize = _normalize(image_mean, image_std)
+
+    def __call__(self, batch: dict) -> dict:
+        pixel_values, labels = [], []
+        for image, mask in zip(batch["image"], batch["mask"]):
+            image = _decoded(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            mask = _decoded(mask) if not isinstance(mask, Image.Image) else mask
+            mask = np.asarray(mask.convert("L").resize((self.image_size, self.image_size), Image.Resampling.NEAREST), dtype=np.int64)
+            if self.reduce_labels:
+                mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
+            pixels = self.normalize(image)
+            mask = torch.from_numpy(mask.copy())
+            if self.train and torch.rand(()) < 0.5:
+                pixels, mask = pixels.flip(-1), mask.flip(-1)
+            pixel_values.append(pixels)
+            labels.append(mask)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class DetectionTransform:
+    """Batch transform: image -> `pixel_values` resized to a square; objects -> `labels`, one dict per image with
+    `class_labels` and normalized `(center_x, center_y, width, height)` `boxes` (the DETR family's format); random
+    horizontal flips when training. With `with_instance_masks`, `mask_labels` and `class_labels` for Mask2Former."""
+
+    def __init__(self, image_size: int, image_mean, image_std, train: bool, with_instance_masks: bool = False):
+        self.image_size, self.train, self.with_instance_masks = image_size, train, with_instance_masks
+        self.normalize = _normalize(image_mean, image_std)
+
+    def __call__(self, batch: dict) -> dict:
+        output = {"pixel_values": [], "labels": [], "mask_labels": [], "class_labels": []}
+        for index, (image, objects) in enumerate(zip(batch["image"], batch["objects"])):
+            image = _decoded(image)
+            width, height = image.size
+            pixels = self.normalize(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
+            boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.stack([(boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
+                                 boxes[:, 2] / width, boxes[:, 3] / height], dim=-1)
+            classes = torch.tensor(objects["category"], dtype=torch.int64)
+            flip = self.train and bool(torch.rand(()) < 0.5)
+            if flip:
+                pixels, boxes[:, 0] = pixels.flip(-1), 1 - boxes[:, 0]
+            output["pixel_values"].append(pixels)
+            output["labels"].append({"class_labels": classes, "boxes": boxes})
+            if self.with_instance_masks:
+                instance = np.asarray(_decoded(batch["instance_mask"][index]).convert("L").resize((self.image_size, self.image_size), Image.Resampling.NEAREST))
+                masks = torch.from_numpy(np.stack([instance == identity for identity in objects["id"]]).astype(np.float32)) if objects["id"] else torch.zeros(0, self.image_size, self.image_size)
+                output["mask_labels"].append(masks.flip(-1) if flip else masks)
+                output["class_labels"].append(classes)
+        if not self.with_instance_masks:
+            del output["mask_labels"], output["class_labels"]
+        return output
+
+
+def collate_segmentation(examples: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.stack([example["labels"] for example in examples])}
+
+
+def collate_detection(examples: list[dict]) -> dict:
+    """`pixel_values`, an all-ones `pixel_mask` (the images share one size) and the list of `labels`."""
+    pixel_values = torch.stack([example["pixel_values"] for example in examples])
+    return {"pixel_values": pixel_values, "pixel_mask": torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long),
+            "labels": [example["labels"] for example in examples]}
+
+
+def collate_instances(examples: list[dict]) -> dict:
+    """Mask2Former's inputs: `pixel_values` and the lists of `mask_labels` and `class_labels`."""
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "mask_labels": [example["mask_labels"] for example in examples],
+            "class_labels": [example["class_labels"] for example in examples]}
+
+
+__all__ = [
+    "DenseDataArguments",
+    "DetectionTransform",
+    "IGNORE_INDEX",
+    "SYNTHETIC_NAME",
+    "SegmentationTransform",
+    "collate_detection",
+    "collate_instances",
+    "collate_segmentation",
+    "load_detection_dataset",
+    "load_segmentation_dataset",
+]

@@ -1,0 +1,312 @@
+"""Dense tasks: the G2SD backbone in transformers' heads, dense distillation, the generated shapes, the metrics."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoBackbone, UperNetForSemanticSegmentation
+
+from g2sd_hf import G2SDBackbone, G2SDBackboneConfig, G2SDForGenericDistillation
+from g2sd_hf.dense import (
+    DenseDistillationConfig,
+    DenseDistillationTrainer,
+    box_score_maps,
+    detector_queries,
+    evaluate_detection,
+    find_backbone,
+    load_backbone_weights,
+    object_detection_model,
+    semantic_segmentation_model,
+    universal_segmentation_model,
+)
+from g2sd_hf.dense_data import DetectionTransform, SegmentationTransform, collate_detection, collate_instances, collate_segmentation
+from g2sd_hf.losses import pixel_distillation_loss, weighted_feature_distillation_loss, weighted_score_distillation_loss
+from g2sd_hf.metrics import SegmentationMetrics, coco_detection_metrics, segmentation_predictions
+from g2sd_hf.synthetic import SHAPE_CLASSES, make_shapes_dataset
+
+from .conftest import tiny_student_config
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NORMALIZATION = ([0.5] * 3, [0.5] * 3)
+
+
+def tiny_backbone_config(hidden_size=32, **overrides):
+    values = dict(image_size=32, patch_size=8, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=2 * hidden_size, fpn_hidden_size=32)
+    values.update(overrides)
+    return G2SDBackboneConfig(**values)
+
+
+def dense_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, report_to=[], use_cpu=True,
+                  save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+    values.update(overrides)
+    return DenseDistillationConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------------------------------
+def test_backbone_pyramid_at_any_input_size():
+    backbone = G2SDBackbone(tiny_backbone_config()).eval()
+    outputs = backbone(torch.randn(2, 3, 70, 50))  # padded to 72 x 56: a 9 x 7 patch grid
+    assert [tuple(feature.shape) for feature in outputs.feature_maps] == [(2, 32, 36, 28), (2, 32, 18, 14), (2, 32, 9, 7), (2, 32, 4, 3)]
+    assert backbone.channels == [32, 32, 32, 32] and backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
+    subset = G2SDBackbone(tiny_backbone_config(out_features=["stem", "stage4"])).eval()
+    assert [tuple(feature.shape) for feature in subset(torch.randn(1, 3, 64, 64)).feature_maps] == [(1, 32, 8, 8), (1, 32, 4, 4)]
+    assert subset.channels == [32, 32]
+    assert isinstance(AutoBackbone.from_config(tiny_backbone_config()), G2SDBackbone)
+    with pytest.raises(ValueError, match="global_attention_layers"):
+        tiny_backbone_config(global_attention_layers=[5])
+
+
+def test_windows_covering_the_grid_equal_global_attention_and_smaller_ones_differ():
+    torch.manual_seed(0)
+    global_backbone = G2SDBackbone(tiny_backbone_config(window_size=0)).eval()
+    pixels = torch.randn(1, 3, 64, 64)  # an 8 x 8 grid
+    reference = global_backbone(pixels).feature_maps[2]
+    for window, same in ((8, True), (4, False)):
+        windowed = G2SDBackbone(tiny_backbone_config(window_size=window, global_attention_layers=[1])).eval()
+        windowed.load_state_dict(global_backbone.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(windowed(pixels).feature_maps[2], reference, atol=1e-5) == same
+
+
+def test_backbone_loads_the_encoder_of_a_generic_checkpoint(tmp_path):
+    generic = G2SDForGenericDistillation(tiny_student_config(hidden_size=32, intermediate_size=64))
+    generic.save_pretrained(tmp_path)
+    backbone = G2SDBackbone.from_pretrained(tmp_path, fpn_hidden_size=32)
+    for name, value in generic.g2sd.state_dict().items():
+        torch.testing.assert_close(backbone.g2sd.state_dict()[name], value, rtol=0, atol=0)
+    model = semantic_segmentation_model(tiny_backbone_config(), num_labels=4, hidden_size=16)
+    load_backbone_weights(model, str(tmp_path))
+    torch.testing.assert_close(find_backbone(model).g2sd.layers[1].mlp.fc2.weight, generic.g2sd.layers[1].mlp.fc2.weight)
+
+
+@pytest.mark.parametrize("head", ["upernet", "deformable-detr", "rt-detr", "mask2former"])
+def test_heads_run_forward_and_backward_on_a_g2sd_backbone(head):
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)
+    boxes = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}] * 2
+    if head == "upernet":
+        model = semantic_segmentation_model(tiny_backbone_config(window_size=2, global_attention_layers=[1]), 4, hidden_size=16)
+        outputs = model(pixel_values=pixels, labels=torch.randint(0, 4, (2, 64, 64)))
+        assert outputs.logits.shape == (2, 4, 64, 64)
+    elif head == "mask2former":
+        model = universal_segmentation_model(tiny_backbone_config(), 3, hidden_size=32, encoder_layers=1, decoder_layers=2,
+                                             num_queries=5, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
+        outputs = model(pixel_values=pixels, mask_labels=[torch.randint(0, 2, (2, 64, 64)).float()] * 2, class_labels=[torch.tensor([0, 2])] * 2)
+        assert outputs.class_queries_logits.shape == (2, 5, 4)
+    else:
+        model = object_detection_model(tiny_backbone_config(), 3, head, hidden_size=32, num_queries=10, encoder_layers=1,
+                                       decoder_layers=2, **({"encoder_ffn_dim": 32, "decoder_ffn_dim": 32} if head == "deformable-detr" else {"decoder_ffn_dim": 32, "encoder_ffn_dim": 32}))
+        outputs = model(pixel_values=pixels, pixel_mask=torch.ones(2, 64, 64, dtype=torch.long), labels=boxes)
+        logits, boxes = detector_queries(outputs)  # RT-DETR adds denoising queries in training
+        assert logits.shape[:2] == (2, 10) and boxes.shape == (2, 10, 4)
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    backbone = find_backbone(model)
+    assert backbone.g2sd.layers[0].attention.qkv.weight.grad is not None
+    assert backbone.pyramid.output_layers[-1][0].weight.grad is not None
+
+
+def test_layer_decay_reaches_the_backbone_inside_a_head(tmp_path):
+    model = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
+    trainer = DenseDistillationTrainer(model=model, args=dense_args(tmp_path, layer_decay=0.5, learning_rate=1e-3))
+    optimizer = trainer.create_optimizer()
+    group_of = {id(parameter): group for group in optimizer.param_groups for parameter in group["params"]}
+    named = dict(model.named_parameters())
+    assert group_of[id(named["backbone.g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert group_of[id(named["backbone.g2sd.layers.1.mlp.fc1.weight"])]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert group_of[id(named["backbone.pyramid.output_layers.0.0.weight"])]["lr"] == pytest.approx(1e-3)
+    assert group_of[id(named["decode_head.classifier.weight"])]["lr"] == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+def test_weighted_feature_loss_by_hand():
+    student = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    teacher = [torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]]), torch.full((1, 2, 1, 1), 3.0)]
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # only the top-left location counts at level 0
+    # Level 0: location (0, 0) has squared errors 1 and 1 -> 1. Level 1: the weights' mean 0.25, error 9 -> 9.
+    assert weighted_feature_distillation_loss(student, teacher, weights).item() == pytest.approx((1.0 + 9.0) / 2)
+    assert weighted_feature_distillation_loss(student, teacher).item() == pytest.approx(((1 + 4 + 1) / 8 + 9) / 2)
+    with pytest.raises(ValueError, match="fpn_hidden_size"):
+        weighted_feature_distillation_loss([torch.zeros(1, 2, 2, 2)], [torch.zeros(1, 3, 2, 2)])
+
+
+def test_pixel_kl_and_weighted_bce_by_hand():
+    student, teacher = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    expected = 0.0
+    for b in range(2):
+        for y in range(4):
+            for x in range(5):
+                p, q = F.softmax(teacher[b, :, y, x] / 2, 0), F.softmax(student[b, :, y, x] / 2, 0)
+                expected += float((p * (p / q).log()).sum())
+    assert pixel_distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(expected / 40 * 4, rel=1e-4)
+    scores_s, scores_t = torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[[[0.5]], [[1.0]]]])
+    bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9)) / 2
+    assert weighted_score_distillation_loss(scores_s, scores_t, torch.ones(1, 1, 1)).item() == pytest.approx(bce, rel=1e-5)
+
+
+def test_box_score_maps_project_query_scores_onto_covered_locations():
+    probabilities = torch.tensor([[[0.9, 0.1], [0.2, 0.6], [0.05, 0.05]]])  # 3 queries, 2 classes
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.75, 0.75, 0.1, 0.1]]])
+    maps = box_score_maps(probabilities, boxes, (2, 2), top_queries=2)  # the third query is dropped
+    expected_class0 = torch.tensor([[0.9, 0.2], [0.2, 0.2]])  # query 0 covers the top-left cell only
+    torch.testing.assert_close(maps[0, 0], expected_class0)
+    torch.testing.assert_close(maps[0, 1], torch.full((2, 2), 0.6))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer with a teacher
+# ---------------------------------------------------------------------------------------------------------------------
+def shapes(size, transform, seed=0, image_size=32):
+    return make_shapes_dataset(size, image_size, seed=seed).with_transform(transform)
+
+
+def test_dense_loss_is_task_plus_ramped_distillation(tmp_path):
+    torch.manual_seed(0)
+    teacher = semantic_segmentation_model(tiny_backbone_config(hidden_size=64), 4, hidden_size=16).eval()
+    student = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
+    dataset = make_shapes_dataset(8, 32).rename_column("semantic_mask", "mask").with_transform(SegmentationTransform(32, *NORMALIZATION, False))
+    trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=dense_args(tmp_path, distillation_warmup_steps=4,
+                                       feature_distillation_weight=0.5, score_distillation_weight=2.0, distillation_temperature=2.0))
+    batch = collate_segmentation([dataset[index] for index in range(4)])
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        teacher_features = find_backbone(teacher)(batch["pixel_values"]).feature_maps
+        teacher_logits = teacher(pixel_values=batch["pixel_values"]).logits
+        student_features = find_backbone(student)(batch["pixel_values"]).feature_maps
+        outputs = student(**batch)
+    confidence = teacher_logits.softmax(dim=1).max(dim=1).values
+    expected = outputs.loss + 0.25 * (0.5 * weighted_feature_distillation_loss(list(student_features), list(teacher_features), confidence)
+                                      + 2.0 * pixel_distillation_loss(outputs.logits, teacher_logits, 2.0))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)  # ramp = 1/4 at step 0
+    assert not any(parameter.requires_grad for parameter in trainer.teacher.parameters())
+
+
+def test_dense_trainer_refusals(tmp_path):
+    student = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
+    with pytest.raises(ValueError, match="pyramid channels"):
+        DenseDistillationTrainer(model=student, teacher=semantic_segmentation_model(tiny_backbone_config(fpn_hidden_size=64), 4, hidden_size=16),
+                                 args=dense_args(tmp_path))
+    with pytest.raises(ValueError, match="4 classes, the teacher 5"):
+        DenseDistillationTrainer(model=student, teacher=semantic_segmentation_model(tiny_backbone_config(), 5, hidden_size=16), args=dense_args(tmp_path))
+    with pytest.raises(ValueError, match="no transformers backbone"):
+        DenseDistillationTrainer(model=G2SDForGenericDistillation(tiny_student_config()), args=dense_args(tmp_path))
+
+
+@pytest.mark.parametrize("head", ["deformable-detr", "mask2former"])
+def test_detection_and_mask_distillation_train_with_all_terms(tmp_path, head):
+    torch.manual_seed(0)
+    if head == "deformable-detr":
+        def build(hidden):
+            return object_detection_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, num_queries=10, encoder_layers=1,
+                                          decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+        transform, collate = DetectionTransform(32, *NORMALIZATION, True), collate_detection
+    else:
+        def build(hidden):
+            return universal_segmentation_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, encoder_layers=1,
+                                                decoder_layers=2, num_queries=5, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
+        transform, collate = DetectionTransform(32, *NORMALIZATION, True, with_instance_masks=True), collate_instances
+    trainer = DenseDistillationTrainer(model=build(32), teacher=build(64).eval(), args=dense_args(tmp_path),
+                                       train_dataset=shapes(16, transform), data_collator=collate)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"task_loss", "feature_distillation_loss", "score_distillation_loss"} <= logged.keys()
+    assert all(math.isfinite(logged[key]) for key in ("loss", "feature_distillation_loss", "score_distillation_loss"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning the generated shapes, and the metrics
+# ---------------------------------------------------------------------------------------------------------------------
+def test_generated_shapes_have_exact_masks_and_boxes():
+    example = make_shapes_dataset(3, 48, seed=5)[1]
+    semantic, instance = np.asarray(example["semantic_mask"]), np.asarray(example["instance_mask"])
+    for box, category, area, identity in zip(*(example["objects"][key] for key in ("bbox", "category", "area", "id"))):
+        rows, columns = np.nonzero(instance == identity)
+        assert [columns.min(), rows.min(), columns.max() - columns.min() + 1, rows.max() - rows.min() + 1] == box
+        assert area == len(rows) and set(semantic[rows, columns]) == {category + 1}
+    assert (semantic > 0).sum() == (instance > 0).sum()
+    again = make_shapes_dataset(3, 48, seed=5)[1]
+    assert np.array_equal(np.asarray(again["image"]), np.asarray(example["image"]))
+
+
+def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
+    torch.manual_seed(0)
+    splits = {name: make_shapes_dataset(size, 32, seed=seed).rename_column("semantic_mask", "mask") for name, size, seed in (("train", 128, 0), ("validation", 32, 1))}
+    trainer = DenseDistillationTrainer(
+        model=semantic_segmentation_model(tiny_backbone_config(hidden_size=48, num_hidden_layers=3), 4, hidden_size=32),
+        args=dense_args(tmp_path, max_steps=-1, num_train_epochs=6, learning_rate=1e-3, logging_steps=8),
+        train_dataset=splits["train"].with_transform(SegmentationTransform(32, *NORMALIZATION, True)),
+        eval_dataset=splits["validation"].with_transform(SegmentationTransform(32, *NORMALIZATION, False)),
+        data_collator=collate_segmentation,
+        compute_metrics=SegmentationMetrics(4, class_names=["background", *SHAPE_CLASSES]),
+        preprocess_logits_for_metrics=segmentation_predictions,
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0]
+    assert after["eval_pixel_accuracy"] > before["eval_pixel_accuracy"] + 0.3 and after["eval_mean_iou"] > before["eval_mean_iou"]
+    background = (np.asarray(splits["validation"]["mask"][0]) == 0).mean()
+    assert after["eval_pixel_accuracy"] > 0.5 and background < 1
+
+
+def test_detection_training_lowers_the_loss_and_moves_ap_from_chance(tmp_path):
+    torch.manual_seed(0)
+    train, validation = make_shapes_dataset(128, 64, seed=0), make_shapes_dataset(32, 64, seed=1)
+    model = object_detection_model(tiny_backbone_config(image_size=64, hidden_size=64, num_hidden_layers=4, fpn_hidden_size=32,
+                                                        out_features=["stage2", "stage3", "stage4"]),
+                                   3, hidden_size=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    transformed = validation.with_transform(DetectionTransform(64, *NORMALIZATION, False))
+    before = evaluate_detection(model, transformed, validation, 3, collate_detection)
+    trainer = DenseDistillationTrainer(model=model, args=dense_args(tmp_path, max_steps=-1, num_train_epochs=40, learning_rate=1e-3,
+                                                                   per_device_train_batch_size=16, logging_steps=40),
+                                       train_dataset=train.with_transform(DetectionTransform(64, *NORMALIZATION, True)),
+                                       data_collator=collate_detection)
+    trainer.train()
+    after = evaluate_detection(trainer.model, transformed, validation, 3, collate_detection)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.6 * losses[0]
+    assert after["map_50"] > max(3 * before["map_50"], 0.03)
+
+
+def test_metrics_by_hand():
+    metrics = SegmentationMetrics(3, class_names=["a", "b", "c"])
+    predictions, labels = np.array([[0, 1], [2, 2]]), np.array([[0, 1], [1, 255]])
+    result = metrics.from_confusion_matrix(metrics.confusion_matrix(predictions, labels))
+    assert result["pixel_accuracy"] == pytest.approx(2 / 3) and result["iou_b"] == pytest.approx(1 / 2)
+    assert result["mean_iou"] == pytest.approx((1 + 0.5 + 0) / 3)
+    truth = [{"boxes": [[10, 10, 20, 20], [40, 40, 10, 12]], "labels": [0, 1], "size": (64, 64)}]
+    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}], 2)["map"] == pytest.approx(1.0)
+    assert coco_detection_metrics(truth, [{"boxes": [[0, 50, 5, 5]], "labels": [0], "scores": [0.9]}], 2)["map"] == 0.0
+
+
+def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    import run_object_detection
+    import run_semantic_segmentation
+
+    tiny = "image_size=32,patch_size=8,hidden_size={},num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+    common = ["--image_size", "32", "--fpn_hidden_size", "32", "--head_hidden_size", "32", "--synthetic_train_size", "16",
+              "--synthetic_validation_size", "8", "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+              "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--do_train", "--do_eval"]
+    for script, extra in ((run_semantic_segmentation, []), (run_object_detection, ["--num_queries", "10", "--encoder_layers", "1", "--decoder_layers", "2"])):
+        teacher = tmp_path / f"{script.__name__}-teacher"
+        metrics = script.main(["--output_dir", str(teacher), "--backbone_overrides", tiny.format(64), *common, *extra])
+        assert ("eval_mean_iou" in metrics) or ("eval_map" in metrics)
+        student = tmp_path / f"{script.__name__}-student"
+        metrics = script.main(["--output_dir", str(student), "--backbone_overrides", tiny.format(32), "--teacher_name_or_path", str(teacher), *common, *extra])
+        assert "feature_distillation_loss" in (student / "trainer_state.json").read_text()
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
+    assert isinstance(find_backbone(reloaded), G2SDBackbone)
