@@ -26,6 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["g2sd_hf", "g2sd_hf.*"]),
+    package_data={"g2sd_hf": ["imagenet_subsets.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

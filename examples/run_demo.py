@@ -39,7 +39,16 @@ import run_mae_pretraining  # noqa: E402
 import run_specific  # noqa: E402
 
 import g2sd_hf  # noqa: E402,F401  (registers the G2SD Auto classes)
-from g2sd_hf.data import ELPV_CLASS_NAMES, load_elpv, open_rgb_image  # noqa: E402
+from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion  # noqa: E402
+from g2sd_hf.data import (  # noqa: E402
+    ELPV_CLASS_NAMES,
+    ImageTransform,
+    collate_classification,
+    evaluation_transform,
+    load_elpv,
+    open_rgb_image,
+    resize_images,
+)
 from g2sd_hf.metrics import metric_name  # noqa: E402
 
 
@@ -292,6 +301,25 @@ def write_markdown(results: dict, path: Path) -> None:
         "epochs of generic distillation. One seed: differences of a point or two are within run-to-run noise at this "
         "scale. The split is random per cell, so cells of one module can be on both sides.",
         "",
+        "## Occlusion invariance",
+        "",
+        f"Accuracy with a random fraction of the {results['scale_settings']['patch_size']}-pixel patches dropped (set to the mean), per model "
+        "([occlusion.png](occlusion.png)):",
+        "",
+        "| Model | " + " | ".join(f"{float(fraction) * 100:.0f}%" for fraction in next(iter(results["analysis"]["occlusion"].values()))) + " |",
+        "|---|" + "---|" * len(next(iter(results["analysis"]["occlusion"].values()))),
+        *[f"| {name} | " + " | ".join(f"{value:.3f}" for value in curve.values()) + " |" for name, curve in results["analysis"]["occlusion"].items()],
+        "",
+        "## Representation similarity",
+        "",
+        "Linear CKA (minibatch estimator, mean-pooled tokens) between each student layer and each teacher layer on the "
+        "held-out cells ([cka.png](cka.png), matrices in cka.json): the last layers', and the mean over student "
+        "blocks of their best match among the teacher's layers.",
+        "",
+        "| Pair | Last layers | Mean best match |",
+        "|---|---|---|",
+        *[f"| {pair} | {row['last_layer']:.3f} | {row['mean_best_match']:.3f} |" for pair, row in results["analysis"]["cka"].items()],
+        "",
         "## Stages",
         "",
         "| Stage | Seconds | Reused |",
@@ -299,7 +327,7 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for stage, record in results["stages"].items():
         lines.append(f"| {stage} | {record['seconds']:.0f} | {'yes' if record['reused'] else 'no'} |")
-    lines += ["", "![results](results.png)", ""]
+    lines += ["", "![results](results.png)", "", "![occlusion](occlusion.png)", "", "![cka](cka.png)", ""]
     path.write_text("\n".join(lines))
 
 
@@ -318,6 +346,35 @@ def evaluate_models(stages: Path, scale: DemoScale, records: dict) -> dict:
             "images_per_second": images_per_second(model, scale.image_size, scale.throughput_batch),
         }
     return models
+
+
+OCCLUSION_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
+ANALYZED = {"teacher": "teacher_classifier", "g2sd": "g2sd", "scratch": "scratch"}
+
+
+def analyze(stages: Path, scale: DemoScale, test_split, output_dir: Path) -> dict:
+    """Occlusion curves of the teacher, the G2SD student and the scratch student, and their CKA maps to the teacher."""
+    from transformers import AutoImageProcessor
+
+    models = {name: AutoModelForImageClassification.from_pretrained(stages / folder).eval() for name, folder in ANALYZED.items()}
+    processors = {name: AutoImageProcessor.from_pretrained(stages / folder) for name, folder in ANALYZED.items()}
+    normalizations = {(tuple(processor.image_mean), tuple(processor.image_std)) for processor in processors.values()}
+    if len(normalizations) != 1:
+        raise ValueError(f"The analyzed models normalize differently ({normalizations}): one loader cannot serve them all.")
+    (mean, std), = normalizations
+    images = resize_images(test_split, scale.max_image_side) if scale.max_image_side else test_split
+    dataset = images.with_transform(ImageTransform(evaluation_transform(scale.image_size, mean, std), with_labels=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate_classification)
+    curves = {name: occlusion_curve(model, loader, OCCLUSION_FRACTIONS, scale.patch_size, description=f"occlusion {name}")
+              for name, model in models.items()}
+    cka = {f"{name} vs teacher": cka_matrix(models[name], models["teacher"], loader, description=f"CKA {name}") for name in ("g2sd", "scratch")}
+    plot_occlusion({name.replace("g2sd", "G2SD student").replace("scratch", "scratch student"): curve for name, curve in curves.items()},
+                   output_dir / "occlusion.png", title="ELPV: accuracy with patches dropped")
+    plot_cka(cka, output_dir / "cka.png")
+    (output_dir / "cka.json").write_text(json.dumps({pair: matrix.tolist() for pair, matrix in cka.items()}, indent=2))
+    return {"occlusion": {name: {str(fraction): value for fraction, value in curve.items()} for name, curve in curves.items()},
+            "cka": {pair: {"last_layer": float(matrix[-1, -1]), "mean_best_match": float(matrix[1:].max(axis=1).mean()),
+                           "matrix_file": "cka.json"} for pair, matrix in cka.items()}}
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -372,6 +429,9 @@ def main(args: list[str] | None = None) -> dict:
         "label": splits["test"].features["label"].names[example["label"]],
         "prediction": classifier(open_rgb_image(example["image"]))[0],
     }
+
+    test_split = splits["test"].select(range(len(eval_labels)))
+    results["analysis"] = analyze(stages, scale, test_split, output_dir)
 
     results["total_seconds"] = time.perf_counter() - start
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -3,8 +3,8 @@
 
 For semantic segmentation (UperNet) and object detection (Deformable DETR), each on a G2SD backbone:
 
-1. a teacher with a larger backbone (ViT 128-d x 6) is trained on the task;
-2. the same head on a smaller backbone (ViT 64-d x 4) is trained without a teacher;
+1. a teacher with a larger backbone (ViT 96-d x 6) is trained on the task, for twice the epochs;
+2. the same head on a smaller backbone (ViT 48-d x 4) is trained without a teacher;
 3. and with the teacher (feature + score distillation, `DenseDistillationTrainer`), for the same number of steps.
 
 It writes `dense_results.md` and `dense_results.json` (mean IoU and pixel accuracy; COCO box AP). Finished stages are
@@ -33,11 +33,11 @@ from run_demo import run_stage  # noqa: E402
 logger = logging.getLogger("g2sd_dense_demo")
 
 BACKBONES = {
-    "teacher": "image_size=64,patch_size=8,hidden_size=128,num_hidden_layers=6,num_attention_heads=4,intermediate_size=512",
-    "student": "image_size=64,patch_size=8,hidden_size=64,num_hidden_layers=4,num_attention_heads=2,intermediate_size=256",
+    "teacher": "image_size=64,patch_size=8,hidden_size=96,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384",
+    "student": "image_size=64,patch_size=8,hidden_size=48,num_hidden_layers=4,num_attention_heads=2,intermediate_size=192",
 }
 SCALES = {
-    "demo": {"train": 384, "validation": 128, "segmentation_epochs": 24, "detection_epochs": 40, "teacher_factor": 2},
+    "demo": {"train": 256, "validation": 128, "segmentation_epochs": 20, "detection_epochs": 30, "teacher_factor": 2},
     "smoke": {"train": 16, "validation": 8, "segmentation_epochs": 1, "detection_epochs": 1, "teacher_factor": 1},
 }
 
@@ -46,7 +46,7 @@ def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) 
     epochs = scale[f"{task}_epochs"] * (scale["teacher_factor"] if role == "teacher" else 1)
     arguments = [
         "--output_dir", str(stages / f"{task}_{role}"), "--backbone_overrides", BACKBONES["teacher" if role == "teacher" else "student"],
-        "--image_size", "64", "--fpn_hidden_size", "64", "--head_hidden_size", "64",
+        "--image_size", "64", "--fpn_hidden_size", "32", "--head_hidden_size", "32",
         "--synthetic_train_size", str(scale["train"]), "--synthetic_validation_size", str(scale["validation"]),
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed),
@@ -84,7 +84,7 @@ def main(args: list[str] | None = None) -> dict:
 
     lines = ["# Dense tasks on generated shapes: results of `make demo-dense`", "",
              f"{scale['train']} training and {scale['validation']} validation images of 64x64; {results['device']}. "
-             f"Teacher backbone ViT 128-d x 6 ({scale['teacher_factor']}x the epochs); students ViT 64-d x 4, same head, "
+             f"Teacher backbone ViT 96-d x 6 ({scale['teacher_factor']}x the epochs); students ViT 48-d x 4, same head, "
              "same steps, without and with the teacher.", ""]
     for task, rows in results["tasks"].items():
         names = [name for name in rows["teacher"] if name not in ("seconds", "reused")]

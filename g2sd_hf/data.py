@@ -424,6 +424,12 @@ class ImageTransform:
         return output
 
 
+def collate_classification(examples: list[dict]) -> dict:
+    """Stack `pixel_values` and `labels` of `ImageTransform(..., with_labels=True)` examples into a batch."""
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+            "labels": torch.tensor([example["labels"] for example in examples])}
+
+
 def resize_images(dataset: datasets.Dataset, max_side: int, num_proc: int | None = None) -> datasets.Dataset:
     """Re-encode every image so that its longer side is at most `max_side` (PNG), once, in `datasets`' cache.
 
@@ -452,6 +458,7 @@ __all__ = [
     "ImageTransform",
     "class_names",
     "classification_train_transform",
+    "collate_classification",
     "drop_unreadable_images",
     "evaluation_transform",
     "generic_distillation_transform",

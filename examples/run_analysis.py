@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Occlusion invariance and representation similarity (linear CKA) of classifiers on a data set.
+
+    accelerate launch examples/run_analysis.py --models g2sd-vit-small-sd,mae-vit-base-ft \\
+        --cka_pairs g2sd-vit-small-sd:mae-vit-base-ft --dataset_name imagenet-1k --output_dir analysis
+
+Writes `occlusion.png`, `occlusion.json`, `cka.png`, `cka.json` and one `cka_<a>__<b>.npy` per pair. Without a data
+set, the ELPV held-out images are used.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+
+import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
+from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion
+from g2sd_hf.data import DataArguments, ImageTransform, collate_classification, evaluation_transform, prepare_splits
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisArguments:
+    models: str = field(metadata={"help": "Comma-separated classifier folders or Hub ids (G2SD or any transformers ViT)."})
+    output_dir: str = field(default="analysis", metadata={"help": "Where the plots and numbers go."})
+    cka_pairs: str | None = field(default=None, metadata={"help": "Comma-separated 'a:b' pairs of --models for CKA maps."})
+    fractions: str = field(default="0,0.1,0.25,0.5,0.75,0.9", metadata={"help": "Fractions of patches to drop."})
+    order: str = field(default="random", metadata={"help": "'random' or 'salient' (most salient patches first)."})
+    pooling: str = field(default="mean", metadata={"help": "CKA representation of a layer: 'mean' of the tokens or 'cls'."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random patch order."})
+
+
+def short_name(name: str) -> str:
+    return Path(name).name or name.replace("/", "_")
+
+
+def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArguments, accelerator=None) -> dict:
+    """Occlusion curves of every model and CKA maps of the requested pairs; plots written when on the main process."""
+    fractions = [float(value) for value in arguments.fractions.split(",")]
+    output = Path(arguments.output_dir)
+    results = {"occlusion": {}, "cka": {}}
+    for name, model in models.items():
+        results["occlusion"][name] = occlusion_curve(model, loader, fractions, patch_size, arguments.order, arguments.seed, accelerator, f"occlusion {name}")
+    for pair in filter(None, (arguments.cka_pairs or "").split(",")):
+        first, second = pair.split(":")
+        results["cka"][f"{first} vs {second}"] = cka_matrix(models[first], models[second], loader, arguments.pooling, accelerator, f"CKA {pair}")
+    if accelerator is None or accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        plot_occlusion(results["occlusion"], output / "occlusion.png")
+        (output / "occlusion.json").write_text(json.dumps(results["occlusion"], indent=2))
+        if results["cka"]:
+            plot_cka(results["cka"], output / "cka.png")
+            for pair, matrix in results["cka"].items():
+                np.save(output / f"cka_{pair.replace(' vs ', '__')}.npy", matrix)
+            (output / "cka.json").write_text(json.dumps({pair: matrix.tolist() for pair, matrix in results["cka"].items()}, indent=2))
+    return results
+
+
+def main(args: list[str] | None = None) -> dict:
+    arguments, data_args = HfArgumentParser((AnalysisArguments, DataArguments)).parse_args_into_dataclasses(args=args)
+    accelerator = Accelerator()
+    names = [name.strip() for name in arguments.models.split(",")]
+    models = {short_name(name): accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(name), evaluation_mode=True) for name in names}
+    processor = AutoImageProcessor.from_pretrained(names[0])
+    size = processor.size.get("height", processor.size.get("shortest_edge"))
+    with accelerator.main_process_first():
+        splits, _ = prepare_splits(data_args, arguments.seed)
+    dataset = splits["validation"].with_transform(ImageTransform(evaluation_transform(size, processor.image_mean, processor.image_std), with_labels=True))
+    loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset, batch_size=arguments.batch_size, collate_fn=collate_classification))
+    patch_size = next(iter(models.values())).config.patch_size
+    return run_analysis(models, loader, patch_size, arguments, accelerator)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Accuracy of an ImageNet-1k classifier on distribution shifts (ImageNet-A, -R, -Sketch, -V2, ...).
+
+    accelerate launch examples/run_robustness_eval.py --model_name_or_path g2sd-vit-small-sd \\
+        --datasets path/to/imagenet-a,path/to/imagenet-r,imagenet_sketch --output_dir robustness
+
+Each data set is a Hub id or a local image folder. Classes named by WordNet id (the folders of ImageNet-A/-R/-V2/
+-Sketch) are mapped to ImageNet-1k indices; integer labels are taken as ImageNet-1k indices. For the 200-class
+ImageNet-A and ImageNet-R, the logits are restricted to the subset's classes (`--subset auto` recognizes them from
+their classes; the lists ship with g2sd-hf). Writes `robustness.md` and `robustness.json`.
+"""
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+
+import g2sd_hf  # noqa: F401
+from g2sd_hf.analysis import evaluate_accuracy, imagenet_wnids, subset_indices
+from g2sd_hf.data import ImageTransform, collate_classification, evaluation_transform
+
+
+WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclass
+class RobustnessArguments:
+    model_name_or_path: str = field(metadata={"help": "An ImageNet-1k classifier (folder or Hub id)."})
+    datasets: str = field(metadata={"help": "Comma-separated Hub ids or image folders."})
+    subset: str = field(default="auto", metadata={"help": "'auto', 'imagenet-a', 'imagenet-r' or 'none'."})
+    split: str = field(default="test", metadata={"help": "Split of Hub data sets ('validation' or 'test')."})
+    output_dir: str = field(default="robustness", metadata={"help": "Where the table goes."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N images of each set."})
+
+
+def imagenet_labels(class_names: list[str]) -> list[int]:
+    """ImageNet-1k index of each class of a data set (WordNet-id names, or the indices themselves)."""
+    if class_names and all(WNID.match(name) for name in class_names):
+        index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
+        unknown = [name for name in class_names if name not in index]
+        if unknown:
+            raise ValueError(f"WordNet ids outside ImageNet-1k: {unknown[:5]}")
+        return [index[name] for name in class_names]
+    return list(range(len(class_names)))
+
+
+def detect_subset(labels: list[int], requested: str) -> str | None:
+    if requested != "auto":
+        return None if requested == "none" else requested
+    present = set(labels)
+    for name in ("imagenet-a", "imagenet-r"):
+        if present == set(subset_indices(name)):
+            return name
+    return None
+
+
+def load_split(name: str, split: str) -> datasets.Dataset:
+    """A whole image folder (one sub-folder per class), or one split of a Hub data set, images not decoded."""
+    if Path(name).is_dir():
+        raw = datasets.load_dataset("imagefolder", data_dir=name, split="train")
+        return raw.cast_column("image", datasets.Image(decode=False))
+    raw = datasets.load_dataset(name, split=split)
+    image_column = "image" if "image" in raw.column_names else raw.column_names[0]
+    return raw.rename_column(image_column, "image").cast_column("image", datasets.Image(decode=False))
+
+
+def main(args: list[str] | None = None) -> dict:
+    (arguments,) = HfArgumentParser(RobustnessArguments).parse_args_into_dataclasses(args=args)
+    accelerator = Accelerator()
+    model = accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(arguments.model_name_or_path), evaluation_mode=True)
+    processor = AutoImageProcessor.from_pretrained(arguments.model_name_or_path)
+    size = processor.size.get("height", processor.size.get("shortest_edge"))
+    transform = ImageTransform(evaluation_transform(size, processor.image_mean, processor.image_std), with_labels=True)
+    results = {}
+    for name in filter(None, (item.strip() for item in arguments.datasets.split(","))):
+        dataset = load_split(name, arguments.split)
+        if arguments.max_samples is not None:
+            dataset = dataset.select(range(min(arguments.max_samples, len(dataset))))
+        to_imagenet = imagenet_labels(dataset.features["label"].names)
+        dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]}, features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
+        subset = detect_subset(to_imagenet, arguments.subset)
+        loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=arguments.batch_size,
+                                                                             collate_fn=collate_classification))
+        metrics = evaluate_accuracy(model, loader, subset_indices(subset) if subset else None, accelerator, description=name)
+        results[name] = {**metrics, "restricted_to": subset or "imagenet-1k"}
+    if accelerator.is_main_process:
+        output = Path(arguments.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        lines = ["| Data set | Top-1 accuracy | Images | Classes scored |", "|---|---|---|---|"]
+        lines += [f"| {name} | {row['accuracy'] * 100:.2f} | {row['samples']} | {row['restricted_to']} |" for name, row in results.items()]
+        (output / "robustness.md").write_text("\n".join(lines) + "\n")
+        (output / "robustness.json").write_text(json.dumps(results, indent=2))
+        print("\n".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
