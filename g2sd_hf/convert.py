@@ -23,8 +23,6 @@ import argparse
 import math
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ from transformers.utils import logging
 from .cli import parse_overrides
 from .configuration_g2sd import G2SD_PRESETS, G2SDConfig, resolve_preset_name
 from .export import fused_layer_tensors, load_by_parameter, stock_vit_layer_parameters
-from .hub import build_model_card
+from .hub import build_model_card, staged_folder
 from .modeling_g2sd import G2SDForGenericDistillation, G2SDForImageClassification
 from .teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -311,21 +309,13 @@ def convert_official_checkpoint(path: str, kind: str, output_dir: str, preset: s
     processor = ViTImageProcessor(
         size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD), resample=3
     )
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if kind != "mae-teacher":
             stage = "generic-distillation" if kind == "generic-student" else "specific-distillation"
-            build_model_card(model, stage, dataset="imagenet-1k", model_name=output_dir.name, tags=["converted"]).save(staging / "README.md")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+            card = build_model_card(model, stage, dataset="imagenet-1k", model_name=Path(output_dir).name, tags=["converted"])
+            card.save(staging / "README.md")
     logger.info(f"Converted {path} ({kind}) to {output_dir}.")
     return model
 

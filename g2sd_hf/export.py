@@ -9,8 +9,6 @@ projection is split. The export is checked before it is written: its logits must
 """
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .hub import build_model_card
+from .hub import build_model_card, staged_folder
 from .modeling_g2sd import G2SDForImageClassification
 
 
@@ -191,9 +189,7 @@ def export_to_transformers(
     image_size = model.config.grid_size[0] * model.config.patch_size
     difference = check_same_logits(model, stock, image_size)
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         stock.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
@@ -201,12 +197,6 @@ def export_to_transformers(
         card = build_model_card(stock, stage=stage, dataset=dataset or "unknown", teacher=teacher,
                                 model_name=output_dir.name, tags=["exported"], stock=True)
         card.save(staging / "README.md")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info(f"Exported {type(stock).__name__} to {output_dir} (largest logit difference {difference:.1e}).")
     return output_dir
 

@@ -6,6 +6,11 @@ template, never by string concatenation.
 
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -251,6 +256,31 @@ def build_model_card(
     )
 
 
+@contextmanager
+def staged_folder(output_dir: str | Path) -> Iterator[Path]:
+    """Write a folder all at once: yield a staging folder beside `output_dir`, which replaces `output_dir` only when
+    the block succeeds; on an error nothing is left behind and `output_dir` is untouched.
+
+    Example:
+
+    ```python
+    >>> with staged_folder("converted") as staging:
+    ...     model.save_pretrained(staging)
+    ```
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
 def finish_training_run(trainer, teacher_name_or_path: str | None, dataset_name: str) -> None:
     """Write the model card into the output folder and, with `--push_to_hub`, upload the folder."""
     kwargs = {"dataset": dataset_name, "finetuned_from": teacher_name_or_path}
@@ -261,4 +291,4 @@ def finish_training_run(trainer, teacher_name_or_path: str | None, dataset_name:
     logger.info(f"Checkpoint, processor and model card in {trainer.args.output_dir}")
 
 
-__all__ = ["CITATION", "build_model_card", "finish_training_run"]
+__all__ = ["CITATION", "build_model_card", "finish_training_run", "staged_folder"]
