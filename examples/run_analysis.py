@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
 import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 class AnalysisArguments:
     models: str = field(metadata={"help": "Comma-separated classifier folders or Hub ids (G2SD or any transformers ViT)."})
     output_dir: str = field(default="analysis", metadata={"help": "Where the plots and numbers go."})
-    cka_pairs: str | None = field(default=None, metadata={"help": "Comma-separated 'a:b' pairs of --models for CKA maps."})
+    cka_pairs: str | None = field(
+        default=None, metadata={"help": "Comma-separated 'a:b' pairs of --models (as given there, or their last path parts) for CKA maps."}
+    )
     fractions: str = field(default="0,0.1,0.25,0.5,0.75,0.9", metadata={"help": "Fractions of patches to drop."})
     order: str = field(default="random", metadata={"help": "'random' or 'salient' (most salient patches first)."})
     pooling: str = field(default="mean", metadata={"help": "CKA representation of a layer: 'mean' of the tokens or 'cls'."})
@@ -39,20 +41,42 @@ class AnalysisArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random patch order."})
 
 
-def short_name(name: str) -> str:
-    return Path(name).name or name.replace("/", "_")
+def display_names(names: list[str]) -> dict[str, str]:
+    """Display and file name of each model given as a folder or Hub id: its last path part, or the whole name with
+    `/` as `_` where last parts collide (`runs/a/model`, `runs/b/model`)."""
+    short = {name: Path(name).name or name for name in names}
+    collide = {value for value in short.values() if list(short.values()).count(value) > 1}
+    return {name: name.strip("/").replace("/", "_") if short[name] in collide else short[name] for name in names}
+
+
+def cka_pairs(pairs: str | None, names: list[str]) -> list[tuple[str, str]]:
+    """`'a:b,c:d'` -> `[(a, b), (c, d)]` with each of a, b, c, d one of `names` (the --models entries), given as
+    written there or by its display name."""
+    lookup = {**{display: name for name, display in display_names(names).items()}, **{name: name for name in names}}
+    result = []
+    for pair in filter(None, (item.strip() for item in (pairs or "").split(","))):
+        parts = pair.split(":")
+        if len(parts) != 2 or any(part not in lookup for part in parts):
+            raise ValueError(f"--cka_pairs entry {pair!r} must be 'a:b' with a and b among --models {names} "
+                             f"(or their display names {sorted(display_names(names).values())}).")
+        result.append((lookup[parts[0]], lookup[parts[1]]))
+    return result
 
 
 def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArguments, accelerator=None) -> dict:
-    """Occlusion curves of every model and CKA maps of the requested pairs; plots written when on the main process."""
+    """Occlusion curves of every model and CKA maps of the requested pairs (`models` keyed by the --models entries;
+    results keyed by their display names); plots written when on the main process."""
     fractions = [float(value) for value in arguments.fractions.split(",")]
     output = Path(arguments.output_dir)
     results = {"occlusion": {}, "cka": {}}
+    display = display_names(list(models))
     for name, model in models.items():
-        results["occlusion"][name] = occlusion_curve(model, loader, fractions, patch_size, arguments.order, arguments.seed, accelerator, f"occlusion {name}")
-    for pair in filter(None, (arguments.cka_pairs or "").split(",")):
-        first, second = pair.split(":")
-        results["cka"][f"{first} vs {second}"] = cka_matrix(models[first], models[second], loader, arguments.pooling, accelerator, f"CKA {pair}")
+        results["occlusion"][display[name]] = occlusion_curve(model, loader, fractions, patch_size, arguments.order, arguments.seed,
+                                                              accelerator, f"occlusion {display[name]}")
+    for first, second in cka_pairs(arguments.cka_pairs, list(models)):
+        results["cka"][f"{display[first]} vs {display[second]}"] = cka_matrix(
+            models[first], models[second], loader, arguments.pooling, accelerator, f"CKA {display[first]}:{display[second]}"
+        )
     if accelerator is None or accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         plot_occlusion(results["occlusion"], output / "occlusion.png")
@@ -67,9 +91,11 @@ def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArgum
 
 def main(args: list[str] | None = None) -> dict:
     arguments, data_args = HfArgumentParser((AnalysisArguments, DataArguments)).parse_args_into_dataclasses(args=args)
-    accelerator = Accelerator()
+    # Uneven shards: each image is scored once (the default pads the last batches with repeated images).
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     names = [name.strip() for name in arguments.models.split(",")]
-    models = {short_name(name): accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(name), evaluation_mode=True) for name in names}
+    cka_pairs(arguments.cka_pairs, names)  # bad pairs fail before any model loads
+    models = {name: accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(name), evaluation_mode=True) for name in names}
     processor = AutoImageProcessor.from_pretrained(names[0])
     size = processor.size.get("height", processor.size.get("shortest_edge"))
     with accelerator.main_process_first():

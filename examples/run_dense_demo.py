@@ -49,6 +49,7 @@ def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) 
         "--image_size", "64", "--fpn_hidden_size", "32", "--head_hidden_size", "32",
         "--synthetic_train_size", str(scale["train"]), "--synthetic_validation_size", str(scale["validation"]),
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+        "--layer_decay", "1.0",  # backbones trained from scratch here: no layer-wise decay
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed),
         "--do_train", "--do_eval",
     ]

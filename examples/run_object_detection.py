@@ -60,6 +60,13 @@ def main(args: list[str] | None = None) -> dict:
     )
     splits = data_args.subsample(splits)
     num_labels = data_args.num_labels or len(class_names)
+    if not num_labels:
+        raise ValueError("This data set does not name its classes: pass --num_labels (COCO: 80).")
+    if training_args.eval_strategy != "no":
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy.value} is not supported: COCO AP is computed once after training "
+            "(--do_eval); evaluate saved checkpoints with --model_name_or_path <checkpoint> --do_eval."
+        )
 
     if model_args.model_name_or_path is not None:
         model = AutoModelForObjectDetection.from_pretrained(model_args.model_name_or_path)
@@ -95,14 +102,14 @@ def main(args: list[str] | None = None) -> dict:
     )
     training_args.do_eval, do_eval = False, training_args.do_eval  # COCO AP below, not the Trainer's loss
     metrics = train_and_evaluate(trainer, last_checkpoint)
-    if do_eval:
-        coco = evaluate_detection(trainer.model, eval_dataset, splits["validation"], num_labels, collate_detection,
-                                  batch_size=training_args.per_device_eval_batch_size)
+    if do_eval and trainer.is_world_process_zero():  # COCO AP on one process: the whole validation set
+        coco = evaluate_detection(trainer.accelerator.unwrap_model(trainer.model), eval_dataset, splits["validation"], num_labels,
+                                  collate_detection, batch_size=training_args.per_device_eval_batch_size)
         metrics.update({f"eval_{name}": value for name, value in coco.items()})
         trainer.log_metrics("eval", coco)
-        if trainer.is_world_process_zero():
-            with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as handle:
-                json.dump(coco, handle, indent=2)
+        with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as handle:
+            json.dump(coco, handle, indent=2)
+    trainer.accelerator.wait_for_everyone()
     if training_args.do_train:
         trainer.create_model_card(dataset=data_args.dataset_name or "synthetic-shapes", tasks="object-detection")
     return metrics

@@ -5,7 +5,7 @@
         --datasets path/to/imagenet-a,path/to/imagenet-r,imagenet_sketch --output_dir robustness
 
 Each data set is a Hub id or a local image folder. Classes named by WordNet id (the folders of ImageNet-A/-R/-V2/
--Sketch) are mapped to ImageNet-1k indices; integer labels are taken as ImageNet-1k indices. For the 200-class
+-Sketch) are mapped to ImageNet-1k indices; integer class names are taken as ImageNet-1k indices. For the 200-class
 ImageNet-A and ImageNet-R, the logits are restricted to the subset's classes (`--subset auto` recognizes them from
 their classes; the lists ship with g2sd-hf). Writes `robustness.md` and `robustness.json`.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
 import g2sd_hf  # noqa: F401
@@ -41,14 +41,26 @@ class RobustnessArguments:
 
 
 def imagenet_labels(class_names: list[str]) -> list[int]:
-    """ImageNet-1k index of each class of a data set (WordNet-id names, or the indices themselves)."""
+    """ImageNet-1k index of each class of a data set: WordNet ids (`n01440764`) through the ImageNet-1k list, names
+    that are integers as the indices themselves, and exactly 1000 other names as ImageNet-1k in its order. Anything
+    else is refused: it could not be scored against an ImageNet-1k classifier."""
     if class_names and all(WNID.match(name) for name in class_names):
         index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
         unknown = [name for name in class_names if name not in index]
         if unknown:
             raise ValueError(f"WordNet ids outside ImageNet-1k: {unknown[:5]}")
         return [index[name] for name in class_names]
-    return list(range(len(class_names)))
+    if class_names and all(name.isdigit() for name in class_names):
+        indices = [int(name) for name in class_names]
+        if max(indices) >= 1000:
+            raise ValueError(f"Integer class names must be ImageNet-1k indices (0-999), got {max(indices)}.")
+        return indices
+    if len(class_names) == 1000:
+        return list(range(1000))
+    raise ValueError(
+        f"Cannot map the {len(class_names)} classes {class_names[:5]}... to ImageNet-1k: name the class folders by WordNet id "
+        "(n01440764, ...) or by ImageNet-1k index (0-999)."
+    )
 
 
 def detect_subset(labels: list[int], requested: str) -> str | None:
@@ -73,18 +85,21 @@ def load_split(name: str, split: str) -> datasets.Dataset:
 
 def main(args: list[str] | None = None) -> dict:
     (arguments,) = HfArgumentParser(RobustnessArguments).parse_args_into_dataclasses(args=args)
-    accelerator = Accelerator()
+    # Uneven shards: each image is scored once (the default pads the last batches with repeated images).
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     model = accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(arguments.model_name_or_path), evaluation_mode=True)
     processor = AutoImageProcessor.from_pretrained(arguments.model_name_or_path)
     size = processor.size.get("height", processor.size.get("shortest_edge"))
     transform = ImageTransform(evaluation_transform(size, processor.image_mean, processor.image_std), with_labels=True)
     results = {}
     for name in filter(None, (item.strip() for item in arguments.datasets.split(","))):
-        dataset = load_split(name, arguments.split)
-        if arguments.max_samples is not None:
-            dataset = dataset.select(range(min(arguments.max_samples, len(dataset))))
-        to_imagenet = imagenet_labels(dataset.features["label"].names)
-        dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]}, features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
+        with accelerator.main_process_first():  # the main process downloads and caches, the others read the cache
+            dataset = load_split(name, arguments.split)
+            if arguments.max_samples is not None:
+                dataset = dataset.select(range(min(arguments.max_samples, len(dataset))))
+            to_imagenet = imagenet_labels(dataset.features["label"].names)
+            dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]},
+                                  features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
         subset = detect_subset(to_imagenet, arguments.subset)
         loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=arguments.batch_size,
                                                                              collate_fn=collate_classification))

@@ -2,7 +2,7 @@
 """Semantic segmentation with UperNet on a G2SD backbone, with specific distillation from a teacher when given.
 
     accelerate launch examples/run_semantic_segmentation.py --backbone_name_or_path g2sd-vit-small-gd \\
-        --dataset_name scene_parse_150 --num_labels 150 --image_size 512 --window_size 14 \\
+        --dataset_name scene_parse_150 --reduce_labels --num_labels 150 --image_size 512 --window_size 14 \\
         --teacher_name_or_path upernet-g2sd-base-ade --output_dir upernet-g2sd-small-ade --bf16 --do_train --do_eval
 
 Data: a Hub data set in the `scene_parse_150` layout, a folder with `images/` and `masks/`, or (default) generated
@@ -39,7 +39,7 @@ def main(args: list[str] | None = None) -> dict:
     last_checkpoint = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
-    splits, class_names, reduce_labels = load_segmentation_dataset(
+    splits, class_names = load_segmentation_dataset(
         data_args.dataset_name, data_args.train_dir, data_args.validation_dir,
         (data_args.synthetic_train_size, data_args.synthetic_validation_size), data_args.image_size, model_args.cache_dir,
     )
@@ -47,6 +47,9 @@ def main(args: list[str] | None = None) -> dict:
     num_labels = data_args.num_labels or len(class_names)
     if not num_labels:
         raise ValueError("This data set does not name its classes: pass --num_labels (ADE20k / scene_parse_150: 150).")
+    # Scored batch by batch into a running confusion matrix: full-resolution label maps of a whole evaluation set
+    # are never gathered in memory.
+    training_args.batch_eval_metrics = True
 
     if model_args.model_name_or_path is not None:
         model = UperNetForSemanticSegmentation.from_pretrained(model_args.model_name_or_path)
@@ -67,8 +70,8 @@ def main(args: list[str] | None = None) -> dict:
         teacher_processor = AutoImageProcessor.from_pretrained(model_args.teacher_name_or_path)
         teacher = DenseTeacher(teacher_model, teacher_processor.image_mean, teacher_processor.image_std)
 
-    train_dataset = splits["train"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, True, reduce_labels))
-    eval_dataset = splits["validation"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, False, reduce_labels))
+    train_dataset = splits["train"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, True, data_args.reduce_labels))
+    eval_dataset = splits["validation"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, False, data_args.reduce_labels))
     trainer = DenseDistillationTrainer(
         model=model,
         teacher=teacher,

@@ -13,7 +13,6 @@ processes and the counts / HSIC sums are added across them.
 """
 
 import json
-import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -118,14 +117,13 @@ def cka_matrix(model_a, model_b, loader, pooling: str = "mean", accelerator=None
     (batches with `pixel_values`)."""
     model_a.eval()
     model_b.eval()
-    cka = None
+    # Sized from the configs (embeddings + each block), not from a first batch: with uneven sharding a process may
+    # see no batch at all and must still take part in the cross-process sum.
+    cka = MinibatchCKA(*(getattr(model, "module", model).config.num_hidden_layers + 1 for model in (model_a, model_b)))
     for batch in tqdm(loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process):
         pixel_values = batch["pixel_values"]
-        features_a = layer_representations(model_a, pixel_values.to(_device(model_a)), pooling)
-        features_b = layer_representations(model_b, pixel_values.to(_device(model_b)), pooling)
-        if cka is None:
-            cka = MinibatchCKA(len(features_a), len(features_b))
-        cka.update(features_a, features_b)
+        cka.update(layer_representations(model_a, pixel_values.to(_device(model_a)), pooling),
+                   layer_representations(model_b, pixel_values.to(_device(model_b)), pooling))
     return cka.compute(accelerator)
 
 
@@ -158,12 +156,12 @@ def occlude_patches(pixel_values: torch.Tensor, fraction: float, patch_size: int
 
 def patch_saliency(model, pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Per-patch saliency `(batch, num_patches)`: the L2 norm of the gradient of the predicted class's logit with
-    respect to the pixels of the patch."""
-    pixel_values = pixel_values.clone().requires_grad_(True)
+    respect to the pixels of the patch. The model's parameters get no gradients (`.grad` stays as it was)."""
+    pixel_values = pixel_values.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(pixel_values=pixel_values).logits
-        logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum().backward()
-    gradients = pixel_values.grad.pow(2).sum(dim=1)  # (batch, height, width)
+        (gradients,) = torch.autograd.grad(logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum(), pixel_values)
+    gradients = gradients.pow(2).sum(dim=1)  # (batch, height, width)
     batch_size, height, width = gradients.shape
     rows, columns = height // patch_size, width // patch_size
     gradients = gradients[:, : rows * patch_size, : columns * patch_size]

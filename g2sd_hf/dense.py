@@ -17,8 +17,10 @@ dense (Mask R-CNN / ViTDet) score distillation, documented as such. The teacher'
 highest class score there.
 """
 
+import copy
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,6 @@ from transformers import (
     PreTrainedModel,
     RTDetrConfig,
     RTDetrForObjectDetection,
-    Trainer,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
@@ -176,22 +177,26 @@ def load_backbone_weights(model: PreTrainedModel, name_or_path: str) -> None:
 def semantic_segmentation_model(backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int | None = None,
                                 **kwargs) -> UperNetForSemanticSegmentation:
     """UperNet on a G2SD backbone (all four pyramid levels)."""
-    extra = {"hidden_size": hidden_size, "auxiliary_in_channels": backbone_config.fpn_hidden_size} if hidden_size else {
-        "auxiliary_in_channels": backbone_config.fpn_hidden_size}
+    extra = {"hidden_size": hidden_size} if hidden_size else {}
     return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, **extra, **kwargs))
 
 
 def object_detection_model(backbone_config: G2SDBackboneConfig, num_labels: int, detector: str = "deformable-detr",
                            hidden_size: int | None = None, **kwargs) -> PreTrainedModel:
-    """A DETR-family detector on a G2SD backbone: `"deformable-detr"` (all four levels) or `"rt-detr"` (strides
-    8-32)."""
+    """A DETR-family detector on a G2SD backbone (pyramid strides 8, 16 and 32): `"deformable-detr"` (which adds a
+    stride-64 level) or `"rt-detr"`."""
     if detector == "deformable-detr":
+        # Strides 8-32 from the backbone and a stride-64 level Deformable DETR adds itself, as standard: stride 4 would
+        # give its encoder ~87k tokens at 1024 px.
+        backbone_config = copy.deepcopy(backbone_config)  # the caller's config stays as it was
+        backbone_config.out_features = ["stage2", "stage3", "stage4"]
         config = DeformableDetrConfig(
             backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
-            num_feature_levels=len(backbone_config.out_features), **({"d_model": hidden_size} if hidden_size else {}), **kwargs,
+            num_feature_levels=4, **({"d_model": hidden_size} if hidden_size else {}), **kwargs,
         )
         return DeformableDetrForObjectDetection(config)
     if detector == "rt-detr":
+        backbone_config = copy.deepcopy(backbone_config)  # the caller's config stays as it was
         backbone_config.out_features = ["stage2", "stage3", "stage4"]
         config = RTDetrConfig(
             backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
@@ -266,9 +271,12 @@ def box_score_maps(probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple
     center_x, center_y, box_width, box_height = boxes.unbind(-1)  # (batch, keep)
     inside_x = (xs[None, None] >= (center_x - box_width / 2)[..., None]) & (xs[None, None] <= (center_x + box_width / 2)[..., None])
     inside_y = (ys[None, None] >= (center_y - box_height / 2)[..., None]) & (ys[None, None] <= (center_y + box_height / 2)[..., None])
-    covers = inside_y[..., :, None] & inside_x[..., None, :]  # (batch, keep, height, width)
-    scores = probabilities[..., None, None] * covers[:, :, None].to(probabilities.dtype)  # (batch, keep, classes, h, w)
-    return scores.max(dim=1).values
+    covers = (inside_y[..., :, None] & inside_x[..., None, :]).to(probabilities.dtype)  # (batch, keep, height, width)
+    scores = probabilities.new_zeros(probabilities.shape[0], probabilities.shape[-1], height, width)
+    for start in range(0, keep, 16):  # a running maximum over query chunks bounds the memory
+        chunk = probabilities[:, start : start + 16, :, None, None] * covers[:, start : start + 16, None]
+        scores = torch.maximum(scores, chunk.max(dim=1).values)
+    return scores
 
 
 def universal_pixel_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
@@ -336,8 +344,20 @@ class DenseDistillationTrainer(DistillationTrainer):
     def _layer_decay(self) -> float | None:
         return getattr(self.args, "layer_decay", None)
 
-    def create_model_card(self, *args, **kwargs):
-        return Trainer.create_model_card(self, *args, **kwargs)  # a stock head: the standard card
+    @property
+    def model_card_stage(self) -> str:
+        name = type(self.accelerator.unwrap_model(self.model)).__name__
+        task = "detection" if "Detection" in name else "segmentation"
+        return f"{task}-distillation" if self.teacher is not None else f"{task}-fine-tuning"
+
+    def _card_hyperparameters(self) -> dict:
+        values = {**super()._card_hyperparameters(), "layer-wise lr decay": self.args.layer_decay}
+        if self.teacher is not None:
+            values["distillation"] = (
+                f"feature weight {self.args.feature_distillation_weight}, score weight {self.args.score_distillation_weight}, "
+                f"warm-up {self.args.distillation_warmup_steps:g}"
+            )
+        return values
 
     def _ramp(self) -> float:
         warmup = self.args.distillation_warmup_steps
@@ -364,7 +384,9 @@ class DenseDistillationTrainer(DistillationTrainer):
             student_scores = box_score_maps(query_class_probabilities(student_logits, num_labels), student_boxes, size, top)
             teacher_scores = box_score_maps(query_class_probabilities(teacher_logits, num_labels), teacher_boxes, size, top)
             confidence = teacher_scores.max(dim=1).values
-            score_loss = weighted_score_distillation_loss(student_scores, teacher_scores, confidence)
+            # Cells no student box covers have score 0 whatever the logits: nothing to learn there from the scores.
+            covered = (student_scores.amax(dim=1) > 0).to(confidence.dtype)
+            score_loss = weighted_score_distillation_loss(student_scores, teacher_scores, confidence * covered)
         elif kind == "universal":
             size = student_maps[0].shape[-2:]
             teacher_scores = universal_pixel_probabilities(teacher_outputs, size)
@@ -405,19 +427,23 @@ def detections_from_outputs(outputs, image_sizes: list[tuple[int, int]], num_lab
 
 @torch.no_grad()
 def evaluate_detection(model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100) -> dict:
-    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset`."""
+    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset` (one
+    process: run it on the main one)."""
+    from .dense_data import image_size_of
     from .metrics import coco_detection_metrics
 
     model.eval()
     device = next(model.parameters()).device
     predictions, truth = [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-    sizes = [(image.height, image.width) for image in (raw_dataset[index]["image"] for index in range(len(raw_dataset)))]
+    sizes = [image_size_of(image) for image in raw_dataset.cast_column("image", datasets.Image(decode=False))["image"]]
     for start, batch in zip(range(0, len(sizes), batch_size), loader):
         outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
         predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
-    for (height, width), objects in zip(sizes, raw_dataset["objects"]):
-        truth.append({"boxes": objects["bbox"], "labels": objects["category"], "size": (height, width)})
+    for size, objects in zip(sizes, raw_dataset["objects"]):
+        annotation = {"boxes": objects["bbox"], "labels": objects["category"], "size": size}
+        annotation.update({key: objects[key] for key in ("area", "iscrowd") if key in objects})
+        truth.append(annotation)
     return coco_detection_metrics(truth, predictions, num_labels)
 
 

@@ -7,6 +7,7 @@
 - Without a data set, the generated shapes of `g2sd_hf.synthetic` (the tests and the dense demo use them).
 """
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
 from .data import open_rgb_image
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
@@ -38,6 +39,9 @@ class DenseDataArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."})
     validation_dir: str | None = field(default=None, metadata={"help": "The validation folder, same layout."})
     image_size: int = field(default=512, metadata={"help": "Images are resized to image_size x image_size."})
+    reduce_labels: bool = field(
+        default=False, metadata={"help": "Segmentation: label 0 means 'other' (ADE20k / scene_parse_150): ignore it, shift the rest down."}
+    )
     num_labels: int | None = field(default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."})
     synthetic_train_size: int = field(default=512, metadata={"help": "Generated training images."})
     synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
@@ -54,29 +58,51 @@ class DenseDataArguments:
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
-def _decoded(value) -> Image.Image:
-    return value if isinstance(value, Image.Image) else open_rgb_image(value)
+def _rgb(value) -> Image.Image:
+    """An RGB image from a decoded PIL image or an undecoded `datasets.Image` value."""
+    return value.convert("RGB") if isinstance(value, Image.Image) else open_rgb_image(value)
+
+
+def _mask(value) -> Image.Image:
+    """A label mask as a 32-bit integer image: indices kept as they are (palette, 8- and 16-bit masks), never
+    through RGB. Color masks are refused: their colors are not class indices."""
+    if not isinstance(value, Image.Image):
+        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    if value.mode in ("RGB", "RGBA"):
+        raise ValueError("Segmentation masks must hold class indices (mode L, P or I), got an RGB(A) mask.")
+    return Image.fromarray(np.asarray(value).astype(np.int32))
+
+
+def image_size_of(value) -> tuple[int, int]:
+    """`(height, width)` of a decoded or undecoded image; an undecoded one is not decoded (its header is read)."""
+    if not isinstance(value, Image.Image):
+        with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
+            return image.height, image.width
+    return value.height, value.width
+
+
+def _synthetic_splits(sizes: tuple[int, int], image_size: int) -> datasets.DatasetDict:
+    return datasets.DatasetDict(
+        train=make_shapes_dataset(sizes[0], image_size, seed=0), validation=make_shapes_dataset(sizes[1], image_size, seed=1)
+    )
 
 
 def load_segmentation_dataset(
     dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
     synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
-) -> tuple[datasets.DatasetDict, list[str], bool]:
-    """`train`/`validation` splits with `image` and `mask` columns, the class names, and whether label 0 means
-    "other" (`scene_parse_150`: it is ignored and the classes shift down by one)."""
+) -> tuple[datasets.DatasetDict, list[str]]:
+    """`train`/`validation` splits with `image` and `mask` columns, and the class names (empty when the data set does
+    not name them)."""
     if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
-        splits = datasets.DatasetDict(
-            train=make_shapes_dataset(synthetic_sizes[0], image_size, seed=0),
-            validation=make_shapes_dataset(synthetic_sizes[1], image_size, seed=1),
-        )
+        splits = _synthetic_splits(synthetic_sizes, image_size)
         splits = splits.rename_column("semantic_mask", "mask").remove_columns(["instance_mask", "objects"])
-        return splits, ["background", *SHAPE_CLASSES], False
+        return splits, ["background", *SHAPE_CLASSES]
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
         if "annotation" in raw["train"].column_names:
             raw = raw.rename_column("annotation", "mask")
         validation = raw["validation"] if "validation" in raw else raw["test"]
-        return datasets.DatasetDict(train=raw["train"], validation=validation), [], True
+        return datasets.DatasetDict(train=raw["train"], validation=validation), []
     splits = {}
     for split, folder in (("train", train_dir), ("validation", validation_dir or train_dir)):
         images = sorted(Path(folder, "images").iterdir())
@@ -86,9 +112,9 @@ def load_segmentation_dataset(
             raise ValueError(f"No mask in {Path(folder, 'masks')} for {missing[:5]}: each image needs a mask of the same name.")
         splits[split] = datasets.Dataset.from_dict(
             {"image": [str(path) for path in images], "mask": [str(masks[path.stem]) for path in images]},
-            features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()}),
+            features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(decode=False)}),
         )
-    return datasets.DatasetDict(splits), [], False
+    return datasets.DatasetDict(splits), []
 
 
 def load_detection_dataset(
@@ -97,11 +123,7 @@ def load_detection_dataset(
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """`train`/`validation` splits with `image` and COCO-style `objects` columns, and the class names."""
     if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
-        splits = datasets.DatasetDict(
-            train=make_shapes_dataset(synthetic_sizes[0], image_size, seed=0),
-            validation=make_shapes_dataset(synthetic_sizes[1], image_size, seed=1),
-        )
-        return splits, list(SHAPE_CLASSES)
+        return _synthetic_splits(synthetic_sizes, image_size), list(SHAPE_CLASSES)
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
         validation = raw["validation"] if "validation" in raw else raw["test"]
@@ -138,7 +160,8 @@ def _normalize(image_mean: Sequence[float], image_std: Sequence[float]):
 
 class SegmentationTransform:
     """Batch transform: image -> `pixel_values`, mask -> `labels` (class indices, 255 ignored), resized to a square;
-    random horizontal flips when training. With `reduce_labels`, label 0 is ignored and the others shift down."""
+    random horizontal flips when training. With `reduce_labels` (ADE20k / scene_parse_150), label 0 ("other") is
+    ignored and the others shift down by one (transformers' rule: 0 -> 255, l -> l - 1, 255 stays 255)."""
 
     def __init__(self, image_size: int, image_mean, image_std, train: bool, reduce_labels: bool = False):
         self.image_size, self.train, self.reduce_labels = image_size, train, reduce_labels
@@ -147,11 +170,11 @@ class SegmentationTransform:
     def __call__(self, batch: dict) -> dict:
         pixel_values, labels = [], []
         for image, mask in zip(batch["image"], batch["mask"]):
-            image = _decoded(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            mask = _decoded(mask) if not isinstance(mask, Image.Image) else mask
-            mask = np.asarray(mask.convert("L").resize((self.image_size, self.image_size), Image.Resampling.NEAREST), dtype=np.int64)
+            image = _rgb(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            mask = np.asarray(_mask(mask).resize((self.image_size, self.image_size), Image.Resampling.NEAREST), dtype=np.int64)
             if self.reduce_labels:
-                mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
+                mask = np.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
+                mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
             pixels = self.normalize(image)
             mask = torch.from_numpy(mask.copy())
             if self.train and torch.rand(()) < 0.5:
@@ -173,7 +196,7 @@ class DetectionTransform:
     def __call__(self, batch: dict) -> dict:
         output = {"pixel_values": [], "labels": [], "mask_labels": [], "class_labels": []}
         for index, (image, objects) in enumerate(zip(batch["image"], batch["objects"])):
-            image = _decoded(image)
+            image = _rgb(image)
             width, height = image.size
             pixels = self.normalize(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
             boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
@@ -186,7 +209,7 @@ class DetectionTransform:
             output["pixel_values"].append(pixels)
             output["labels"].append({"class_labels": classes, "boxes": boxes})
             if self.with_instance_masks:
-                instance = np.asarray(_decoded(batch["instance_mask"][index]).convert("L").resize((self.image_size, self.image_size), Image.Resampling.NEAREST))
+                instance = np.asarray(_mask(batch["instance_mask"][index]).resize((self.image_size, self.image_size), Image.Resampling.NEAREST))
                 masks = torch.from_numpy(np.stack([instance == identity for identity in objects["id"]]).astype(np.float32)) if objects["id"] else torch.zeros(0, self.image_size, self.image_size)
                 output["mask_labels"].append(masks.flip(-1) if flip else masks)
                 output["class_labels"].append(classes)
@@ -223,6 +246,7 @@ __all__ = [
     "collate_detection",
     "collate_instances",
     "collate_segmentation",
+    "image_size_of",
     "load_detection_dataset",
     "load_segmentation_dataset",
 ]

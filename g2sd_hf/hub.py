@@ -52,6 +52,36 @@ STAGES = {
         "task_type": "image-classification",
         "summary": "supervised fine-tuning of a G2SD-architecture student, without a distillation teacher.",
     },
+    "segmentation-distillation": {
+        "title": "specific distillation for semantic segmentation",
+        "pipeline_tag": "image-segmentation",
+        "task_type": "semantic-segmentation",
+        "summary": (
+            "a segmentation head on a G2SD backbone, trained with the task loss plus distillation of the pyramid "
+            "features and of the per-pixel class distribution of a teacher (the same head on a larger backbone)."
+        ),
+    },
+    "segmentation-fine-tuning": {
+        "title": "fine-tuning for semantic segmentation",
+        "pipeline_tag": "image-segmentation",
+        "task_type": "semantic-segmentation",
+        "summary": "a segmentation head on a G2SD backbone, trained on the task without a teacher.",
+    },
+    "detection-distillation": {
+        "title": "specific distillation for object detection",
+        "pipeline_tag": "object-detection",
+        "task_type": "object-detection",
+        "summary": (
+            "a DETR-family detector on a G2SD backbone, trained with the task loss plus distillation of the pyramid "
+            "features and of the (box-projected) class scores of a teacher (the same detector on a larger backbone)."
+        ),
+    },
+    "detection-fine-tuning": {
+        "title": "fine-tuning for object detection",
+        "pipeline_tag": "object-detection",
+        "task_type": "object-detection",
+        "summary": "a DETR-family detector on a G2SD backbone, trained on the task without a teacher.",
+    },
 }
 
 TEMPLATE = """---
@@ -108,7 +138,15 @@ Trained with `g2sd_hf`'s `{{ trainer_class }}` on **{{ dataset }}**.
 
 
 def _is_quality_metric(name: str) -> bool:
-    return name == "loss" or "accuracy" in name
+    return name == "loss" or "accuracy" in name or name.startswith(("mean_iou", "iou_", "map"))
+
+
+def _metric_type(name: str) -> str:
+    if name.startswith("map"):
+        return "map"
+    if "iou" in name:
+        return "mean_iou" if name == "mean_iou" else "iou"
+    return "accuracy" if "accuracy" in name else "loss"
 
 
 def _fmt(value) -> str:
@@ -158,7 +196,9 @@ def build_model_card(
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}.")
     info = STAGES[stage]
-    config = model.config
+    # A detection / segmentation head keeps the G2SD encoder's configuration in its backbone_config.
+    config = getattr(model.config, "backbone_config", None) or model.config
+    dense = config is not model.config
     metrics = {
         key: value
         for key, value in (metrics or {}).items()
@@ -176,7 +216,7 @@ def build_model_card(
                 dataset_type=dataset,
                 dataset_name=dataset,
                 dataset_split="validation",
-                metric_type="accuracy" if "accuracy" in metric else "loss",
+                metric_type=_metric_type(metric),
                 metric_name=metric,
                 metric_value=round(float(value), 6),
             )
@@ -195,7 +235,13 @@ def build_model_card(
     )
 
     remote = "" if stock else ", trust_remote_code=True"
-    if info["pipeline_tag"] == "image-classification":
+    if dense:
+        usage = (
+            "import g2sd_hf  # registers the G2SD backbone\n"
+            f"from transformers import {type(model).__name__}\n\n"
+            f'model = {type(model).__name__}.from_pretrained("{location}")'
+        )
+    elif info["pipeline_tag"] == "image-classification":
         usage = (
             "from transformers import pipeline\n\n"
             f'classifier = pipeline("image-classification", model="{location}"{remote})\n'
@@ -210,6 +256,9 @@ def build_model_card(
     loading_note = (
         f"A stock `{type(model).__name__}` exported from a G2SD student: plain transformers loads it, no remote code."
         if stock
+        else f"The head is transformers' `{type(model).__name__}`; its backbone is a G2SD one, so loading needs "
+        "`pip install g2sd-hf` and `import g2sd_hf` (transformers cannot fetch a nested backbone's code)."
+        if dense
         else "The model code ships with the checkpoint (`trust_remote_code=True`); with `pip install g2sd-hf` and "
         "`import g2sd_hf` it loads without remote code."
     )
@@ -224,14 +273,17 @@ def build_model_card(
         details.append(("Distillation token", "yes: the prediction averages the classification and distillation heads"))
     if stage == "generic-distillation":
         details.append(("Decoder", f"{config.decoder_hidden_size}-d, {config.decoder_num_hidden_layers} blocks, predicting {config.target_hidden_size}-d teacher features"))
-    if getattr(config, "id2label", None) and info["pipeline_tag"] == "image-classification":
-        details.append(("Classes", ", ".join(str(label) for label in config.id2label.values())))
+    if dense:
+        details.append(("Head", f"{type(model).__name__}, feature pyramid of {config.fpn_hidden_size} channels"))
+    labels = getattr(model.config, "id2label", None)
+    if labels and info["pipeline_tag"] != "image-feature-extraction":
+        details.append(("Classes", ", ".join(str(label) for label in labels.values())))
 
     limitations = (
         "The student inherits the teacher's and the training data's biases. It was trained and evaluated on "
         f"**{dataset}** only; check it on your own data before relying on it. "
         + ("As a generic-distillation checkpoint it is not a classifier: fine-tune it first." if stage == "generic-distillation" else
-           "Its accuracy outside the training distribution is unknown.")
+           "Its performance outside the training distribution is unknown.")
     )
     return ModelCard.from_template(
         card_data,

@@ -239,6 +239,13 @@ def specific_distillation_loss(task_loss: torch.Tensor, distillation_loss: torch
     return (task_loss + beta * distillation_loss) / (1.0 + beta)
 
 
+def _resize(maps: torch.Tensor, size) -> torch.Tensor:
+    """Average over the covered area when shrinking, bilinear when growing."""
+    if maps.shape[-2] >= size[0] and maps.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(maps, size)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
 def weighted_feature_distillation_loss(
     student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -267,7 +274,7 @@ def weighted_feature_distillation_loss(
         if weights is None:
             losses.append(per_location.mean())
             continue
-        level_weights = F.interpolate(weights[:, None].float(), size=per_location.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        level_weights = _resize(weights[:, None].float(), per_location.shape[-2:])[:, 0]
         losses.append((per_location * level_weights).sum() / level_weights.sum().clamp(min=1e-6))
     return torch.stack(losses).mean()
 

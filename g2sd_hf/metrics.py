@@ -74,21 +74,27 @@ class SegmentationMetrics:
     """`compute_metrics` for semantic segmentation: mIoU, pixel accuracy and per-class IoU from a confusion matrix.
 
     Feed it class-index predictions, e.g. with `preprocess_logits_for_metrics=segmentation_predictions` in the
-    Trainer, so that full logit maps are not gathered.
+    Trainer, so that full logit maps are not gathered. It also works with `batch_eval_metrics=True`: each batch is
+    added to a running confusion matrix and the metrics come with `compute_result=True` (then the matrix is reset),
+    so the predictions of a whole evaluation set never sit in memory at once.
 
     Args:
-        num_labels (`int`): Number of classes.
-        ignore_index (`int`): Label value that is not scored.
+        num_labels (`int`): Number of classes. Labels outside `[0, num_labels)` (the ignore index, the Trainer's
+            `-100` padding) are not scored.
         class_names (`list[str]`, *optional*): For per-class `iou_<name>` entries.
     """
 
-    def __init__(self, num_labels: int, ignore_index: int = 255, class_names: Sequence[str] | None = None):
-        self.num_labels, self.ignore_index, self.class_names = num_labels, ignore_index, class_names
+    def __init__(self, num_labels: int, class_names: Sequence[str] | None = None):
+        self.num_labels, self.class_names = num_labels, class_names
+        self.running = np.zeros((num_labels, num_labels), dtype=np.int64)
 
     def confusion_matrix(self, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
-        valid = labels != self.ignore_index
-        index = labels[valid].astype(np.int64) * self.num_labels + predictions[valid].astype(np.int64)
+        predictions, labels = _numpy(predictions).reshape(-1).astype(np.int64), _numpy(labels).reshape(-1).astype(np.int64)
+        if predictions.shape != labels.shape:
+            raise ValueError(f"Predictions ({predictions.size} pixels) and labels ({labels.size}) differ in size: "
+                             "pass class-index maps at the labels' resolution (`segmentation_predictions`).")
+        valid = (labels >= 0) & (labels < self.num_labels)
+        index = labels[valid] * self.num_labels + predictions[valid]
         return np.bincount(index, minlength=self.num_labels**2).reshape(self.num_labels, self.num_labels)
 
     def from_confusion_matrix(self, confusion: np.ndarray) -> dict[str, float]:
@@ -96,15 +102,28 @@ class SegmentationMetrics:
         union = confusion.sum(0) + confusion.sum(1) - true_positives
         present = union > 0
         iou = np.where(present, true_positives / np.maximum(union, 1), np.nan)
-        metrics = {"mean_iou": float(np.nanmean(iou)), "pixel_accuracy": float(true_positives.sum() / max(confusion.sum(), 1))}
+        metrics = {"mean_iou": float(np.nanmean(iou)) if present.any() else 0.0,
+                   "pixel_accuracy": float(true_positives.sum() / max(confusion.sum(), 1))}
         for index, name in enumerate(self.class_names or []):
             if present[index]:
                 metrics[f"iou_{metric_name(name)}"] = float(iou[index])
         return metrics
 
-    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+    def __call__(self, prediction: EvalPrediction, compute_result: bool | None = None) -> dict[str, float]:
         predictions = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return self.from_confusion_matrix(self.confusion_matrix(predictions, prediction.label_ids))
+        confusion = self.confusion_matrix(predictions, prediction.label_ids)
+        if compute_result is None:  # whole evaluation set at once
+            return self.from_confusion_matrix(confusion)
+        self.running += confusion
+        if not compute_result:
+            return {}
+        metrics, self.running = self.from_confusion_matrix(self.running), np.zeros_like(self.running)
+        return metrics
+
+
+def _numpy(array) -> np.ndarray:
+    """A NumPy array from a NumPy array or a (device) tensor."""
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
 
 
 def segmentation_predictions(logits, labels):
@@ -124,7 +143,8 @@ def coco_detection_metrics(
 
     Args:
         ground_truth (`list[dict]`): Per image: `boxes` (`(n, 4)` `[x, y, width, height]` pixels), `labels` (`(n,)`),
-            `size` (`(height, width)`), and `masks` (`(n, height, width)` booleans) for `"segm"`.
+            `size` (`(height, width)`), and `masks` (`(n, height, width)` booleans) for `"segm"`; optionally `area`
+            and `iscrowd` (`(n,)`, COCO's fields; by default the box or mask area and 0).
         predictions (`list[dict]`): Per image, in the same order: `boxes`, `labels`, `scores` (and `masks`).
         num_labels (`int`): Number of classes.
         iou_types (`Sequence[str]`): `"bbox"` and/or `"segm"`.
@@ -150,10 +170,12 @@ def coco_detection_metrics(
         images.append({"id": image_id, "height": height, "width": width})
         for index, (box, label) in enumerate(zip(np.asarray(truth["boxes"]).reshape(-1, 4), np.asarray(truth["labels"]).reshape(-1))):
             annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box],
-                          "area": float(box[2] * box[3]), "iscrowd": 0}
+                          "area": float(box[2] * box[3]), "iscrowd": int(truth["iscrowd"][index]) if "iscrowd" in truth else 0}
             if "masks" in truth:
                 annotation["segmentation"] = encode(truth["masks"][index])
                 annotation["area"] = float(np.asarray(truth["masks"][index]).sum())
+            if "area" in truth:  # the data set's own areas (COCO: the segment's), which decide small/medium/large
+                annotation["area"] = float(truth["area"][index])
             annotations.append(annotation)
         for index, (box, label, score) in enumerate(zip(np.asarray(prediction["boxes"]).reshape(-1, 4), np.asarray(prediction["labels"]).reshape(-1), np.asarray(prediction["scores"]).reshape(-1))):
             detection = {"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box], "score": float(score)}

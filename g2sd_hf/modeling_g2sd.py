@@ -10,7 +10,6 @@ This file imports only torch, transformers and the package's other shippable fil
 `losses.py`), so that `save_pretrained` can ship it for `trust_remote_code` loading.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -375,8 +374,23 @@ class G2SDLayer(GradientCheckpointingLayer):
         self.mlp = G2SDMLP(config, hidden_size, intermediate_size)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attention_probs = self.attention(self.norm1(hidden_states), attention_mask)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        window: tuple[int, tuple[int, int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`window=(size, (rows, columns))`: attention within `size x size` windows of the patch grid (ViTDet); the
+        norms, the MLP and stochastic depth still act on whole images."""
+        normed = self.norm1(hidden_states)
+        if window is None:
+            attention_output, attention_probs = self.attention(normed, attention_mask)
+        else:
+            size, grid = window
+            batch_size, _, dim = normed.shape
+            windows, padded = window_partition(normed.view(batch_size, *grid, dim), size)
+            attention_output, attention_probs = self.attention(windows, attention_mask)
+            attention_output = window_unpartition(attention_output, size, padded, grid).view(batch_size, -1, dim)
         hidden_states = hidden_states + drop_path(attention_output, self.drop_path_rate, self.training)
         hidden_states = hidden_states + drop_path(self.mlp(self.norm2(hidden_states)), self.drop_path_rate, self.training)
         return hidden_states, attention_probs
@@ -896,14 +910,10 @@ class G2SDBackbone(BackboneMixin, G2SDPreTrainedModel):
         stem = hidden_states.transpose(1, 2).reshape(batch_size, dim, *grid)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        window = self.config.window_size
+        window_size = self.config.window_size
         for index, layer in enumerate(self.g2sd.layers):
-            if window and index not in self.config.global_attention_layers:
-                windows, padded = window_partition(hidden_states.view(batch_size, *grid, dim), window)
-                windows, attention = layer(windows)
-                hidden_states = window_unpartition(windows, window, padded, grid).view(batch_size, -1, dim)
-            else:
-                hidden_states, attention = layer(hidden_states)
+            windowed = window_size and index not in self.config.global_attention_layers
+            hidden_states, attention = layer(hidden_states, None, (window_size, grid) if windowed else None)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:

@@ -116,6 +116,7 @@ def test_saliency_finds_the_informative_patch():
     model = PatchModel(index=9)
     saliency = patch_saliency(model, torch.randn(3, 3, 32, 32), patch_size=8)
     assert saliency.shape == (3, 16) and (saliency.argmax(dim=1) == 9).all()
+    assert model.weight.grad is None  # the model's parameters are left alone
 
 
 class KnownLogits(nn.Module):
@@ -171,6 +172,11 @@ def test_analysis_script_on_elpv(tmp_path):
     assert set(results["occlusion"]) == {"student", "teacher"} and results["cka"]["student vs teacher"].shape == (3, 3)
     for name in ("occlusion.png", "occlusion.json", "cka.png", "cka.json", "cka_student__teacher.npy"):
         assert (tmp_path / "out" / name).exists()
+    names = ["runs/a/model", "runs/b/model", "teacher"]
+    assert run_analysis.display_names(names) == {"runs/a/model": "runs_a_model", "runs/b/model": "runs_b_model", "teacher": "teacher"}
+    assert run_analysis.cka_pairs("runs_a_model:teacher,runs/b/model:teacher", names) == [("runs/a/model", "teacher"), ("runs/b/model", "teacher")]
+    with pytest.raises(ValueError, match="among --models"):
+        run_analysis.cka_pairs("model:teacher", names)
 
 
 def test_robustness_script_on_an_imagenet_r_folder(tmp_path):
@@ -192,3 +198,8 @@ def test_robustness_script_on_an_imagenet_r_folder(tmp_path):
     assert row["samples"] == 6 and row["restricted_to"] == "imagenet-r" and 0 <= row["accuracy"] <= 1
     assert json.loads((tmp_path / "out" / "robustness.json").read_text()) == results
     assert run_robustness_eval.imagenet_labels(wnids) == subset_indices("imagenet-r")[:2]
+    assert run_robustness_eval.imagenet_labels(["7", "3"]) == [7, 3]
+    assert run_robustness_eval.imagenet_labels([f"class {index}" for index in range(1000)]) == list(range(1000))
+    for names, message in ((["cat", "dog"], "Cannot map"), (["3", "1000"], "0-999"), (["n00000001"], "outside ImageNet-1k")):
+        with pytest.raises(ValueError, match=message):
+            run_robustness_eval.imagenet_labels(names)

@@ -240,6 +240,31 @@ def test_generated_shapes_have_exact_masks_and_boxes():
     assert np.array_equal(np.asarray(again["image"]), np.asarray(example["image"]))
 
 
+def test_segmentation_masks_keep_indices_and_reduce_labels(tmp_path):
+    from PIL import Image
+
+    from g2sd_hf.dense_data import load_segmentation_dataset
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "images" / "a.jpg")
+    labels = np.array([[0, 1, 2, 255]] * 4, dtype=np.uint8)
+    palette = Image.fromarray(labels, mode="P")
+    palette.putpalette([value for index in range(256) for value in (index * 7 % 256, 0, 0)])  # colors are not the classes
+    palette.save(tmp_path / "masks" / "a.png")
+    splits, names = load_segmentation_dataset(train_dir=str(tmp_path))
+    assert names == [] and len(splits["validation"]) == 1
+    plain = SegmentationTransform(4, *NORMALIZATION, False)(splits["train"][:1])["labels"][0]
+    reduced = SegmentationTransform(4, *NORMALIZATION, False, reduce_labels=True)(splits["train"][:1])["labels"][0]
+    assert plain[0].tolist() == [0, 1, 2, 255] and reduced[0].tolist() == [255, 0, 1, 255]
+    Image.new("RGB", (4, 4)).save(tmp_path / "masks" / "a.png")
+    with pytest.raises(ValueError, match="class indices"):
+        SegmentationTransform(4, *NORMALIZATION, False)(splits["train"][:1])
+    (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "b.png")
+    with pytest.raises(ValueError, match="No mask"):
+        load_segmentation_dataset(train_dir=str(tmp_path))
+
+
 def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
     torch.manual_seed(0)
     splits = {name: make_shapes_dataset(size, 32, seed=seed).rename_column("semantic_mask", "mask") for name, size, seed in (("train", 128, 0), ("validation", 32, 1))}
@@ -287,9 +312,20 @@ def test_metrics_by_hand():
     result = metrics.from_confusion_matrix(metrics.confusion_matrix(predictions, labels))
     assert result["pixel_accuracy"] == pytest.approx(2 / 3) and result["iou_b"] == pytest.approx(1 / 2)
     assert result["mean_iou"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # Batch by batch (`batch_eval_metrics`): the same numbers at the last batch; the Trainer's -100 padding and
+    # out-of-range labels are not scored.
+    from transformers import EvalPrediction
+
+    assert metrics(EvalPrediction(torch.tensor([[0, 1]]), torch.tensor([[0, 1]])), compute_result=False) == {}
+    batched = metrics(EvalPrediction(np.array([[2, 2, 0, 1]]), np.array([[1, 255, -100, 7]])), compute_result=True)
+    assert batched == result and metrics.running.sum() == 0
     truth = [{"boxes": [[10, 10, 20, 20], [40, 40, 10, 12]], "labels": [0, 1], "size": (64, 64)}]
     assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}], 2)["map"] == pytest.approx(1.0)
     assert coco_detection_metrics(truth, [{"boxes": [[0, 50, 5, 5]], "labels": [0], "scores": [0.9]}], 2)["map"] == 0.0
+    # COCO's size ranges (large: area > 96^2) follow the data set's areas when given; by their boxes both are small.
+    exact = [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}]
+    assert coco_detection_metrics(truth, exact, 2)["map_large"] == 0.0
+    assert coco_detection_metrics([{**truth[0], "area": [400, 10000]}], exact, 2)["map_large"] == pytest.approx(1.0)
 
 
 def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
@@ -308,5 +344,9 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         student = tmp_path / f"{script.__name__}-student"
         metrics = script.main(["--output_dir", str(student), "--backbone_overrides", tiny.format(32), "--teacher_name_or_path", str(teacher), *common, *extra])
         assert "feature_distillation_loss" in (student / "trainer_state.json").read_text()
+    card = (tmp_path / "run_semantic_segmentation-student" / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and "specific distillation for semantic segmentation" in card
+    assert "- type: mean_iou" in card and "| mean_iou |" in card
+    assert "pipeline_tag: object-detection" in (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
     reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
     assert isinstance(find_backbone(reloaded), G2SDBackbone)
