@@ -350,3 +350,16 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
     assert "pipeline_tag: object-detection" in (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
     reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
     assert isinstance(find_backbone(reloaded), G2SDBackbone)
+
+
+def test_dense_demo_smoke_scale_writes_its_tables_and_reuses_finished_stages(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    import run_dense_demo
+
+    first = run_dense_demo.main(["--output_dir", str(tmp_path), "--scale", "smoke"])
+    table = (tmp_path / "dense_results.md").read_text()
+    assert "| Student, distilled from the teacher |" in table and "## Detection" in table and "mean_iou" in table
+    assert all(not row["reused"] for rows in first["tasks"].values() for row in rows.values())
+    again = run_dense_demo.main(["--output_dir", str(tmp_path), "--scale", "smoke"])
+    assert all(row["reused"] for rows in again["tasks"].values() for row in rows.values())
+    assert again["tasks"]["segmentation"]["distilled"]["mean_iou"] == first["tasks"]["segmentation"]["distilled"]["mean_iou"]
