@@ -100,6 +100,9 @@ def main(args: list[str] | None = None) -> dict:
         data_collator=collate_detection,
         processing_class=processor,
     )
+    if training_args.do_eval and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError("COCO evaluation runs on one process with the whole model, not on sharded FSDP / DeepSpeed parameters: "
+                         "train without --do_eval, then evaluate the saved model in a plain run (--model_name_or_path <output_dir> --do_eval).")
     training_args.do_eval, do_eval = False, training_args.do_eval  # COCO AP below, not the Trainer's loss
     metrics = train_and_evaluate(trainer, last_checkpoint)
     if do_eval and trainer.is_world_process_zero():  # COCO AP on one process: the whole validation set
@@ -107,6 +110,7 @@ def main(args: list[str] | None = None) -> dict:
                                   collate_detection, batch_size=training_args.per_device_eval_batch_size)
         metrics.update({f"eval_{name}": value for name, value in coco.items()})
         trainer.log_metrics("eval", coco)
+        trainer.log({f"eval_{name}": value for name, value in coco.items()})  # into log_history: the model card reads it there
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as handle:
             json.dump(coco, handle, indent=2)
     trainer.accelerator.wait_for_everyone()

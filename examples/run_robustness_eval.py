@@ -5,7 +5,8 @@
         --datasets path/to/imagenet-a,path/to/imagenet-r,imagenet_sketch --output_dir robustness
 
 Each data set is a Hub id or a local image folder. Classes named by WordNet id (the folders of ImageNet-A/-R/-V2/
--Sketch) are mapped to ImageNet-1k indices; integer class names are taken as ImageNet-1k indices. For the 200-class
+-Sketch) are mapped to ImageNet-1k indices; integer class names are taken as ImageNet-1k indices, and names the model
+uses (its `id2label`) through the model. For the 200-class
 ImageNet-A and ImageNet-R, the logits are restricted to the subset's classes (`--subset auto` recognizes them from
 their classes; the lists ship with g2sd-hf). Writes `robustness.md` and `robustness.json`.
 """
@@ -40,10 +41,10 @@ class RobustnessArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N images of each set."})
 
 
-def imagenet_labels(class_names: list[str]) -> list[int]:
+def imagenet_labels(class_names: list[str], model_labels: dict[int, str] | None = None) -> list[int]:
     """ImageNet-1k index of each class of a data set: WordNet ids (`n01440764`) through the ImageNet-1k list, names
-    that are integers as the indices themselves, and exactly 1000 other names as ImageNet-1k in its order. Anything
-    else is refused: it could not be scored against an ImageNet-1k classifier."""
+    that are integers as the indices themselves, and names the model itself uses (its `id2label`) through the model.
+    Anything else is refused: it could not be scored against an ImageNet-1k classifier."""
     if class_names and all(WNID.match(name) for name in class_names):
         index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
         unknown = [name for name in class_names if name not in index]
@@ -55,11 +56,12 @@ def imagenet_labels(class_names: list[str]) -> list[int]:
         if max(indices) >= 1000:
             raise ValueError(f"Integer class names must be ImageNet-1k indices (0-999), got {max(indices)}.")
         return indices
-    if len(class_names) == 1000:
-        return list(range(1000))
+    by_name = {label: int(index) for index, label in (model_labels or {}).items()}
+    if class_names and all(name in by_name for name in class_names):
+        return [by_name[name] for name in class_names]
     raise ValueError(
         f"Cannot map the {len(class_names)} classes {class_names[:5]}... to ImageNet-1k: name the class folders by WordNet id "
-        "(n01440764, ...) or by ImageNet-1k index (0-999)."
+        "(n01440764, ...), by ImageNet-1k index (0-999), or by the model's own label names (its config's id2label)."
     )
 
 
@@ -97,7 +99,7 @@ def main(args: list[str] | None = None) -> dict:
             dataset = load_split(name, arguments.split)
             if arguments.max_samples is not None:
                 dataset = dataset.select(range(min(arguments.max_samples, len(dataset))))
-            to_imagenet = imagenet_labels(dataset.features["label"].names)
+            to_imagenet = imagenet_labels(dataset.features["label"].names, accelerator.unwrap_model(model).config.id2label)
             dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]},
                                   features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
         subset = detect_subset(to_imagenet, arguments.subset)

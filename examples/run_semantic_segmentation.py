@@ -70,8 +70,8 @@ def main(args: list[str] | None = None) -> dict:
         teacher_processor = AutoImageProcessor.from_pretrained(model_args.teacher_name_or_path)
         teacher = DenseTeacher(teacher_model, teacher_processor.image_mean, teacher_processor.image_std)
 
-    train_dataset = splits["train"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, True, data_args.reduce_labels))
-    eval_dataset = splits["validation"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, False, data_args.reduce_labels))
+    train_dataset = splits["train"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, True, data_args.reduce_labels, model.config.num_labels))
+    eval_dataset = splits["validation"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, False, data_args.reduce_labels, model.config.num_labels))
     trainer = DenseDistillationTrainer(
         model=model,
         teacher=teacher,

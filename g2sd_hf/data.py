@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
 
 
@@ -169,7 +169,8 @@ def describe_image(image: dict) -> str:
 
 
 def open_rgb_image(image: dict) -> Image.Image:
-    """Decode an `Image(decode=False)` value to an RGB PIL image (grayscale, palette, RGBA and 16-bit converted).
+    """Decode an `Image(decode=False)` value to an RGB PIL image (grayscale, palette, RGBA and 16-bit converted),
+    turned upright by its EXIF orientation as `datasets` does when it decodes.
 
     Raises:
         ValueError: naming the file, when it cannot be read.
@@ -178,6 +179,7 @@ def open_rgb_image(image: dict) -> Image.Image:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with Image.open(source) as opened:
             opened.load()
+            opened = ImageOps.exif_transpose(opened)
             if opened.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 array = np.asarray(opened, dtype=np.float32)
                 span = max(float(array.max() - array.min()), 1e-6)

@@ -63,21 +63,39 @@ def _rgb(value) -> Image.Image:
     return value.convert("RGB") if isinstance(value, Image.Image) else open_rgb_image(value)
 
 
+MASK_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")
+
+
+def _describe(value) -> str:
+    if isinstance(value, Image.Image):
+        return "a decoded mask"
+    return value.get("path") or "<in-memory mask bytes>"
+
+
 def _mask(value) -> Image.Image:
     """A label mask as a 32-bit integer image: indices kept as they are (palette, 8- and 16-bit masks), never
-    through RGB. Color masks are refused: their colors are not class indices."""
-    if not isinstance(value, Image.Image):
-        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    if value.mode in ("RGB", "RGBA"):
-        raise ValueError("Segmentation masks must hold class indices (mode L, P or I), got an RGB(A) mask.")
-    return Image.fromarray(np.asarray(value).astype(np.int32))
+    through RGB. Other modes are refused: the colors of an RGB mask are not class indices."""
+    image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    if image.mode not in MASK_MODES:
+        raise ValueError(
+            f"Segmentation mask {_describe(value)} has mode {image.mode}; masks must hold one class index per pixel "
+            f"(modes {', '.join(MASK_MODES)}): save them as 8-bit grayscale or palette PNGs, 255 for ignored pixels."
+        )
+    return Image.fromarray(np.asarray(image).astype(np.int32))
+
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def image_size_of(value) -> tuple[int, int]:
-    """`(height, width)` of a decoded or undecoded image; an undecoded one is not decoded (its header is read)."""
+    """`(height, width)` of a decoded or undecoded image, upright (EXIF orientation applied, as `datasets` decodes);
+    an undecoded one is not decoded (its header is read)."""
     if not isinstance(value, Image.Image):
         with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as image:
-            return image.height, image.width
+            height, width = image.height, image.width
+            if image.getexif().get(0x0112) in _TRANSPOSED:
+                height, width = width, height
+            return height, width
     return value.height, value.width
 
 
@@ -121,7 +139,8 @@ def load_detection_dataset(
     dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
     synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, list[str]]:
-    """`train`/`validation` splits with `image` and COCO-style `objects` columns, and the class names."""
+    """`train`/`validation` splits with `image` and COCO-style `objects` columns (`bbox`, `category`; `area` and
+    `iscrowd` when the data has them), and the class names."""
     if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
         return _synthetic_splits(synthetic_sizes, image_size), list(SHAPE_CLASSES)
     if dataset_name is not None:
@@ -137,16 +156,21 @@ def load_detection_dataset(
         categories = sorted(coco["categories"], key=lambda category: category["id"])
         index_of = {category["id"]: index for index, category in enumerate(categories)}
         names = names or [category["name"] for category in categories]
-        objects = {image["id"]: {"bbox": [], "category": []} for image in coco["images"]}
+        objects = {image["id"]: {"bbox": [], "category": [], "area": [], "iscrowd": []} for image in coco["images"]}
         for annotation in coco["annotations"]:
-            objects[annotation["image_id"]]["bbox"].append([float(value) for value in annotation["bbox"]])
-            objects[annotation["image_id"]]["category"].append(index_of[annotation["category_id"]])
+            entry = objects[annotation["image_id"]]
+            entry["bbox"].append([float(value) for value in annotation["bbox"]])
+            entry["category"].append(index_of[annotation["category_id"]])
+            entry["area"].append(float(annotation.get("area", annotation["bbox"][2] * annotation["bbox"][3])))
+            entry["iscrowd"].append(int(annotation.get("iscrowd", 0)))
         splits[split] = datasets.Dataset.from_dict(
             {"image": [str(Path(folder, "images", image["file_name"])) for image in coco["images"]],
              "objects": [objects[image["id"]] for image in coco["images"]]},
             features=datasets.Features({"image": datasets.Image(), "objects": {
                 "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
-                "category": datasets.Sequence(datasets.Value("int64"))}}),
+                "category": datasets.Sequence(datasets.Value("int64")),
+                "area": datasets.Sequence(datasets.Value("float32")),
+                "iscrowd": datasets.Sequence(datasets.Value("int64"))}}),
         )
     return datasets.DatasetDict(splits), names
 
@@ -161,10 +185,12 @@ def _normalize(image_mean: Sequence[float], image_std: Sequence[float]):
 class SegmentationTransform:
     """Batch transform: image -> `pixel_values`, mask -> `labels` (class indices, 255 ignored), resized to a square;
     random horizontal flips when training. With `reduce_labels` (ADE20k / scene_parse_150), label 0 ("other") is
-    ignored and the others shift down by one (transformers' rule: 0 -> 255, l -> l - 1, 255 stays 255)."""
+    ignored and the others shift down by one (transformers' rule: 0 -> 255, l -> l - 1, 255 stays 255). With
+    `num_labels`, a label outside `[0, num_labels)` other than 255 raises a `ValueError` naming the mask."""
 
-    def __init__(self, image_size: int, image_mean, image_std, train: bool, reduce_labels: bool = False):
-        self.image_size, self.train, self.reduce_labels = image_size, train, reduce_labels
+    def __init__(self, image_size: int, image_mean, image_std, train: bool, reduce_labels: bool = False,
+                 num_labels: int | None = None):
+        self.image_size, self.train, self.reduce_labels, self.num_labels = image_size, train, reduce_labels, num_labels
         self.normalize = _normalize(image_mean, image_std)
 
     def __call__(self, batch: dict) -> dict:
@@ -175,6 +201,14 @@ class SegmentationTransform:
             if self.reduce_labels:
                 mask = np.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
                 mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
+            if self.num_labels is not None:
+                outside = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= self.num_labels))
+                if outside.any():
+                    raise ValueError(
+                        f"Mask {_describe(batch['mask'][len(labels)])} has labels {sorted(set(mask[outside].tolist()))[:5]} outside "
+                        f"0..{self.num_labels - 1} (255 = ignored). If label 0 means 'other' (ADE20k / scene_parse_150), pass "
+                        "--reduce_labels; otherwise check --num_labels."
+                    )
             pixels = self.normalize(image)
             mask = torch.from_numpy(mask.copy())
             if self.train and torch.rand(()) < 0.5:
@@ -200,9 +234,12 @@ class DetectionTransform:
             width, height = image.size
             pixels = self.normalize(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC))
             boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4)
+            classes = torch.tensor(objects["category"], dtype=torch.int64)
+            keep = [not (self.train and crowd) for crowd in objects.get("iscrowd") or [0] * len(classes)]
+            selected = torch.tensor(keep, dtype=torch.bool)
+            boxes, classes = boxes[selected], classes[selected]  # crowd regions are not objects to train on (COCO's rule)
             boxes = torch.stack([(boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
                                  boxes[:, 2] / width, boxes[:, 3] / height], dim=-1)
-            classes = torch.tensor(objects["category"], dtype=torch.int64)
             flip = self.train and bool(torch.rand(()) < 0.5)
             if flip:
                 pixels, boxes[:, 0] = pixels.flip(-1), 1 - boxes[:, 0]
@@ -210,7 +247,8 @@ class DetectionTransform:
             output["labels"].append({"class_labels": classes, "boxes": boxes})
             if self.with_instance_masks:
                 instance = np.asarray(_mask(batch["instance_mask"][index]).resize((self.image_size, self.image_size), Image.Resampling.NEAREST))
-                masks = torch.from_numpy(np.stack([instance == identity for identity in objects["id"]]).astype(np.float32)) if objects["id"] else torch.zeros(0, self.image_size, self.image_size)
+                identities = [identity for identity, kept in zip(objects["id"], keep) if kept]
+                masks = torch.from_numpy(np.stack([instance == identity for identity in identities]).astype(np.float32)) if identities else torch.zeros(0, self.image_size, self.image_size)
                 output["mask_labels"].append(masks.flip(-1) if flip else masks)
                 output["class_labels"].append(classes)
         if not self.with_instance_masks:

@@ -138,11 +138,11 @@ Trained with `g2sd_hf`'s `{{ trainer_class }}` on **{{ dataset }}**.
 
 
 def _is_quality_metric(name: str) -> bool:
-    return name == "loss" or "accuracy" in name or name.startswith(("mean_iou", "iou_", "map"))
+    return name == "loss" or "accuracy" in name or name.startswith(("mean_iou", "iou_", "map", "mask_map"))
 
 
 def _metric_type(name: str) -> str:
-    if name.startswith("map"):
+    if name.startswith(("map", "mask_map")):
         return "map"
     if "iou" in name:
         return "mean_iou" if name == "mean_iou" else "iou"
@@ -276,7 +276,8 @@ def build_model_card(
     if dense:
         details.append(("Head", f"{type(model).__name__}, feature pyramid of {config.fpn_hidden_size} channels"))
     labels = getattr(model.config, "id2label", None)
-    if labels and info["pipeline_tag"] != "image-feature-extraction":
+    named = labels and any(str(label) != f"LABEL_{index}" for index, label in labels.items())  # not transformers' placeholders
+    if named and info["pipeline_tag"] != "image-feature-extraction":
         details.append(("Classes", ", ".join(str(label) for label in labels.values())))
 
     limitations = (

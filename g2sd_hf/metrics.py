@@ -150,7 +150,8 @@ def coco_detection_metrics(
         iou_types (`Sequence[str]`): `"bbox"` and/or `"segm"`.
 
     Returns:
-        `dict`: `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large` (prefixed `mask_` for masks).
+        `dict`: `map`, `map_50`, `map_75`, `map_small`, `map_medium`, `map_large` (prefixed `mask_` for masks); a
+        size range without ground-truth objects has no entry.
     """
     import contextlib
     import io
@@ -195,10 +196,11 @@ def coco_detection_metrics(
                 evaluation.evaluate()
                 evaluation.accumulate()
                 evaluation.summarize()
-                stats = np.maximum(evaluation.stats, 0.0)  # -1 means "no such objects"
+                stats = evaluation.stats
             prefix = "" if iou_type == "bbox" else "mask_"
             for name, value in zip(("map", "map_50", "map_75", "map_small", "map_medium", "map_large"), stats[:6]):
-                metrics[prefix + name] = float(value)
+                if value >= 0:  # COCOeval's -1: no ground-truth objects in that size range, so no AP to report
+                    metrics[prefix + name] = float(value)
     return metrics
 
 

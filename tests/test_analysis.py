@@ -199,7 +199,9 @@ def test_robustness_script_on_an_imagenet_r_folder(tmp_path):
     assert json.loads((tmp_path / "out" / "robustness.json").read_text()) == results
     assert run_robustness_eval.imagenet_labels(wnids) == subset_indices("imagenet-r")[:2]
     assert run_robustness_eval.imagenet_labels(["7", "3"]) == [7, 3]
-    assert run_robustness_eval.imagenet_labels([f"class {index}" for index in range(1000)]) == list(range(1000))
-    for names, message in ((["cat", "dog"], "Cannot map"), (["3", "1000"], "0-999"), (["n00000001"], "outside ImageNet-1k")):
+    assert run_robustness_eval.imagenet_labels(["goldfish", "tench"], {0: "tench", 1: "goldfish", 2: "shark"}) == [1, 0]
+    alphabetical = sorted(f"class {index}" for index in range(1000))  # 1000 names, but not the model's: refused
+    for names, message in ((["cat", "dog"], "Cannot map"), (alphabetical, "Cannot map"), (["3", "1000"], "0-999"),
+                           (["n00000001"], "outside ImageNet-1k")):
         with pytest.raises(ValueError, match=message):
             run_robustness_eval.imagenet_labels(names)

@@ -4,6 +4,7 @@ import math
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -77,6 +78,26 @@ def test_windows_covering_the_grid_equal_global_attention_and_smaller_ones_diffe
             assert torch.allclose(windowed(pixels).feature_maps[2], reference, atol=1e-5) == same
 
 
+def test_windowed_backbone_gradients_match_under_gradient_checkpointing():
+    torch.manual_seed(0)
+    backbone = G2SDBackbone(tiny_backbone_config(window_size=4, global_attention_layers=[1], drop_path_rate=0.3)).train()
+    pixels = torch.randn(2, 3, 48, 40)  # a 6 x 5 grid: windows of 4 need padding
+
+    def gradients():
+        backbone.zero_grad()
+        torch.manual_seed(1)  # the same stochastic-depth draws in both runs
+        sum(feature.square().mean() for feature in backbone(pixels).feature_maps).backward()
+        return {name: parameter.grad.clone() for name, parameter in backbone.named_parameters() if parameter.grad is not None}
+
+    plain = gradients()
+    backbone.gradient_checkpointing_enable()
+    assert backbone.g2sd.layers[0].gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
 def test_backbone_loads_the_encoder_of_a_generic_checkpoint(tmp_path):
     generic = G2SDForGenericDistillation(tiny_student_config(hidden_size=32, intermediate_size=64))
     generic.save_pretrained(tmp_path)
@@ -139,6 +160,13 @@ def test_weighted_feature_loss_by_hand():
     assert weighted_feature_distillation_loss(student, teacher).item() == pytest.approx(((1 + 4 + 1) / 8 + 9) / 2)
     with pytest.raises(ValueError, match="fpn_hidden_size"):
         weighted_feature_distillation_loss([torch.zeros(1, 2, 2, 2)], [torch.zeros(1, 3, 2, 2)])
+    # A coarser level gets the weights averaged over the area each of its locations covers (not bilinear samples).
+    weights = torch.tensor([[[4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]])
+    errors = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # squared errors 1, 4, 9, 16 at the 2x2 level
+    pooled = torch.tensor([1.0, 0.0, 0.0, 1.0])  # area means of the 4x4 weights over each 2x2 cell
+    expected = float((pooled * errors.flatten() ** 2).sum() / pooled.sum())
+    loss = weighted_feature_distillation_loss([torch.zeros(1, 1, 2, 2)], [errors], weights)
+    assert loss.item() == pytest.approx(expected) and expected == pytest.approx(8.5)
 
 
 def test_pixel_kl_and_weighted_bce_by_hand():
@@ -162,6 +190,20 @@ def test_box_score_maps_project_query_scores_onto_covered_locations():
     expected_class0 = torch.tensor([[0.9, 0.2], [0.2, 0.2]])  # query 0 covers the top-left cell only
     torch.testing.assert_close(maps[0, 0], expected_class0)
     torch.testing.assert_close(maps[0, 1], torch.full((2, 2), 0.6))
+    # More queries than one chunk: the running maximum equals the maximum over all queries at once.
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.rand(2, 40, 3, generator=generator)
+    boxes = torch.cat([torch.rand(2, 40, 2, generator=generator), torch.rand(2, 40, 2, generator=generator) * 0.6], dim=-1)
+    maps = box_score_maps(probabilities, boxes, (5, 6), top_queries=37)
+    top = probabilities.amax(-1).topk(37, dim=1).indices
+    kept_probabilities = probabilities.gather(1, top[..., None].expand(-1, -1, 3))
+    kept_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
+    ys, xs = (torch.arange(5) + 0.5) / 5, (torch.arange(6) + 0.5) / 6
+    inside_x = (xs >= kept_boxes[..., :1] - kept_boxes[..., 2:3] / 2) & (xs <= kept_boxes[..., :1] + kept_boxes[..., 2:3] / 2)
+    inside_y = (ys >= kept_boxes[..., 1:2] - kept_boxes[..., 3:4] / 2) & (ys <= kept_boxes[..., 1:2] + kept_boxes[..., 3:4] / 2)
+    covers = (inside_y[..., :, None] & inside_x[..., None, :]).float()
+    reference = (kept_probabilities[..., None, None] * covers[:, :, None]).amax(dim=1)
+    torch.testing.assert_close(maps, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,12 +299,45 @@ def test_segmentation_masks_keep_indices_and_reduce_labels(tmp_path):
     plain = SegmentationTransform(4, *NORMALIZATION, False)(splits["train"][:1])["labels"][0]
     reduced = SegmentationTransform(4, *NORMALIZATION, False, reduce_labels=True)(splits["train"][:1])["labels"][0]
     assert plain[0].tolist() == [0, 1, 2, 255] and reduced[0].tolist() == [255, 0, 1, 255]
-    Image.new("RGB", (4, 4)).save(tmp_path / "masks" / "a.png")
-    with pytest.raises(ValueError, match="class indices"):
-        SegmentationTransform(4, *NORMALIZATION, False)(splits["train"][:1])
+    with pytest.raises(ValueError, match="--reduce_labels"):  # label 2 with 2 classes: a missing --reduce_labels, say
+        SegmentationTransform(4, *NORMALIZATION, False, num_labels=2)(splits["train"][:1])
+    assert SegmentationTransform(4, *NORMALIZATION, False, True, num_labels=2)(splits["train"][:1])["labels"][0].max() == 255
+    for mode in ("RGB", "LA"):
+        Image.new(mode, (4, 4)).save(tmp_path / "masks" / "a.png")
+        with pytest.raises(ValueError, match=r"a\.png has mode " + mode):
+            SegmentationTransform(4, *NORMALIZATION, False)(splits["train"][:1])
     (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "b.png")
     with pytest.raises(ValueError, match="No mask"):
         load_segmentation_dataset(train_dir=str(tmp_path))
+
+
+def test_detection_folder_keeps_area_and_crowds_and_images_are_upright(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from g2sd_hf.data import open_rgb_image
+    from g2sd_hf.dense_data import image_size_of, load_detection_dataset
+
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide x 20 high, shown rotated: 20 wide x 40 high
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "images" / "a.jpg", exif=exif)
+    (tmp_path / "annotations.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 20}],
+        "categories": [{"id": 3, "name": "cell"}],
+        "annotations": [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 60.0, "iscrowd": 0},
+                        {"image_id": 7, "category_id": 3, "bbox": [0, 20, 20, 20], "area": 400.0, "iscrowd": 1}],
+    }))
+    splits, names = load_detection_dataset(train_dir=str(tmp_path))
+    objects = splits["train"][0]["objects"]
+    assert names == ["cell"] and objects["area"] == [60.0, 400.0] and objects["iscrowd"] == [0, 1]
+    raw = splits["train"].cast_column("image", datasets.Image(decode=False))[0]["image"]
+    assert image_size_of(raw) == (40, 20) and open_rgb_image(raw).size == (20, 40) and splits["train"][0]["image"].size == (20, 40)
+    train = DetectionTransform(16, *NORMALIZATION, True)(splits["train"][:1])["labels"][0]
+    evaluation = DetectionTransform(16, *NORMALIZATION, False)(splits["train"][:1])["labels"][0]
+    assert train["class_labels"].tolist() == [0] and evaluation["class_labels"].tolist() == [0, 0]  # crowds: not trained on
+    torch.testing.assert_close(evaluation["boxes"][0], torch.tensor([0.25, 0.125, 0.5, 0.25]))  # normalized by 20 x 40
 
 
 def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
@@ -322,9 +397,13 @@ def test_metrics_by_hand():
     truth = [{"boxes": [[10, 10, 20, 20], [40, 40, 10, 12]], "labels": [0, 1], "size": (64, 64)}]
     assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}], 2)["map"] == pytest.approx(1.0)
     assert coco_detection_metrics(truth, [{"boxes": [[0, 50, 5, 5]], "labels": [0], "scores": [0.9]}], 2)["map"] == 0.0
+    # A crowd region is not a miss: only the non-crowd box must be found.
+    crowd = [{**truth[0], "iscrowd": [0, 1]}]
+    assert coco_detection_metrics(crowd, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)["map"] == pytest.approx(1.0)
+    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)["map"] == pytest.approx(0.5)
     # COCO's size ranges (large: area > 96^2) follow the data set's areas when given; by their boxes both are small.
     exact = [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}]
-    assert coco_detection_metrics(truth, exact, 2)["map_large"] == 0.0
+    assert "map_large" not in coco_detection_metrics(truth, exact, 2)  # no large objects: no AP, rather than a 0
     assert coco_detection_metrics([{**truth[0], "area": [400, 10000]}], exact, 2)["map_large"] == pytest.approx(1.0)
 
 
@@ -347,7 +426,8 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
     card = (tmp_path / "run_semantic_segmentation-student" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "specific distillation for semantic segmentation" in card
     assert "- type: mean_iou" in card and "| mean_iou |" in card
-    assert "pipeline_tag: object-detection" in (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
+    detection_card = (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
+    assert "pipeline_tag: object-detection" in detection_card and "| map_50 |" in detection_card and "- type: map" in detection_card
     reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
     assert isinstance(find_backbone(reloaded), G2SDBackbone)
 
