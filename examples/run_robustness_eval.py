@@ -39,12 +39,17 @@ class RobustnessArguments:
     output_dir: str = field(default="robustness", metadata={"help": "Where the table goes."})
     batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N images of each set."})
+    imagenet_order: bool = field(
+        default=False,
+        metadata={"help": "The data set's 1000 classes are ImageNet-1k's, in its order (e.g. imagenet_sketch on the Hub), whatever their names."},
+    )
 
 
-def imagenet_labels(class_names: list[str], model_labels: dict[int, str] | None = None) -> list[int]:
+def imagenet_labels(class_names: list[str], model_labels: dict[int, str] | None = None, imagenet_order: bool = False) -> list[int]:
     """ImageNet-1k index of each class of a data set: WordNet ids (`n01440764`) through the ImageNet-1k list, names
-    that are integers as the indices themselves, and names the model itself uses (its `id2label`) through the model.
-    Anything else is refused: it could not be scored against an ImageNet-1k classifier."""
+    that are integers as the indices themselves, names the model itself uses (its `id2label`) through the model, and,
+    with `imagenet_order`, 1000 classes as ImageNet-1k in its order. Anything else is refused: it could not be scored
+    against an ImageNet-1k classifier."""
     if class_names and all(WNID.match(name) for name in class_names):
         index = {wnid: position for position, wnid in enumerate(imagenet_wnids())}
         unknown = [name for name in class_names if name not in index]
@@ -59,9 +64,12 @@ def imagenet_labels(class_names: list[str], model_labels: dict[int, str] | None 
     by_name = {label: int(index) for index, label in (model_labels or {}).items()}
     if class_names and all(name in by_name for name in class_names):
         return [by_name[name] for name in class_names]
+    if imagenet_order and len(class_names) == 1000:
+        return list(range(1000))
     raise ValueError(
         f"Cannot map the {len(class_names)} classes {class_names[:5]}... to ImageNet-1k: name the class folders by WordNet id "
-        "(n01440764, ...), by ImageNet-1k index (0-999), or by the model's own label names (its config's id2label)."
+        "(n01440764, ...), by ImageNet-1k index (0-999), or by the model's own label names (its config's id2label); for "
+        "1000 classes already in ImageNet-1k's order, pass --imagenet_order."
     )
 
 
@@ -99,10 +107,15 @@ def main(args: list[str] | None = None) -> dict:
             dataset = load_split(name, arguments.split)
             if arguments.max_samples is not None:
                 dataset = dataset.select(range(min(arguments.max_samples, len(dataset))))
-            to_imagenet = imagenet_labels(dataset.features["label"].names, accelerator.unwrap_model(model).config.id2label)
-            dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]},
-                                  features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
-        subset = detect_subset(to_imagenet, arguments.subset)
+            class_names = getattr(dataset.features["label"], "names", None)
+            if class_names is None:  # plain integer labels: the ImageNet-1k indices themselves
+                classes = imagenet_labels([str(label) for label in sorted(set(dataset["label"]))])
+            else:
+                to_imagenet = imagenet_labels(class_names, accelerator.unwrap_model(model).config.id2label, arguments.imagenet_order)
+                dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]},
+                                      features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
+                classes = to_imagenet
+        subset = detect_subset(classes, arguments.subset)
         loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=arguments.batch_size,
                                                                              collate_fn=collate_classification))
         metrics = evaluate_accuracy(model, loader, subset_indices(subset) if subset else None, accelerator, description=name)

@@ -1,10 +1,12 @@
 """Analyses: CKA's invariances and the minibatch estimator, occlusion, saliency, the 200-class restriction, plots,
 and the two analysis scripts."""
 
+import io
 import json
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -179,7 +181,7 @@ def test_analysis_script_on_elpv(tmp_path):
         run_analysis.cka_pairs("model:teacher", names)
 
 
-def test_robustness_script_on_an_imagenet_r_folder(tmp_path):
+def test_robustness_script_on_an_imagenet_r_folder(tmp_path, monkeypatch):
     sys.path.insert(0, str(EXAMPLES))
     import run_robustness_eval
 
@@ -198,9 +200,19 @@ def test_robustness_script_on_an_imagenet_r_folder(tmp_path):
     assert row["samples"] == 6 and row["restricted_to"] == "imagenet-r" and 0 <= row["accuracy"] <= 1
     assert json.loads((tmp_path / "out" / "robustness.json").read_text()) == results
     assert run_robustness_eval.imagenet_labels(wnids) == subset_indices("imagenet-r")[:2]
+    # A Hub data set with plain integer labels (stood in for by an in-memory one: no Hub here) is scored as is.
+    png = io.BytesIO()
+    Image.fromarray((np.random.rand(40, 40, 3) * 255).astype(np.uint8)).save(png, format="PNG")
+    hub_like = datasets.Dataset.from_dict({"image": [{"bytes": png.getvalue(), "path": None}] * 3, "label": [5, 999, 5]},
+                                          features=datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")}))
+    monkeypatch.setattr(run_robustness_eval, "load_split", lambda name, split: hub_like)
+    results = run_robustness_eval.main(["--model_name_or_path", str(tmp_path / "model"), "--datasets", "someone/imagenet-variant",
+                                        "--output_dir", str(tmp_path / "hub"), "--batch_size", "2"])
+    assert results["someone/imagenet-variant"]["samples"] == 3 and results["someone/imagenet-variant"]["restricted_to"] == "imagenet-1k"
     assert run_robustness_eval.imagenet_labels(["7", "3"]) == [7, 3]
     assert run_robustness_eval.imagenet_labels(["goldfish", "tench"], {0: "tench", 1: "goldfish", 2: "shark"}) == [1, 0]
     alphabetical = sorted(f"class {index}" for index in range(1000))  # 1000 names, but not the model's: refused
+    assert run_robustness_eval.imagenet_labels(alphabetical, imagenet_order=True) == list(range(1000))  # unless declared
     for names, message in ((["cat", "dog"], "Cannot map"), (alphabetical, "Cannot map"), (["3", "1000"], "0-999"),
                            (["n00000001"], "outside ImageNet-1k")):
         with pytest.raises(ValueError, match=message):
