@@ -92,7 +92,7 @@ TEMPLATE = """---
 
 A **G2SD student** ({{ architecture }}, {{ parameters }} parameters) from {{ stage_title }} of
 *Generic-to-Specific Distillation of Masked Autoencoders* (Huang et al., CVPR 2023, [arXiv 2302.14771]({{ paper_url }})).
-{% if teacher %}The teacher is [{{ teacher }}]({{ teacher_link }}).{% endif %}
+{% if teacher_link %}The teacher is [{{ teacher }}]({{ teacher_link }}).{% elif teacher %}The teacher is a local checkpoint, `{{ teacher }}`.{% endif %}
 
 This checkpoint is {{ summary }}
 
@@ -294,8 +294,9 @@ def build_model_card(
         parameters=f"{model.num_parameters() / 1e6:.2f}M",
         stage_title=info["title"],
         paper_url=PAPER_URL,
-        teacher=teacher,
-        teacher_link=f"https://huggingface.co/{teacher}" if teacher_is_hub_id else teacher,
+        # A local teacher is named by its folder: its absolute path means nothing to the card's readers.
+        teacher=teacher if teacher is None or teacher_is_hub_id else os.path.basename(os.path.normpath(teacher)),
+        teacher_link=f"https://huggingface.co/{teacher}" if teacher_is_hub_id else None,
         summary=info["summary"],
         usage=usage,
         loading_note=loading_note,

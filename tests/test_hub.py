@@ -258,5 +258,9 @@ def test_card_for_a_generic_checkpoint_names_its_teacher():
     assert card.data.base_model == "facebook/vit-mae-base" and card.data.pipeline_tag == "image-feature-extraction"
     assert [result.metric_name for result in card.data.eval_results] == ["loss"]  # runtime is not a result
     assert "image-feature-extraction" in card.text and "not a classifier" in card.text
+    assert "[facebook/vit-mae-base](https://huggingface.co/facebook/vit-mae-base)" in card.text
+    local = build_model_card(model, "generic-distillation", dataset="elpv", teacher=str(Path(__file__).parent) + "/")
+    assert "a local checkpoint, `tests`" in local.text and str(Path(__file__).parent) not in local.text
+    assert local.data.base_model is None
     with pytest.raises(ValueError, match="stage must be one of"):
         build_model_card(model, "pre-training", dataset="x")
