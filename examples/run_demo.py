@@ -175,6 +175,20 @@ def stage_arguments(scale: DemoScale, stages: Path, seed: int) -> dict[str, tupl
     }
 
 
+def start_demo(description: str, default_output_dir: str, scales, args: list[str] | None) -> tuple[argparse.Namespace, Path, Path]:
+    """The demos' command line (`--output_dir`, `--scale`, `--seed`) and logging; returns the options, the output
+    folder and its `stages/` folder (created)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default=default_output_dir)
+    parser.add_argument("--scale", choices=sorted(scales), default="demo")
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(args)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    output_dir = Path(options.output_dir).resolve()
+    (output_dir / "stages").mkdir(parents=True, exist_ok=True)
+    return options, output_dir, output_dir / "stages"
+
+
 def run_stage(name: str, module, arguments: list[str], folder: Path) -> dict:
     """Run a stage's script unless the same stage already finished in `folder`; return its timing and metrics."""
     marker = folder / "g2sd_demo_stage.json"
@@ -378,18 +392,8 @@ def analyze(stages: Path, scale: DemoScale, test_split, output_dir: Path) -> dic
 
 
 def main(args: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="demo")
-    parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
+    options, output_dir, stages = start_demo(__doc__, "demo_output", SCALES, args)
     scale = SCALES[options.scale]
-    output_dir = Path(options.output_dir).resolve()
-    stages = output_dir / "stages"
-    stages.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     records = {

@@ -13,9 +13,7 @@ reused on a second run.
     python examples/run_dense_demo.py --output_dir demo_output/dense
 """
 
-import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -27,10 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_object_detection  # noqa: E402
 import run_semantic_segmentation  # noqa: E402
-from run_demo import run_stage  # noqa: E402
+from run_demo import run_stage, start_demo  # noqa: E402
 
-
-logger = logging.getLogger("g2sd_dense_demo")
 
 BACKBONES = {
     "teacher": "image_size=64,patch_size=8,hidden_size=96,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384",
@@ -67,15 +63,7 @@ def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) 
 
 
 def main(args: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="demo_output/dense")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="demo")
-    parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    output_dir = Path(options.output_dir).resolve()
-    stages = output_dir / "stages"
-    stages.mkdir(parents=True, exist_ok=True)
+    options, output_dir, stages = start_demo(__doc__, "demo_output/dense", SCALES, args)
     scale = SCALES[options.scale]
     start = time.perf_counter()
 

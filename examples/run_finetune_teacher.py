@@ -13,11 +13,11 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, ViTImageProcessor, ViTMAEModel, set_seed
+from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 
 from g2sd_hf import SpecificDistillationConfig, SpecificDistillationTrainer
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, evaluation_transform, prepare_splits
+from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, evaluation_transform, image_processor, prepare_splits
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
@@ -58,7 +58,7 @@ def main(args: list[str] | None = None) -> dict:
         logger.warning(f"No image processor in {model_args.mae_name_or_path}: using ImageNet's normalization, MAE's.")
         image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
     size = model.config.image_size
-    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=image_mean, image_std=image_std, resample=3)
+    processor = image_processor(size, image_mean, image_std)
 
     train_dataset = splits["train"].with_transform(
         ImageTransform(augmentation_args.train_transform(size, image_mean, image_std), with_labels=True)

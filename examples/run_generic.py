@@ -14,11 +14,11 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import ViTImageProcessor, set_seed
+from transformers import set_seed
 
 from g2sd_hf import G2SDConfig, G2SDForGenericDistillation, GenericDistillationConfig, GenericDistillationTrainer, MAETeacher
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, prepare_splits
+from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, image_processor, prepare_splits
 from g2sd_hf.hub import finish_training_run
 
 
@@ -93,9 +93,7 @@ def main(args: list[str] | None = None) -> dict:
     student = build_student(model_args, teacher)
     image_size = student.config.grid_size[0] * student.config.patch_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
-    processor = ViTImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=list(teacher.image_mean), image_std=list(teacher.image_std), resample=3
-    )
+    processor = image_processor(image_size, teacher.image_mean, teacher.image_std)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
     train_dataset = splits["train"].with_transform(ImageTransform(train_transform))
     eval_dataset = splits["validation"].with_transform(ImageTransform(evaluation_transform(image_size, teacher.image_mean, teacher.image_std)))

@@ -15,11 +15,11 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining, set_seed
+from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from g2sd_hf import GenericDistillationConfig, initialize_mae_from_scratch
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, prepare_splits
+from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, image_processor, prepare_splits
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
 
@@ -54,9 +54,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size
-    processor = ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD), resample=3
-    )
+    processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_dataset = splits["train"].with_transform(
         ImageTransform(augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     )

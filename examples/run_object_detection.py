@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, ViTImageProcessor, set_seed
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, set_seed
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
@@ -31,6 +31,7 @@ from g2sd_hf.dense import (
     load_backbone_weights,
     object_detection_model,
 )
+from g2sd_hf.data import image_processor
 from g2sd_hf.dense_data import DenseDataArguments, DetectionTransform, collate_detection, load_detection_dataset
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -81,8 +82,7 @@ def main(args: list[str] | None = None) -> dict:
     model.config.id2label = dict(enumerate(class_names)) if class_names else model.config.id2label
     model.config.label2id = {name: index for index, name in model.config.id2label.items()}
     image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    processor = ViTImageProcessor(size={"height": data_args.image_size, "width": data_args.image_size},
-                                  image_mean=image_mean, image_std=image_std, resample=3)
+    processor = image_processor(data_args.image_size, image_mean, image_std)
 
     teacher = None
     if model_args.teacher_name_or_path is not None:

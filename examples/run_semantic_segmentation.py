@@ -12,7 +12,7 @@ shapes on textured backgrounds. Evaluation reports mean IoU and pixel accuracy, 
 import logging
 import sys
 
-from transformers import AutoImageProcessor, UperNetForSemanticSegmentation, ViTImageProcessor, set_seed
+from transformers import AutoImageProcessor, UperNetForSemanticSegmentation, set_seed
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
@@ -25,6 +25,7 @@ from g2sd_hf.dense import (
     load_backbone_weights,
     semantic_segmentation_model,
 )
+from g2sd_hf.data import image_processor
 from g2sd_hf.dense_data import DenseDataArguments, SegmentationTransform, collate_segmentation, load_segmentation_dataset
 from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -61,8 +62,7 @@ def main(args: list[str] | None = None) -> dict:
         model.config.id2label = dict(enumerate(class_names))
         model.config.label2id = {name: index for index, name in enumerate(class_names)}
     image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    processor = ViTImageProcessor(size={"height": data_args.image_size, "width": data_args.image_size},
-                                  image_mean=image_mean, image_std=image_std, resample=3)
+    processor = image_processor(data_args.image_size, image_mean, image_std)
 
     teacher = None
     if model_args.teacher_name_or_path is not None:

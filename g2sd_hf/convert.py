@@ -26,11 +26,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.utils import logging
 
 from .cli import parse_overrides
 from .configuration_g2sd import G2SD_PRESETS, G2SDConfig, resolve_preset_name
+from .data import image_processor
 from .export import fused_layer_tensors, load_by_parameter, stock_vit_layer_parameters
 from .hub import build_model_card, staged_folder
 from .modeling_g2sd import G2SDForGenericDistillation, G2SDForImageClassification
@@ -306,9 +307,7 @@ def convert_official_checkpoint(path: str, kind: str, output_dir: str, preset: s
     """
     model = convert_state_dict(load_official_state_dict(path), kind, preset, path=str(path), **overrides)
     size = model.config.image_size
-    processor = ViTImageProcessor(
-        size={"height": size, "width": size}, image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD), resample=3
-    )
+    processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
+from transformers import ViTImageProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -403,6 +404,13 @@ def evaluation_transform(image_size: int, image_mean: Sequence[float], image_std
     return v2.Compose([resize] + _to_normalized_tensor(image_mean, image_std))
 
 
+def image_processor(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> ViTImageProcessor:
+    """The `ViTImageProcessor` saved with a checkpoint: `evaluation_transform`'s square bicubic resize and
+    normalization, for `pipeline(...)` and other users of the saved model."""
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(image_mean),
+                             image_std=list(image_std), resample=3)
+
+
 class ImageTransform:
     """A `datasets` batch transform: decode each image to RGB, apply `transform`, keep the labels.
 
@@ -464,6 +472,7 @@ __all__ = [
     "drop_unreadable_images",
     "evaluation_transform",
     "generic_distillation_transform",
+    "image_processor",
     "load_elpv",
     "load_image_dataset",
     "open_rgb_image",

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .data import open_rgb_image
+from .data import _to_normalized_tensor, open_rgb_image
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 
@@ -178,8 +178,8 @@ def load_detection_dataset(
 # --------------------------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------------------------
-def _normalize(image_mean: Sequence[float], image_std: Sequence[float]):
-    return v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(image_mean, image_std)])
+def _normalize(image_mean: Sequence[float], image_std: Sequence[float]) -> v2.Compose:
+    return v2.Compose(_to_normalized_tensor(image_mean, image_std))  # the classification transforms' last steps
 
 
 class SegmentationTransform:

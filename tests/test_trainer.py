@@ -24,44 +24,18 @@ from g2sd_hf.losses import nkd_loss
 from .conftest import NUM_PATCHES, tiny_classifier_teacher, tiny_image_dataset, tiny_mae_teacher, tiny_student_config
 
 
+def quick_run(tmp_path, **overrides) -> dict:
+    """A few logged CPU steps at a fixed learning rate, nothing saved."""
+    return dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, scale_lr_with_batch_size=False,
+                warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0) | overrides
+
+
 def generic_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        scale_lr_with_batch_size=False,
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return GenericDistillationConfig(**values)
+    return GenericDistillationConfig(**quick_run(tmp_path, **overrides))
 
 
 def specific_args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        scale_lr_with_batch_size=False,
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        mixup_alpha=0.0,
-        cutmix_alpha=0.0,
-        seed=0,
-    )
-    values.update(overrides)
-    return SpecificDistillationConfig(**values)
+    return SpecificDistillationConfig(**quick_run(tmp_path, **{"mixup_alpha": 0.0, "cutmix_alpha": 0.0, **overrides}))
 
 
 def generic_trainer(tmp_path, student_seed=0, dataset=None, **overrides):
