@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 
 from g2sd_hf import SpecificDistillationConfig, SpecificDistillationTrainer
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, evaluation_transform, image_processor, prepare_splits
+from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, image_processor, prepare_splits
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
@@ -58,13 +58,13 @@ def main(args: list[str] | None = None) -> dict:
         logger.warning(f"No image processor in {model_args.mae_name_or_path}: using ImageNet's normalization, MAE's.")
         image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
     size = model.config.image_size
-    processor = image_processor(size, image_mean, image_std)
+    processor = image_processor(size, image_mean, image_std, augmentation_args.eval_crop_ratio)
 
     train_dataset = splits["train"].with_transform(
         ImageTransform(augmentation_args.train_transform(size, image_mean, image_std), with_labels=True)
     )
     eval_dataset = splits["validation"].with_transform(
-        ImageTransform(evaluation_transform(size, image_mean, image_std), with_labels=True)
+        ImageTransform(augmentation_args.eval_transform(size, image_mean, image_std), with_labels=True)
     )
     trainer = SpecificDistillationTrainer(
         model=model,

@@ -6,8 +6,12 @@
         --dataset_name imagenet-1k --output_dir g2sd-vit-small-gd \\
         --per_device_train_batch_size 256 --bf16 --do_train --do_eval
 
-Without --dataset_name or --train_dir the embedded ELPV solar-cell images are used. Arguments can also come from a
-single JSON or YAML file: `python examples/run_generic.py args.yaml`.
+The paper's teacher is the MAE ViT-B pre-trained with the normalized-pixel loss, with its decoder
+(`mae_pretrain_vit_base_full.pth` of the MAE release, converted with `python -m g2sd_hf.convert --kind mae-teacher`);
+`facebook/vit-mae-base` is MAE's visualization checkpoint, trained without it, and a convenient default only.
+
+Without --dataset_name or --train_dir the embedded ELPV solar-cell images are used. `--recipe small-data` suits a few
+thousand images. Arguments can also come from a single JSON or YAML file: `python examples/run_generic.py args.yaml`.
 """
 
 import logging
@@ -18,7 +22,7 @@ from transformers import set_seed
 
 from g2sd_hf import G2SDConfig, G2SDForGenericDistillation, GenericDistillationConfig, GenericDistillationTrainer, MAETeacher
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, image_processor, prepare_splits
+from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, image_processor, prepare_splits
 from g2sd_hf.hub import finish_training_run
 
 
@@ -29,7 +33,10 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     teacher_name_or_path: str = field(
         default="facebook/vit-mae-base",
-        metadata={"help": "MAE teacher with its pre-training decoder (ViTMAEForPreTraining): Hub id or folder."},
+        metadata={"help": "MAE teacher with its pre-training decoder (ViTMAEForPreTraining): Hub id or folder. The "
+                  "default, facebook/vit-mae-base, is MAE's visualization checkpoint (trained without the "
+                  "normalized-pixel loss); the release distills the norm_pix_loss MAE ViT-B, "
+                  "mae_pretrain_vit_base_full.pth, converted with `python -m g2sd_hf.convert --kind mae-teacher`."},
     )
     target_layer: int = field(default=4, metadata={"help": "Teacher decoder block whose features are distilled."})
     student_preset: str = field(
@@ -93,10 +100,10 @@ def main(args: list[str] | None = None) -> dict:
     student = build_student(model_args, teacher)
     image_size = student.config.grid_size[0] * student.config.patch_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
-    processor = image_processor(image_size, teacher.image_mean, teacher.image_std)
+    processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
     train_dataset = splits["train"].with_transform(ImageTransform(train_transform))
-    eval_dataset = splits["validation"].with_transform(ImageTransform(evaluation_transform(image_size, teacher.image_mean, teacher.image_std)))
+    eval_dataset = splits["validation"].with_transform(ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std)))
 
     trainer = GenericDistillationTrainer(
         model=student,

@@ -19,7 +19,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from g2sd_hf import GenericDistillationConfig, initialize_mae_from_scratch
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, evaluation_transform, image_processor, prepare_splits
+from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, image_processor, prepare_splits
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
 
@@ -54,12 +54,12 @@ def main(args: list[str] | None = None) -> dict:
     )
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size
-    processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augmentation_args.eval_crop_ratio)
     train_dataset = splits["train"].with_transform(
         ImageTransform(augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     )
     eval_dataset = splits["validation"].with_transform(
-        ImageTransform(evaluation_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        ImageTransform(augmentation_args.eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     )
     trainer = RecipeTrainer(
         model=model,

@@ -19,7 +19,7 @@ from transformers import AutoImageProcessor, set_seed
 
 from g2sd_hf import ClassificationTeacher, G2SDConfig, G2SDForImageClassification, SpecificDistillationConfig, SpecificDistillationTrainer
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, evaluation_transform, image_processor, prepare_splits
+from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, image_processor, prepare_splits
 from g2sd_hf.hub import finish_training_run
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -117,12 +117,12 @@ def main(args: list[str] | None = None) -> dict:
     student = build_student(model_args, labels, teacher)
     image_size = student.config.grid_size[0] * student.config.patch_size
     image_mean, image_std = student_normalization(model_args, teacher)
-    processor = image_processor(image_size, image_mean, image_std)
+    processor = image_processor(image_size, image_mean, image_std, augmentation_args.eval_crop_ratio)
 
     train_transform = augmentation_args.train_transform(image_size, image_mean, image_std)
     train_dataset = splits["train"].with_transform(ImageTransform(train_transform, with_labels=True))
     eval_dataset = splits["validation"].with_transform(
-        ImageTransform(evaluation_transform(image_size, image_mean, image_std), with_labels=True)
+        ImageTransform(augmentation_args.eval_transform(image_size, image_mean, image_std), with_labels=True)
     )
 
     trainer = SpecificDistillationTrainer(

@@ -1,27 +1,45 @@
-"""What the example scripts share: argument parsing (command line, JSON or YAML), logging, checkpoints to resume."""
+"""What the example scripts share: argument parsing (command line, JSON or YAML, named recipes), logging, checkpoints to
+resume."""
 
+import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import datasets
 import transformers
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+
+from .recipes import DEFAULT_RECIPE, recipe_defaults
 
 
 logger = logging.getLogger(__name__)
 
 
 def parse_arguments(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple:
-    """Parse dataclasses from the command line, or from a single `.json` / `.yaml` file given as the only argument."""
+    """Parse dataclasses from the command line, or from a single `.json` / `.yaml` file given as the only argument.
+
+    `--recipe NAME` (a field of the training arguments) first sets the defaults of the named recipe
+    (`g2sd_hf.recipes`); flags given explicitly override them.
+    """
     parser = HfArgumentParser(dataclass_types)
+    field_names = [field.name for dataclass_type in dataclass_types for field in dataclasses.fields(dataclass_type)]
     args = list(sys.argv[1:] if args is None else args)
-    if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+        text = Path(args[0]).read_text()
+        values = json.loads(text) if args[0].endswith(".json") else yaml.safe_load(text)
+        defaults = recipe_defaults(values.get("recipe", DEFAULT_RECIPE), field_names)
+        return parser.parse_dict({**defaults, **values})
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--recipe", default=DEFAULT_RECIPE)
+    recipe = peek.parse_known_args(args)[0].recipe
+    parser.set_defaults(**recipe_defaults(recipe, field_names))
     return parser.parse_args_into_dataclasses(args=args)
 
 
@@ -60,7 +78,9 @@ def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
 
 
 def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None) -> dict:
-    """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all metrics."""
+    """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
+    metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
+    `learning_warnings.json` when not empty)."""
     args, metrics = trainer.args, {}
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -75,7 +95,12 @@ def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    return metrics
+    warnings = getattr(trainer, "learning_warnings", [])
+    if warnings and trainer.is_world_process_zero():
+        # Also on disk, beside the metrics, for whoever reads the run folder rather than the log.
+        with open(os.path.join(args.output_dir, "learning_warnings.json"), "w") as handle:
+            json.dump(warnings, handle, indent=2)
+    return {**metrics, "learning_warnings": list(warnings)}
 
 
 def parse_overrides(overrides: str | None) -> dict:

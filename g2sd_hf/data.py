@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
-from transformers import ViTImageProcessor
+from transformers import BitImageProcessor, ViTImageProcessor
+from transformers.image_utils import PILImageResampling
 
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,14 @@ logger = logging.getLogger(__name__)
 ELPV_NAME = "elpv"
 ELPV_CLASS_NAMES = ("0", "1/3", "2/3", "1")  # the defect probability of a cell
 ELPV_DEFECTIVE_CLASSES = (2, 3)  # defect probability >= 0.5
+# ELPV's two tasks (Deitsch et al. report both), as the data set's configurations: the four defect probabilities, or
+# functional vs defective cells (defect probability >= 0.5).
+ELPV_TASKS = {"defect-probability": ELPV_CLASS_NAMES, "defective": ("functional", "defective")}
+ELPV_DEFAULT_TASK = "defect-probability"
 ELPV_TEST_SIZE = 0.25
 ELPV_SPLIT_SEED = 42
+# The release's fine-tuning RandAugment (timm policy string): 2 ops, magnitude 9 (std 0.5), increasing ops.
+RELEASE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -50,11 +57,16 @@ def elpv_directory() -> Path:
     return Path(elpv_dataset.__file__).parent / "data"
 
 
-def load_elpv(test_size: float = ELPV_TEST_SIZE, seed: int = ELPV_SPLIT_SEED) -> datasets.DatasetDict:
-    """The ELPV solar-cell images as `train`/`test` splits, stratified by class (75/25, seed 42 by default).
+def load_elpv(
+    test_size: float = ELPV_TEST_SIZE, seed: int = ELPV_SPLIT_SEED, task: str = ELPV_DEFAULT_TASK
+) -> datasets.DatasetDict:
+    """The ELPV solar-cell images as `train`/`test` splits, stratified by defect probability (75/25, seed 42 by
+    default). Both tasks share the split: the same cells are held out.
 
-    Columns: `image` (file path, not decoded), `label` (`ClassLabel` with names "0", "1/3", "2/3", "1": the defect
-    probability), `defect_probability` (float) and `cell_type` ("mono" or "poly").
+    Columns: `image` (file path, not decoded), `label`, `defect_probability` (float) and `cell_type` ("mono" or
+    "poly"). `label` is a `ClassLabel`: with `task="defect-probability"`, the four defect probabilities "0", "1/3",
+    "2/3", "1"; with `task="defective"`, "functional" (probability < 0.5) or "defective" (Deitsch et al.'s two-class
+    task).
 
     The split is random at the cell level: cells of one solar module can fall on both sides (the package does not
     record which module a cell comes from), which is easier than a split by module.
@@ -63,12 +75,24 @@ def load_elpv(test_size: float = ELPV_TEST_SIZE, seed: int = ELPV_SPLIT_SEED) ->
     """
     from importlib.metadata import version
 
+    if task not in ELPV_TASKS:
+        raise ValueError(f"Unknown ELPV task {task!r}: choose one of {sorted(ELPV_TASKS)} (--dataset_config_name).")
     folder = elpv_directory()
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "g2sd_hf" / f"elpv-{version('elpv-dataset')}"
     if not (cache / "dataset_info.json").exists():
         _elpv_table(folder).save_to_disk(str(cache))
     dataset = datasets.load_from_disk(str(cache))
-    return dataset.train_test_split(test_size=test_size, stratify_by_column="label", seed=seed)
+    splits = dataset.train_test_split(test_size=test_size, stratify_by_column="label", seed=seed)
+    if task == "defective":
+        features = splits["train"].features.copy()
+        features["label"] = datasets.ClassLabel(names=list(ELPV_TASKS[task]))
+        splits = splits.map(
+            lambda batch: {"label": [int(label in ELPV_DEFECTIVE_CLASSES) for label in batch["label"]]},
+            batched=True,
+            features=features,
+            desc="ELPV: functional vs defective",
+        )
+    return splits
 
 
 def _elpv_table(folder: Path) -> datasets.Dataset:
@@ -116,7 +140,7 @@ def load_image_dataset(
     renamed to `image` and not decoded, and the label column renamed to `label`.
     """
     if dataset_name in (None, ELPV_NAME) and train_dir is None:
-        splits = load_elpv()  # the documented fixed split, whatever the training seed
+        splits = load_elpv(task=dataset_config_name or ELPV_DEFAULT_TASK)  # the fixed split, whatever the seed
         return datasets.DatasetDict(train=splits["train"], validation=splits["test"])
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
@@ -230,7 +254,11 @@ class DataArguments:
         metadata={"help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv'. Without it and without --train_dir, the "
                   "embedded ELPV solar-cell images are used."},
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
+    dataset_config_name: str | None = field(
+        default=None,
+        metadata={"help": "The Hub data set's configuration; for 'elpv', the task: 'defect-probability' (4 classes, "
+                  "default) or 'defective' (functional vs defective)."},
+    )
     train_dir: str | None = field(default=None, metadata={"help": "A local image folder (one sub-folder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "A local validation image folder."})
     image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
@@ -265,25 +293,55 @@ class MaskedImageAugmentationArguments:
 
     min_crop_scale: float = field(default=0.2, metadata={"help": "RandomResizedCrop's smallest area fraction."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+    eval_crop_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
+                  "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."},
+    )
+
+    def __post_init__(self):
+        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
+            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
 
     def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
         return generic_distillation_transform(image_size, image_mean, image_std, self.min_crop_scale, self.horizontal_flip)
 
+    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
+
 
 @dataclass
 class ClassificationAugmentationArguments:
-    """Augmentation of fine-tuning and specific distillation (DeiT/MAE's; mixup/cutmix are training arguments)."""
+    """Augmentation of fine-tuning and specific distillation: the release's (DeiT/MAE's, through timm's
+    `create_transform`); mixup/cutmix are training arguments. Also the evaluation crop."""
 
     min_crop_scale: float = field(default=0.08, metadata={"help": "RandomResizedCrop's smallest area fraction."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
-    rand_augment: bool = field(default=True, metadata={"help": "RandAugment (2 ops)."})
-    rand_augment_magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude."})
-    random_erasing: float = field(default=0.25, metadata={"help": "Random-erasing probability."})
+    auto_augment: str = field(
+        default=RELEASE_AUTO_AUGMENT,
+        metadata={"help": "timm's RandAugment / AutoAugment policy (the release's 'rand-m9-mstd0.5-inc1': 2 ops, "
+                  "magnitude 9 with std 0.5, increasing ops); 'none' disables it."},
+    )
+    random_erasing: float = field(default=0.25, metadata={"help": "Random-erasing probability (0 disables it)."})
+    random_erasing_mode: str = field(
+        default="pixel",
+        metadata={"help": "What fills an erased box: 'pixel' (per-pixel Gaussian noise, the release's), 'rand' "
+                  "(one random color per channel) or 'const' (zeros).", "choices": ["pixel", "rand", "const"]},
+    )
+    eval_crop_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Evaluation: resize the shorter side to image_size / ratio, then center-crop image_size. "
+                  "Default: the release's 224/256 up to 224 px, 1.0 above."},
+    )
     positive_classes: str | None = field(
         default=None,
         metadata={"help": "Comma-separated class names counted as positive for a binary accuracy (ELPV default: "
                   "'2/3,1', the defective cells)."},
     )
+
+    def __post_init__(self):
+        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
+            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
 
     def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
         return classification_train_transform(
@@ -292,10 +350,13 @@ class ClassificationAugmentationArguments:
             image_std,
             min_crop_scale=self.min_crop_scale,
             horizontal_flip=self.horizontal_flip,
-            rand_augment=self.rand_augment,
-            rand_augment_magnitude=self.rand_augment_magnitude,
+            auto_augment=self.auto_augment,
             random_erasing=self.random_erasing,
+            random_erasing_mode=self.random_erasing_mode,
         )
+
+    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
 
     def positive_class_indices(self, data_args: DataArguments, labels: Sequence[str]) -> list[int] | None:
         """Indices of `positive_classes` (ELPV: the defective classes by default); `None` for no binary accuracy."""
@@ -307,7 +368,8 @@ class ClassificationAugmentationArguments:
                 raise ValueError(f"--positive_classes {unknown} are not classes of the data set ({labels}).")
             return [labels.index(name) for name in names]
         is_elpv = data_args.dataset_name in (None, ELPV_NAME) and data_args.train_dir is None
-        return list(ELPV_DEFECTIVE_CLASSES) if is_elpv else None
+        four_classes = data_args.dataset_config_name in (None, ELPV_DEFAULT_TASK)
+        return list(ELPV_DEFECTIVE_CLASSES) if is_elpv and four_classes else None
 
 
 def prepare_splits(
@@ -379,36 +441,121 @@ def classification_train_transform(
     image_std: Sequence[float],
     min_crop_scale: float = 0.08,
     horizontal_flip: bool = True,
-    rand_augment: bool = True,
-    rand_augment_magnitude: int = 9,
+    auto_augment: str | None = RELEASE_AUTO_AUGMENT,
     random_erasing: float = 0.25,
-) -> v2.Compose:
-    """DeiT/MAE fine-tuning augmentation: RandomResizedCrop + flip + RandAugment(2, 9) + normalize + random erasing.
+    random_erasing_mode: str = "pixel",
+):
+    """The release's fine-tuning augmentation, built by timm's `create_transform` as the release builds it:
+    RandomResizedCrop (bicubic) + flip + RandAugment `rand-m9-mstd0.5-inc1` + normalize + random erasing of one box
+    filled with per-pixel Gaussian noise. No color jitter (timm disables it when a RandAugment policy is given, and
+    the release passes none).
 
-    Mixup/cutmix act on whole batches and live in `SpecificDistillationTrainer`.
+    Mixup/cutmix act on whole batches and live in `SpecificDistillationTrainer`. Takes an RGB PIL image, returns a
+    normalized `(3, image_size, image_size)` float tensor.
     """
-    steps = [_random_resized_crop(image_size, min_crop_scale)]
-    if horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if rand_augment:
-        steps.append(v2.RandAugment(num_ops=2, magnitude=rand_augment_magnitude, interpolation=InterpolationMode.BICUBIC))
-    steps += _to_normalized_tensor(image_mean, image_std)
-    if random_erasing > 0:
-        steps.append(v2.RandomErasing(p=random_erasing, value=0))
-    return v2.Compose(steps)
+    from timm.data import create_transform
+
+    if auto_augment is not None and auto_augment.lower() in ("", "none"):
+        auto_augment = None
+    transform = create_transform(
+        input_size=image_size,
+        is_training=True,
+        scale=(min_crop_scale, 1.0),
+        hflip=0.5 if horizontal_flip else 0.0,
+        color_jitter=None,
+        auto_augment=auto_augment,
+        interpolation="bicubic",
+        re_prob=random_erasing,
+        re_mode=random_erasing_mode,
+        re_count=1,
+        mean=tuple(image_mean),
+        std=tuple(image_std),
+    )
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_keeping_any_bits
+    return transform
 
 
-def evaluation_transform(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> v2.Compose:
-    """Resize to `image_size` x `image_size` (bicubic) and normalize: what the saved `ViTImageProcessor` does."""
-    resize = v2.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC)
-    return v2.Compose([resize] + _to_normalized_tensor(image_mean, image_std))
+def _posterize_keeping_any_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, also for 0 bits: `rand-m9-mstd0.5-inc1`'s PosterizeIncreasing keeps 0 bits at the top
+    magnitudes, which Pillow >= 13 refuses (`ValueError: bits must be between or equal to 1 and 8`) and older Pillow,
+    the release's, turned into a black image."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
-def image_processor(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> ViTImageProcessor:
-    """The `ViTImageProcessor` saved with a checkpoint: `evaluation_transform`'s square bicubic resize and
-    normalization, for `pipeline(...)` and other users of the saved model."""
+def release_crop_ratio(image_size: int) -> float:
+    """The release's evaluation crop ratio: 224/256 up to 224 pixels, 1.0 (no margin) above."""
+    return 224 / 256 if image_size <= 224 else 1.0
+
+
+def resized_shorter_side(image_size: int, crop_ratio: float | None = None) -> int:
+    """The shorter side before the evaluation crop: `int(image_size / crop_ratio)` (the release's rounding down; a
+    ratio read back from a saved processor gives its size again)."""
+    crop_ratio = release_crop_ratio(image_size) if crop_ratio is None else crop_ratio
+    return int(image_size / crop_ratio + 1e-6)
+
+
+def evaluation_transform(
+    image_size: int, image_mean: Sequence[float], image_std: Sequence[float], crop_ratio: float | None = None
+) -> v2.Compose:
+    """The release's evaluation transform (DeiT/MAE's): resize the shorter side to `int(image_size / crop_ratio)`
+    (bicubic), center-crop `image_size`, normalize. `crop_ratio=None` is `release_crop_ratio(image_size)` (256 -> 224).
+    The image processor saved with checkpoints (`image_processor`) does the same."""
+    resize = v2.Resize(resized_shorter_side(image_size, crop_ratio), interpolation=InterpolationMode.BICUBIC)
+    return v2.Compose([resize, v2.CenterCrop(image_size)] + _to_normalized_tensor(image_mean, image_std))
+
+
+def image_processor(
+    image_size: int, image_mean: Sequence[float], image_std: Sequence[float], crop_ratio: float | None = None
+) -> BitImageProcessor:
+    """The image processor saved with a classifier or encoder checkpoint, for `pipeline(...)` and other users: the
+    shorter side resized to `int(image_size / crop_ratio)` (bicubic), center-cropped to `image_size`, normalized --
+    `evaluation_transform`, as a transformers processor."""
+    return BitImageProcessor(
+        size={"shortest_edge": resized_shorter_side(image_size, crop_ratio)},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+    )
+
+
+def processor_transform(processor) -> v2.Compose:
+    """The torch transform that does what a saved image processor does, for scoring whole data sets fast: a
+    shorter-side resize + center crop (`image_processor`'s) or a square resize (`ViTImageProcessor`'s), then the
+    processor's normalization.
+
+    Example:
+
+    ```python
+    >>> transform = processor_transform(AutoImageProcessor.from_pretrained("g2sd-student"))
+    ```
+    """
+    size, mean, std = dict(processor.size), processor.image_mean, processor.image_std
+    if getattr(processor, "do_center_crop", False) and size.get("shortest_edge"):
+        crop = dict(processor.crop_size)["height"]
+        return evaluation_transform(crop, mean, std, crop / size["shortest_edge"])
+    if not size.get("height") or not size.get("width"):
+        raise ValueError(
+            f"Unsupported image processor size {size}: expected a square size, or a shorter-side resize with a "
+            "center crop (g2sd_hf.data.image_processor)."
+        )
+    resize = v2.Resize((size["height"], size["width"]), interpolation=InterpolationMode.BICUBIC)
+    return v2.Compose([resize] + _to_normalized_tensor(mean, std))
+
+
+def dense_image_processor(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> ViTImageProcessor:
+    """The image processor of detection and segmentation checkpoints: the whole image resized to `image_size` x
+    `image_size` (bicubic) and normalized -- nothing cropped away, since every pixel or box counts."""
     return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(image_mean),
-                             image_std=list(image_std), resample=3)
+                             image_std=list(image_std), resample=PILImageResampling.BICUBIC)
 
 
 class ImageTransform:
@@ -465,10 +612,12 @@ __all__ = [
     "MaskedImageAugmentationArguments",
     "ELPV_CLASS_NAMES",
     "ELPV_DEFECTIVE_CLASSES",
+    "ELPV_TASKS",
     "ImageTransform",
     "class_names",
     "classification_train_transform",
     "collate_classification",
+    "dense_image_processor",
     "drop_unreadable_images",
     "evaluation_transform",
     "generic_distillation_transform",
@@ -477,5 +626,7 @@ __all__ = [
     "load_image_dataset",
     "open_rgb_image",
     "prepare_splits",
+    "processor_transform",
+    "release_crop_ratio",
     "resize_images",
 ]

@@ -95,7 +95,15 @@ A **G2SD student** ({{ architecture }}, {{ parameters }} parameters) from {{ sta
 {% if teacher_link %}The teacher is [{{ teacher }}]({{ teacher_link }}).{% elif teacher %}The teacher is a local checkpoint, `{{ teacher }}`.{% endif %}
 
 This checkpoint is {{ summary }}
+{% if warnings %}
+## Warning: this run may have learned nothing
 
+The training checks of `g2sd_hf` found:
+
+{% for warning in warnings %}- {{ warning }}
+{% endfor %}
+Do not use this checkpoint before finding out why.
+{% endif %}
 ## How to use
 
 ```python
@@ -166,6 +174,7 @@ def build_model_card(
     license: str = "apache-2.0",
     tags: list[str] | None = None,
     stock: bool = False,
+    warnings: list[str] | None = None,
 ) -> ModelCard:
     """The model card of a G2SD student checkpoint.
 
@@ -182,6 +191,8 @@ def build_model_card(
         license (`str`): The license identifier.
         tags (`list[str]`, *optional*): Extra tags.
         stock (`bool`): The checkpoint is a stock transformers class (an export): no remote code needed.
+        warnings (`list[str]`, *optional*): What the training checks found (`trainer.learning_warnings`): shown in a
+            section at the top of the card.
 
     Returns:
         `huggingface_hub.ModelCard`.
@@ -307,6 +318,7 @@ def build_model_card(
         results=[(name.removeprefix("eval_"), _fmt(value)) for name, value in metrics.items()],
         limitations=limitations,
         citation=CITATION,
+        warnings=list(warnings or []),
     )
 
 

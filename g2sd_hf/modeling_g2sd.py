@@ -693,6 +693,10 @@ class G2SDForGenericDistillation(G2SDPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
+# Standard deviation of the classification head's initial weights in the release's (MAE's) fine-tuning.
+CLASSIFIER_INIT_STD = 2e-5
+
+
 class G2SDForImageClassification(G2SDPreTrainedModel):
     r"""
     A G2SD student classifier: the encoder plus a classification head on the cls token (or the mean of the patch
@@ -733,7 +737,11 @@ class G2SDForImageClassification(G2SDPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, nn.Linear) and module in (self.classifier, self.distillation_classifier):
+        # The release's fine-tuning: the classification head from a truncated normal of std 2e-5 (MAE's
+        # `trunc_normal_(head.weight, std=2e-5)`), the distillation head of std 0.02 (timm's init of `head_dist`).
+        if isinstance(module, nn.Linear) and module is self.classifier:
+            init.trunc_normal_(module.weight, std=CLASSIFIER_INIT_STD)
+        elif isinstance(module, nn.Linear) and module is self.distillation_classifier:
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
 
     @classmethod
@@ -756,15 +764,23 @@ class G2SDForImageClassification(G2SDPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
     ) -> G2SDImageClassifierOutput | tuple:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`): Normalized images.
             labels (`torch.LongTensor` of shape `(batch,)` or `torch.FloatTensor` of shape `(batch, num_labels)`, *optional*):
                 Class indices, or class probabilities (mixup/cutmix); the cross-entropy of `logits` is returned.
+            mask_ratio (`float`, *optional*): Drop this fraction of the patches from the token sequence before the
+                encoder (MAE-style; the occlusion analysis's protocol): the model sees only the others.
+            noise (`torch.FloatTensor` of shape `(batch, num_patches)`, *optional*): With `mask_ratio`, which
+                patches go: those with the highest noise (random when not given).
         """
         outputs = self.g2sd(
             pixel_values,
+            mask_ratio=mask_ratio,
+            noise=noise,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,

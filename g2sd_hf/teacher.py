@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from .configuration_g2sd import to_pair
 from .losses import normalize_teacher_features
-from .modeling_g2sd import get_2d_sincos_position_embeddings, restore_with_mask_tokens
+from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embeddings, restore_with_mask_tokens
 
 
 logger = logging.get_logger(__name__)
@@ -149,7 +149,8 @@ def classifier_from_mae(
 ) -> ViTForImageClassification:
     """A `ViTForImageClassification` whose encoder is the MAE's, to fine-tune into a specific-distillation teacher.
 
-    The classification head is newly initialized; the MAE's decoder (if any) is left out.
+    The classification head is newly initialized as in MAE's fine-tuning (truncated normal, std 2e-5); the MAE's
+    decoder (if any) is left out.
 
     Example:
 
@@ -166,6 +167,10 @@ def classifier_from_mae(
         config.id2label = dict(id2label)
         config.label2id = {label: index for index, label in config.id2label.items()}
     classifier = ViTForImageClassification(config)
+    # MAE's fine-tuning initializes the new head from a truncated normal of std 2e-5 (`main_finetune.py`).
+    with torch.no_grad():
+        nn.init.trunc_normal_(classifier.classifier.weight, std=CLASSIFIER_INIT_STD)
+        nn.init.zeros_(classifier.classifier.bias)
     missing, unexpected = classifier.vit.load_state_dict(encoder.state_dict(), strict=False)
     if missing or unexpected:
         raise RuntimeError(
@@ -223,6 +228,13 @@ class MAETeacher(_FrozenTeacher):
         super().__init__(model, image_mean, image_std)
         self.target_layer = target_layer
         self.target_eps = target_eps
+        if not getattr(model.config, "norm_pix_loss", False):
+            logger.warning(
+                f"The MAE teacher {model.config.name_or_path or ''} was pre-trained without the normalized-pixel loss "
+                "(norm_pix_loss: false), like facebook/vit-mae-base, MAE's visualization checkpoint. The release "
+                "distills the MAE ViT-B trained with norm_pix_loss (mae_pretrain_vit_base_full.pth, converted with "
+                "`python -m g2sd_hf.convert --kind mae-teacher`): its decoder features are the paper's targets."
+            )
 
     @classmethod
     def from_pretrained(

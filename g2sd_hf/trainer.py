@@ -28,7 +28,14 @@ from .losses import (
     specific_distillation_loss,
 )
 from .modeling_g2sd import G2SDForGenericDistillation
+from .learning_check import (
+    classification_evaluation_warnings,
+    classification_training_warnings,
+    no_step_warning,
+    regression_training_warnings,
+)
 from .optimization import FINE_TUNING_NO_DECAY_NAMES, parameter_groups
+from .recipes import DEFAULT_RECIPE, RECIPES, SMALL_RUN_STEPS
 from .teacher import ClassificationTeacher, MAETeacher
 
 
@@ -41,13 +48,21 @@ def _value(option) -> str:
     return str(getattr(option, "value", option))
 
 
+def default_dataloader_workers() -> int:
+    """Data-loader workers per training process: the CPUs this process may use, shared among the processes of this
+    machine (`LOCAL_WORLD_SIZE`, set by `accelerate launch` / torchrun), at most 8; none on a single CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return 0 if cpus < 2 else min(8, max(1, cpus // local_processes))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class RecipeConfig(TrainingArguments):
-    """`TrainingArguments` with what the MAE/G2SD recipes share: AdamW with weight decay 0.05, a cosine schedule, and
-    the linear scaling rule of the learning rate."""
+    """`TrainingArguments` with what the MAE/G2SD recipes share: AdamW with weight decay 0.05, a cosine schedule down
+    to `min_learning_rate`, no gradient clipping, and the linear scaling rule of the learning rate."""
 
     scale_lr_with_batch_size: bool = field(
         default=True,
@@ -57,18 +72,61 @@ class RecipeConfig(TrainingArguments):
         },
     )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_type: str = field(
+        default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule (cosine down to min_learning_rate)."}
+    )
+    min_learning_rate: float = field(
+        default=0.0,
+        metadata={"help": "Where the cosine schedule ends (lr_scheduler_type cosine_with_min_lr); layer-decayed groups "
+                  "end at this times their scale, as in the release."},
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables clipping (the release never clips)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the raw image column: the data transforms turn it into pixel_values."}
     )
+    recipe: str = field(
+        default=DEFAULT_RECIPE,
+        metadata={"help": "Named defaults for the arguments not given explicitly: 'release' (the authors' ImageNet "
+                  "recipe) or 'small-data' (a few thousand images: plain augmentation, unscaled lr 1e-3). See "
+                  "g2sd_hf.recipes.", "choices": sorted(RECIPES)},
+    )
+    dataloader_num_workers: int = field(
+        default_factory=default_dataloader_workers,
+        metadata={"help": "Data-loader worker processes per training process (default: the CPUs available to each "
+                  "local process, at most 8). Decoding and augmenting images in the main process starves the model."},
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True, metadata={"help": "Keep the data-loader workers between epochs (ignored without workers)."}
+    )
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available,
+        metadata={"help": "Pin the batches' memory for faster copies to the GPU (default: when CUDA is available)."},
+    )
+
+    def __post_init__(self):
+        if self.min_learning_rate < 0:
+            raise ValueError(f"min_learning_rate must be >= 0, got {self.min_learning_rate}.")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"Unknown recipe {self.recipe!r}: choose one of {sorted(RECIPES)}.")
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers = False  # nothing to keep: torch refuses the flag without workers
+        super().__post_init__()
+        kwargs = self.lr_scheduler_kwargs
+        if _value(self.lr_scheduler_type) == "cosine_with_min_lr" and not (
+            isinstance(kwargs, dict) and {"min_lr", "min_lr_rate"} & kwargs.keys()
+        ):
+            self.lr_scheduler_kwargs = {**(kwargs if isinstance(kwargs, dict) else {}), "min_lr": self.min_learning_rate}
 
 
 @dataclass
 class GenericDistillationConfig(RecipeConfig):
     r"""
-    `TrainingArguments` with the defaults of G2SD's generic-distillation recipe: AdamW with betas (0.9, 0.95), weight
-    decay 0.05 (none on biases and 1-D weights), base learning rate 1.5e-4 scaled by total batch / 256, cosine schedule
-    with 10 warm-up epochs out of 300.
+    `TrainingArguments` with the defaults of G2SD's generic-distillation recipe (the release's `main_distill.py` and
+    `GD.sh`): AdamW with betas (0.9, 0.95), weight decay 0.05 (none on biases and 1-D weights), base learning rate
+    1.5e-4 scaled by total batch / 256, cosine schedule with 10 warm-up epochs out of 300 down to 2.5e-6, no gradient
+    clipping.
 
     The student's mask ratio, feature-loss tokens and Smooth-L1 beta live in its `G2SDConfig`; the teacher's target
     layer in its `MAETeacher`.
@@ -78,6 +136,7 @@ class GenericDistillationConfig(RecipeConfig):
         default=1.5e-4, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 in MAE and G2SD)."})
+    min_learning_rate: float = field(default=2.5e-6, metadata={"help": "Where the cosine schedule ends (2.5e-6 in G2SD)."})
     warmup_steps: float = field(default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
     num_train_epochs: float = field(default=300.0, metadata={"help": "Training epochs (300 in G2SD)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
@@ -86,10 +145,10 @@ class GenericDistillationConfig(RecipeConfig):
 @dataclass
 class SpecificDistillationConfig(RecipeConfig):
     r"""
-    `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification: hard
-    distillation with a distillation token, label smoothing 0.1, mixup 0.8 / cutmix 1.0, AdamW with weight decay 0.05,
-    layer-wise learning-rate decay 0.75, base learning rate 1e-3 scaled by total batch / 256, cosine schedule with 5
-    warm-up epochs out of 200.
+    `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification (the
+    release's `main_finetune_dis.py` and `SD.sh`): hard distillation with a distillation token, label smoothing 0.1,
+    mixup 0.8 / cutmix 1.0, AdamW with weight decay 0.05, layer-wise learning-rate decay 0.75, base learning rate 1e-3
+    scaled by total batch / 256, cosine schedule with 5 warm-up epochs out of 200 down to 1e-6, no gradient clipping.
 
     The loss is `L_SD = (L_task + beta * L_KD) / (1 + beta)`: with beta = 1 and hard distillation this is the
     official `(CE(cls_logits, y) + CE(distillation_logits, argmax teacher_logits)) / 2`.
@@ -115,6 +174,7 @@ class SpecificDistillationConfig(RecipeConfig):
     )
     warmup_steps: float = field(default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
     num_train_epochs: float = field(default=200.0, metadata={"help": "Training epochs (200 in G2SD)."})
+    min_learning_rate: float = field(default=1e-6, metadata={"help": "Where the cosine schedule ends (1e-6 in G2SD)."})
 
     def __post_init__(self):
         if self.distillation_type not in DISTILLATION_TYPES:
@@ -138,9 +198,27 @@ class SpecificDistillationConfig(RecipeConfig):
 # --------------------------------------------------------------------------------------------------------------------
 class RecipeTrainer(Trainer):
     """A Trainer with the MAE/G2SD optimizer recipe: timm's weight-decay groups, optional layer-wise lr decay, and
-    the learning rate scaled by the total batch size (`scale_lr_with_batch_size`)."""
+    the learning rate scaled by the total batch size (`scale_lr_with_batch_size`).
+
+    It also says when a run learned nothing: after `train()` (and `evaluate()`), `learning_warnings` lists what the
+    checks of `g2sd_hf.learning_check` found (no step at all; a loss that never left chance or never decreased), and
+    each is logged as a warning and written into the model card. Before training, a run of the release's recipe with
+    few steps is advised to use the small-data recipe."""
 
     _no_decay_names: tuple[str, ...] = ()
+    # The logged loss that must decrease for a run to have learned something (`None`: no such check).
+    _progress_loss_key: str | None = "loss"
+    _progress_loss_name = "The training loss"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._training_warnings: list[str] = []
+        self._evaluation_warnings: list[str] = []
+
+    @property
+    def learning_warnings(self) -> list[str]:
+        """What the learning checks found in the last training and evaluation (empty when the run learned)."""
+        return self._training_warnings + self._evaluation_warnings
 
     @property
     def total_train_batch_size(self) -> int:
@@ -171,6 +249,59 @@ class RecipeTrainer(Trainer):
         self.optimizer = optimizer_cls(groups, **{**optimizer_kwargs, "lr": self.peak_learning_rate})
         logger.info(f"Peak learning rate {self.peak_learning_rate:.3g} over {len(groups)} parameter groups.")
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        min_learning_rate = (self.args.lr_scheduler_kwargs or {}).get("min_lr") if isinstance(self.args.lr_scheduler_kwargs, dict) else None
+        if min_learning_rate is not None and min_learning_rate >= self.peak_learning_rate:
+            raise ValueError(
+                f"The schedule would end at min_learning_rate={min_learning_rate:g}, above the peak learning rate "
+                f"{self.peak_learning_rate:.3g} (learning_rate x total batch / 256 with scale_lr_with_batch_size): "
+                "raise learning_rate, set scale_lr_with_batch_size false, or lower min_learning_rate."
+            )
+        if getattr(self.args, "recipe", None) == "release" and num_training_steps < SMALL_RUN_STEPS:
+            logger.warning(
+                f"{num_training_steps} optimizer steps with the release's recipe, which is made for 200-300 epochs of "
+                f"ImageNet (hundreds of thousands of steps, peak learning rate here {self.peak_learning_rate:.3g} after "
+                "the batch / 256 scaling, mixup/cutmix, RandAugment and random erasing when fine-tuning): on a small "
+                "data set it may learn nothing. Use --recipe small-data (g2sd_hf.recipes) unless you mean it."
+            )
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # -- did the run learn? -------------------------------------------------------------------------------------------
+    def _learning_causes(self) -> str:
+        causes = []
+        if getattr(self.args, "recipe", None) == "release":
+            causes.append("a recipe too regularized for this many steps (the release's mixup/cutmix, RandAugment, random "
+                          "erasing and label smoothing are made for hundreds of epochs; --recipe small-data turns them off)")
+        scaled = " after the batch-size scaling (learning_rate x total batch / 256)" if getattr(self.args, "scale_lr_with_batch_size", False) else ""
+        causes.append(f"a learning rate too low or too high{scaled}: peak {self.peak_learning_rate:.3g}")
+        causes.append(f"too few steps ({self.state.global_step})")
+        return "Likely causes: " + "; ".join(causes) + "."
+
+    def _check_training(self) -> list[str]:
+        warnings = no_step_warning(self.state.global_step)
+        if not warnings and self._progress_loss_key is not None:
+            warnings = regression_training_warnings(self.state.log_history, self._progress_loss_key, self._progress_loss_name)
+        return warnings
+
+    def _check_evaluation(self, metrics: dict, metric_key_prefix: str) -> list[str]:
+        return []
+
+    def _report(self, warnings: list[str]) -> None:
+        for warning in warnings:
+            logger.warning(f"LEARNED NOTHING? {warning}")
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self._training_warnings = self._check_training()
+        self._report(self._training_warnings)
+        return result
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        self._evaluation_warnings = self._check_evaluation(metrics, metric_key_prefix)
+        self._report(self._evaluation_warnings)
+        return metrics
 
 
 class DistillationTrainer(RecipeTrainer):
@@ -246,7 +377,10 @@ class DistillationTrainer(RecipeTrainer):
             "epochs" if args.max_steps <= 0 else "steps": args.num_train_epochs if args.max_steps <= 0 else args.max_steps,
             "optimizer": f"{_value(args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
             "schedule": f"{_value(args.lr_scheduler_type)}, warm-up {args.warmup_steps:.3g}"
-            + (" of the steps" if 0 < args.warmup_steps < 1 else " steps"),
+            + (" of the steps" if 0 < args.warmup_steps < 1 else " steps")
+            + (f", down to {args.lr_scheduler_kwargs['min_lr']:g}" if isinstance(args.lr_scheduler_kwargs, dict) and "min_lr" in args.lr_scheduler_kwargs else ""),
+            "gradient clipping": f"max norm {args.max_grad_norm:g}" if args.max_grad_norm and args.max_grad_norm > 0 else "none",
+            "recipe": getattr(args, "recipe", None) or "-",
             "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "seed": args.seed,
         }
@@ -272,6 +406,7 @@ class DistillationTrainer(RecipeTrainer):
             trainer_class=type(self).__name__,
             license=license or "apache-2.0",
             tags=[tags] if isinstance(tags, str) else tags,
+            warnings=self.learning_warnings,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
@@ -320,6 +455,7 @@ class GenericDistillationTrainer(DistillationTrainer):
     """
 
     model_card_stage = "generic-distillation"
+    _progress_loss_name = "L_GD, the generic-distillation loss,"
 
     def __init__(self, model: G2SDForGenericDistillation, teacher: MAETeacher | ViTMAEForPreTraining, args=None, **kwargs):
         if not isinstance(model, G2SDForGenericDistillation):
@@ -468,6 +604,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
     """
 
     _no_decay_names = FINE_TUNING_NO_DECAY_NAMES
+    _progress_loss_key = None  # the task loss is checked against the chance level instead
 
     def __init__(self, model: PreTrainedModel, teacher: ClassificationTeacher | PreTrainedModel | None = None, args=None, **kwargs):
         if args is None:
@@ -494,6 +631,19 @@ class SpecificDistillationTrainer(DistillationTrainer):
 
     def _layer_decay(self) -> float | None:
         return getattr(self.args, "layer_decay", None)
+
+    @property
+    def _num_labels(self) -> int:
+        return self.accelerator.unwrap_model(self.model).config.num_labels
+
+    def _check_training(self) -> list[str]:
+        warnings = super()._check_training()
+        if not warnings:
+            warnings = classification_training_warnings(self.state.log_history, self._num_labels, "task_loss", self._learning_causes())
+        return warnings
+
+    def _check_evaluation(self, metrics: dict, metric_key_prefix: str) -> list[str]:
+        return classification_evaluation_warnings(metrics, self._num_labels, f"{metric_key_prefix}_", self._learning_causes())
 
     def _card_hyperparameters(self) -> dict:
         args = self.args

@@ -118,9 +118,10 @@ def test_missing_image_column_is_named(tmp_path):
 def test_transforms_produce_normalized_tensors(elpv):
     image = open_rgb_image(elpv["train"][3]["image"])
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    evaluated = evaluation_transform(64, mean, std)(image)
+    evaluated = evaluation_transform(64, mean, std, crop_ratio=1.0)
     expected = (torch.from_numpy(np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC))).permute(2, 0, 1) / 255.0
                 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    evaluated = evaluated(image)
     assert evaluated.shape == (3, 64, 64) and evaluated.dtype == torch.float32
     torch.testing.assert_close(evaluated, expected, atol=2 / 255 / 0.224, rtol=0)
     torch.manual_seed(0)

@@ -1,0 +1,56 @@
+"""Named training recipes: sets of defaults for the example scripts' arguments, chosen with `--recipe`.
+
+- `release`: the authors' ImageNet recipe, which the argument dataclasses carry as their own defaults (strong
+  regularization for 200-300 epochs of 1.28M images: mixup/cutmix, RandAugment, random erasing, label smoothing, the
+  learning rate scaled by batch / 256).
+- `small-data`: for a few thousand images and a few hundred to a few thousand steps, where the release's recipe
+  trains to chance: plain augmentation (crops and flips; no mixup/cutmix, RandAugment or random erasing), an
+  unscaled learning rate of 1e-3 with 10% warm-up. Measured on ELPV (docs/demo.md).
+
+A recipe only changes defaults: any flag given on the command line (or in a JSON/YAML file) wins. Each script takes
+the recipe's values for the arguments it has and ignores the others.
+"""
+
+from collections.abc import Iterable
+
+
+RECIPES: dict[str, dict[str, object]] = {
+    "release": {},
+    "small-data": {
+        "learning_rate": 1e-3,
+        "scale_lr_with_batch_size": False,
+        "warmup_steps": 0.1,
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
+        "auto_augment": "none",
+        "random_erasing": 0.0,
+        "min_crop_scale": 0.5,
+    },
+}
+DEFAULT_RECIPE = "release"
+
+# Below this many optimizer steps the release's recipe is unlikely to learn (it warms up for 5-10 epochs of ImageNet,
+# about 25,000 steps at batch 256); the trainers then recommend `--recipe small-data`.
+SMALL_RUN_STEPS = 5000
+
+
+def recipe_defaults(name: str, field_names: Iterable[str]) -> dict[str, object]:
+    """The defaults of recipe `name` for the arguments in `field_names` (the others are left out).
+
+    Raises:
+        ValueError: for an unknown recipe, listing the known ones.
+
+    Example:
+
+    ```python
+    >>> recipe_defaults("small-data", ["learning_rate", "mask_ratio"])
+    {'learning_rate': 0.001}
+    ```
+    """
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}: choose one of {sorted(RECIPES)}.")
+    names = set(field_names)
+    return {key: value for key, value in RECIPES[name].items() if key in names}
+
+
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "SMALL_RUN_STEPS", "recipe_defaults"]

@@ -1,0 +1,153 @@
+"""A run that learned nothing says so (log, trainer, model card); named recipes; the data-loader worker default."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from g2sd_hf import G2SDForImageClassification, SpecificDistillationConfig, SpecificDistillationTrainer
+from g2sd_hf.cli import parse_arguments
+from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments
+from g2sd_hf.learning_check import (
+    chance_cross_entropy,
+    classification_evaluation_warnings,
+    classification_training_warnings,
+    no_step_warning,
+    regression_training_warnings,
+)
+from g2sd_hf.metrics import ClassificationMetrics
+from g2sd_hf.recipes import RECIPES, recipe_defaults
+from g2sd_hf.trainer import GenericDistillationConfig, default_dataloader_workers
+
+from .conftest import tiny_image_dataset, tiny_student_config
+from .test_trainer import quick_run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checks, as functions
+# ---------------------------------------------------------------------------------------------------------------------
+def history(key, values):
+    return [{key: value, "step": step} for step, value in enumerate(values)] + [{"train_runtime": 1.0, key: values[-1]}]
+
+
+def test_chance_level_is_the_uniform_cross_entropy():
+    uniform = torch.zeros(1, 10)
+    assert chance_cross_entropy(10) == pytest.approx(torch.nn.functional.cross_entropy(uniform, torch.tensor([3])).item())
+
+
+def test_a_task_loss_that_ends_at_chance_is_reported_and_one_that_falls_is_not():
+    at_chance = history("task_loss", [2.35, 2.0, 2.1, 2.31, 2.30, 2.29, 2.30, 2.31])  # dips, ends at ln 10
+    (warning,) = classification_training_warnings(at_chance, 10, causes="Try X.")
+    assert "chance level" in warning and "ln(10) = 2.303" in warning and warning.endswith("Try X.")
+    assert classification_training_warnings(history("task_loss", [2.3, 1.5, 0.9, 0.6, 0.5]), 10) == []
+    assert classification_training_warnings([], 10) == []
+
+
+def test_an_evaluation_at_chance_is_reported():
+    (warning,) = classification_evaluation_warnings({"eval_balanced_accuracy": 0.25, "eval_accuracy": 0.575}, 4)
+    assert "balanced accuracy 0.250 (accuracy 0.575)" in warning
+    assert classification_evaluation_warnings({"eval_balanced_accuracy": 0.30}, 4) == []
+    # Without per-class metrics, the cross-entropy decides.
+    assert classification_evaluation_warnings({"eval_loss": math.log(4) + 0.1}, 4)
+    assert classification_evaluation_warnings({"eval_loss": 0.4}, 4) == []
+
+
+def test_a_loss_that_does_not_decrease_is_reported():
+    assert regression_training_warnings(history("loss", [1.0, 0.99, 1.01, 1.0, 0.98]), "loss", "L_GD")[0].startswith("L_GD did not decrease")
+    assert regression_training_warnings(history("loss", [1.0, 0.7, 0.5, 0.4]), "loss") == []
+    assert no_step_warning(0) and no_step_warning(3) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checks, in a trainer: log, `learning_warnings`, the model card
+# ---------------------------------------------------------------------------------------------------------------------
+def classifier_trainer(tmp_path, labels, learning_rate, steps, recipe="small-data"):
+    torch.manual_seed(0)
+    student = G2SDForImageClassification(tiny_student_config(num_labels=4, hidden_size=32))
+    dataset = tiny_image_dataset(num_images=32, num_labels=4)
+    dataset = dataset.map(lambda row, index: {"labels": labels(index)}, with_indices=True)
+    args = SpecificDistillationConfig(**quick_run(
+        tmp_path, max_steps=steps, learning_rate=learning_rate, per_device_train_batch_size=8, distillation_type="none",
+        mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing_factor=0.0, lr_scheduler_type="constant", layer_decay=1.0,
+        recipe=recipe, dataloader_num_workers=0,
+    ))
+    return SpecificDistillationTrainer(model=student, args=args, train_dataset=dataset, eval_dataset=dataset,
+                                       compute_metrics=ClassificationMetrics(["a", "b", "c", "d"]))
+
+
+def test_a_run_at_chance_warns_in_the_log_the_trainer_and_the_card(tmp_path, caplog):
+    trainer = classifier_trainer(tmp_path, labels=lambda index: index % 4, learning_rate=1e-9, steps=8, recipe="release")
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="g2sd_hf.trainer"):
+            trainer.train()
+            trainer.evaluate()
+    finally:
+        hf_logging.disable_propagation()
+    training, evaluation = trainer.learning_warnings
+    assert "stayed at the chance level" in training and "ln(4) = 1.386" in training and "--recipe small-data" in training
+    assert "evaluation is at chance" in evaluation and "peak 1e-09" in evaluation
+    assert caplog.text.count("LEARNED NOTHING?") == 2
+    trainer.create_model_card(dataset="random pixels")
+    card = (tmp_path / "README.md").read_text()
+    assert "## Warning: this run may have learned nothing" in card and "stayed at the chance level" in card
+
+
+def test_a_run_that_learns_has_no_warning(tmp_path):
+    # 32 images, 4 classes: a 2-layer student memorizes them in a few dozen steps.
+    trainer = classifier_trainer(tmp_path, labels=lambda index: index % 4, learning_rate=3e-3, steps=60)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] > 0.5 and trainer.learning_warnings == []
+    trainer.create_model_card(dataset="random pixels")
+    assert "learned nothing" not in (tmp_path / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------------
+SPECIFIC_DATACLASSES = (DataArguments, ClassificationAugmentationArguments, SpecificDistillationConfig)
+
+
+def test_the_release_recipe_is_the_dataclass_defaults(tmp_path):
+    data, augmentation, training = parse_arguments(SPECIFIC_DATACLASSES, ["--output_dir", str(tmp_path)])
+    assert training.recipe == "release" and training.learning_rate == 1e-3 and training.scale_lr_with_batch_size
+    assert (training.mixup_alpha, training.cutmix_alpha) == (0.8, 1.0)
+    assert (augmentation.auto_augment, augmentation.random_erasing) == ("rand-m9-mstd0.5-inc1", 0.25)
+
+
+def test_small_data_recipe_sets_defaults_that_flags_override(tmp_path):
+    data, augmentation, training = parse_arguments(
+        SPECIFIC_DATACLASSES, ["--output_dir", str(tmp_path), "--recipe", "small-data", "--cutmix_alpha", "0.5"]
+    )
+    assert training.recipe == "small-data" and not training.scale_lr_with_batch_size
+    assert (training.learning_rate, training.warmup_steps, training.mixup_alpha) == (1e-3, 0.1, 0.0)
+    assert training.cutmix_alpha == 0.5  # given explicitly
+    assert (augmentation.auto_augment, augmentation.random_erasing) == ("none", 0.0)
+    assert augmentation.min_crop_scale == RECIPES["small-data"]["min_crop_scale"]
+
+
+def test_recipes_from_a_json_file_and_unknown_names(tmp_path):
+    path = tmp_path / "arguments.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "recipe": "small-data", "learning_rate": 5e-4}))
+    _, augmentation, training = parse_arguments(SPECIFIC_DATACLASSES, [str(path)])
+    assert (training.learning_rate, training.mixup_alpha, augmentation.auto_augment) == (5e-4, 0.0, "none")
+    with pytest.raises(ValueError, match="Unknown recipe 'tiny'"):
+        recipe_defaults("tiny", ["learning_rate"])
+    # The generic-distillation script has no mixup: the recipe sets only what a script has.
+    assert recipe_defaults("small-data", ["learning_rate", "mask_ratio"]) == {"learning_rate": 1e-3}
+
+
+def test_data_loader_workers_default_to_the_cpus_of_each_local_process(monkeypatch, tmp_path):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_dataloader_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_dataloader_workers() == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert default_dataloader_workers() == 0
+    args = GenericDistillationConfig(str(tmp_path))
+    assert args.dataloader_num_workers == 0 and args.dataloader_persistent_workers is False
