@@ -5,7 +5,9 @@ For semantic segmentation (UperNet) and object detection (Deformable DETR), each
 
 1. a teacher with a larger backbone (ViT 96-d x 6) is trained on the task, for twice the epochs;
 2. the same head on a smaller backbone (ViT 48-d x 4) is trained without a teacher;
-3. and with the teacher (feature + score distillation, `DenseDistillationTrainer`), for the same number of steps.
+3. and with the teacher (`DenseDistillationTrainer` with the release's recipes: channel-wise distillation of the
+   decode head's logits for segmentation; adapted pyramid features and box-projected scores for detection), for the
+   same number of steps.
 
 It writes `dense_results.md` and `dense_results.json` (mean IoU and pixel accuracy; COCO box AP). Finished stages are
 reused on a second run.
@@ -59,6 +61,10 @@ def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) 
         arguments += ["--num_queries", "20", "--encoder_layers", "1", "--decoder_layers", "2"]
     if role == "distilled":
         arguments += ["--teacher_name_or_path", str(stages / f"{task}_teacher")]
+        if task == "detection":
+            # The release warms distillation up over 500 iterations of a 90k-iteration schedule; this run has a few
+            # hundred steps in all, so it warms up over the first 10% instead.
+            arguments += ["--distillation_warmup_steps", "0.1"]
     return arguments
 
 

@@ -25,7 +25,7 @@ from g2sd_hf.dense import (
     load_backbone_weights,
     semantic_segmentation_model,
 )
-from g2sd_hf.data import image_processor
+from g2sd_hf.data import dense_image_processor
 from g2sd_hf.dense_data import DenseDataArguments, SegmentationTransform, collate_segmentation, load_segmentation_dataset
 from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -62,7 +62,7 @@ def main(args: list[str] | None = None) -> dict:
         model.config.id2label = dict(enumerate(class_names))
         model.config.label2id = {name: index for index, name in enumerate(class_names)}
     image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    processor = image_processor(data_args.image_size, image_mean, image_std)
+    processor = dense_image_processor(data_args.image_size, image_mean, image_std)
 
     teacher = None
     if model_args.teacher_name_or_path is not None:

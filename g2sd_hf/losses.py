@@ -279,6 +279,87 @@ def weighted_feature_distillation_loss(
     return torch.stack(losses).mean()
 
 
+def release_feature_distillation_loss(
+    student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], weights: list[torch.Tensor]
+) -> torch.Tensor:
+    """The release's detection feature distillation (`tools/plain_distill_net.py`): per level, the squared error
+    weighted per location, summed over channels and locations and divided by the sum of the weights; summed over
+    levels: `sum_l sum_{c,h,w} w_l (s_l - t_l)^2 / sum_{h,w} w_l`.
+
+    Args:
+        student_maps (`list[torch.Tensor]`): The student's (adapted) maps, `(batch, channels, height_l, width_l)`.
+        teacher_maps (`list[torch.Tensor]`): The teacher's maps, same shapes.
+        weights (`list[torch.Tensor]`): Per level, the location weights `(batch, height_l, width_l)` (the teacher's
+            highest score there).
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    if not len(student_maps) == len(teacher_maps) == len(weights):
+        raise ValueError(f"{len(student_maps)} student maps, {len(teacher_maps)} teacher maps, {len(weights)} weight maps.")
+    total = 0.0
+    for student, teacher, level_weights in zip(student_maps, teacher_maps, weights):
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"Student feature map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ: use the "
+                "same pyramid width (fpn_hidden_size) and input size for both."
+            )
+        level_weights = level_weights.float()
+        squared = (student.float() - teacher.float()).pow(2) * level_weights[:, None]
+        total = total + squared.sum() / level_weights.sum().clamp(min=1e-6)
+    return total
+
+
+def release_score_distillation_loss(
+    student_scores: list[torch.Tensor], teacher_scores: list[torch.Tensor], weights: list[torch.Tensor]
+) -> torch.Tensor:
+    """The release's detection score distillation: per level, the binary cross-entropy between the student's and
+    the teacher's scores (probabilities), weighted per location, summed over classes and locations and divided by the
+    sum of the weights; summed over levels.
+
+    Args:
+        student_scores (`list[torch.Tensor]`): Per level, probabilities `(batch, classes, height_l, width_l)`.
+        teacher_scores (`list[torch.Tensor]`): The teacher's, same shapes.
+        weights (`list[torch.Tensor]`): Per level, the location weights `(batch, height_l, width_l)`.
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    total = 0.0
+    for student, teacher, level_weights in zip(student_scores, teacher_scores, weights, strict=True):
+        level_weights = level_weights.float()
+        bce = F.binary_cross_entropy(student.float().clamp(1e-6, 1 - 1e-6), teacher.float(), reduction="none")
+        total = total + (bce * level_weights[:, None]).sum() / level_weights.sum().clamp(min=1e-6)
+    return total
+
+
+def channel_wise_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021), the release's segmentation distillation (`distill_cwd.py`):
+    each class channel's map is softmax-normalized over the locations with temperature `T`, and
+    `T^2 * KL(teacher || student)` is summed over locations and averaged over images and channels.
+
+    The release computes the cross-entropy `-sum p_t log p_s` instead of the KL: the two differ by the teacher's
+    entropy, a constant, so their gradients are the same.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, classes, height, width)`): The student's decode-head logits.
+        teacher_logits (`torch.Tensor` of the same shape): The teacher's.
+        temperature (`float`): T (1.0 in the release).
+
+    Returns:
+        `torch.Tensor`: the scalar loss.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: the "
+            "decode heads must predict the same classes at the same resolution."
+        )
+    batch, channels = student_logits.shape[:2]
+    student = F.log_softmax(student_logits.float().flatten(2) / temperature, dim=-1)  # (batch, classes, locations)
+    teacher = F.log_softmax(teacher_logits.float().flatten(2) / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum() * temperature**2 / (batch * channels)
+
+
 def pixel_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-pixel soft distillation of class distributions: `T^2 * KL(softmax(t / T) || softmax(s / T))`, summed over
     classes and averaged over pixels.
@@ -322,6 +403,7 @@ def weighted_score_distillation_loss(student_scores: torch.Tensor, teacher_score
 
 
 __all__ = [
+    "channel_wise_distillation_loss",
     "feature_loss_per_token",
     "generic_distillation_loss",
     "hard_distillation_loss",
@@ -330,6 +412,8 @@ __all__ = [
     "pixel_distillation_loss",
     "probability_distillation_loss",
     "reduce_token_losses",
+    "release_feature_distillation_loss",
+    "release_score_distillation_loss",
     "smooth_targets",
     "soft_distillation_loss",
     "soft_target_cross_entropy",

@@ -13,6 +13,7 @@ from transformers import AutoBackbone, UperNetForSemanticSegmentation
 
 from g2sd_hf import G2SDBackbone, G2SDBackboneConfig, G2SDForGenericDistillation
 from g2sd_hf.dense import (
+    DENSE_DISTILLATION_DEFAULTS,
     DenseDistillationConfig,
     DenseDistillationTrainer,
     box_score_maps,
@@ -21,11 +22,20 @@ from g2sd_hf.dense import (
     find_backbone,
     load_backbone_weights,
     object_detection_model,
+    query_class_probabilities,
+    resolve_dense_distillation,
     semantic_segmentation_model,
     universal_segmentation_model,
 )
 from g2sd_hf.dense_data import DetectionTransform, SegmentationTransform, collate_detection, collate_instances, collate_segmentation
-from g2sd_hf.losses import pixel_distillation_loss, weighted_feature_distillation_loss, weighted_score_distillation_loss
+from g2sd_hf.losses import (
+    channel_wise_distillation_loss,
+    pixel_distillation_loss,
+    release_feature_distillation_loss,
+    release_score_distillation_loss,
+    weighted_feature_distillation_loss,
+    weighted_score_distillation_loss,
+)
 from g2sd_hf.metrics import SegmentationMetrics, coco_detection_metrics, segmentation_predictions
 from g2sd_hf.synthetic import SHAPE_CLASSES, make_shapes_dataset
 
@@ -206,6 +216,31 @@ def test_box_score_maps_project_query_scores_onto_covered_locations():
     torch.testing.assert_close(maps, reference)
 
 
+def test_release_feature_and_score_losses_by_hand():
+    student = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    teacher = [torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]]), torch.full((1, 2, 1, 1), 3.0)]
+    weights = [torch.tensor([[[1.0, 0.5], [0.0, 0.0]]]), torch.tensor([[[2.0]]])]
+    # Level 0: (1 * (1 + 1) + 0.5 * 4) / 1.5; level 1: 2 * (9 + 9) / 2. Summed over channels and levels.
+    assert release_feature_distillation_loss(student, teacher, weights).item() == pytest.approx(4 / 1.5 + 18)
+    scores_s, scores_t = [torch.tensor([[[[0.2]], [[0.9]]]])], [torch.tensor([[[[0.5]], [[1.0]]]])]
+    bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9))  # summed over the two classes
+    assert release_score_distillation_loss(scores_s, scores_t, [torch.full((1, 1, 1), 0.7)]).item() == pytest.approx(bce, rel=1e-5)
+
+
+def test_channel_wise_distillation_has_the_gradient_of_the_release_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 4, 5)
+    loss = channel_wise_distillation_loss(student, teacher, temperature=2.0)
+    (ours,) = torch.autograd.grad(loss, student)
+    # The release's ChannelWiseDivergence: sum(-softmax(t/tau) * log_softmax(s/tau)) * tau^2 / (C * N), over H*W.
+    flat_s, flat_t = student.reshape(-1, 20) / 2.0, teacher.reshape(-1, 20) / 2.0
+    release = (-(F.softmax(flat_t, dim=1) * F.log_softmax(flat_s, dim=1))).sum() * 4.0 / 6
+    (theirs,) = torch.autograd.grad(release, student)
+    torch.testing.assert_close(ours, theirs)
+    entropy = (-(F.softmax(flat_t, dim=1) * F.log_softmax(flat_t, dim=1))).sum() * 4.0 / 6
+    assert loss.item() == pytest.approx((release - entropy).item(), rel=1e-5)  # KL = cross-entropy - entropy
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The trainer with a teacher
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,15 +248,62 @@ def shapes(size, transform, seed=0, image_size=32):
     return make_shapes_dataset(size, image_size, seed=seed).with_transform(transform)
 
 
-def test_dense_loss_is_task_plus_ramped_distillation(tmp_path):
+def segmentation_pair(tmp_path, **overrides):
     torch.manual_seed(0)
     teacher = semantic_segmentation_model(tiny_backbone_config(hidden_size=64), 4, hidden_size=16).eval()
     student = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
     dataset = make_shapes_dataset(8, 32).rename_column("semantic_mask", "mask").with_transform(SegmentationTransform(32, *NORMALIZATION, False))
-    trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=dense_args(tmp_path, distillation_warmup_steps=4,
-                                       feature_distillation_weight=0.5, score_distillation_weight=2.0, distillation_temperature=2.0))
+    trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=dense_args(tmp_path, **overrides))
     batch = collate_segmentation([dataset[index] for index in range(4)])
+    return trainer, student, teacher, batch
+
+
+def test_release_dense_defaults_are_pinned():
+    # plain_distill_net.py + mask_rcnn_vitdet_b2s_100ep.py: distill_feat_weight 0.001, distill_cls_weight 0.1,
+    # distill_warm_step 500, ADAP (3x3); distill_cwd.py: ChannelWiseDivergence tau 1.0, weight 10, nothing else.
+    assert DENSE_DISTILLATION_DEFAULTS["detection"] == {"feature_distillation_weight": 0.001, "score_distillation_weight": 0.1,
+                                                        "distillation_warmup_steps": 500, "feature_adapter": True}
+    segmentation = resolve_dense_distillation(DenseDistillationConfig("out"), "segmentation")
+    assert (segmentation.feature_weight, segmentation.score_weight, segmentation.warmup_steps, segmentation.temperature) == (0.0, 10.0, 0, 1.0)
+    assert segmentation.segmentation_distillation == "channel-wise" and not segmentation.feature_adapter
+    detection = resolve_dense_distillation(DenseDistillationConfig("out"), "detection")
+    assert detection.feature_loss_reduction == "release" and detection.feature_adapter
+    overridden = resolve_dense_distillation(DenseDistillationConfig("out", score_distillation_weight=2.0, feature_adapter=False), "detection")
+    assert (overridden.score_weight, overridden.feature_weight, overridden.feature_adapter) == (2.0, 0.001, False)
+
+
+def test_segmentation_default_is_channel_wise_distillation_of_the_decode_head(tmp_path):
+    trainer, student, teacher, batch = segmentation_pair(tmp_path)
     student.train()
+    loss = trainer.compute_loss(student, batch)
+    captured = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        handle = model.decode_head.register_forward_hook(lambda module, args, output, name=name: captured.update({name: output}))
+        with torch.no_grad():
+            outputs = model(**batch)
+        handle.remove()
+        captured[f"{name}_loss"] = outputs.loss
+    student_logits, teacher_logits = captured["student"], captured["teacher"]
+    assert student_logits.shape[-2:] == (16, 16)  # the decode head's resolution (the finest level), not the upsampled 32 x 32
+    # CWD by its definition: per image and class, softmax over the 64 locations; KL(teacher || student); mean over N*C.
+    expected_cwd = 0.0
+    for image in range(4):
+        for channel in range(4):
+            p = F.softmax(teacher_logits[image, channel].flatten(), 0)
+            q = F.softmax(student_logits[image, channel].flatten(), 0)
+            expected_cwd += float((p * (p.log() - q.log())).sum())
+    expected_cwd /= 16
+    torch.testing.assert_close(loss, captured["student_loss"] + 10.0 * expected_cwd, atol=1e-5, rtol=1e-5)  # no warm-up
+    trainer._check_and_record(loss, {"x": loss})  # the recorded terms: score only, no feature term
+    assert trainer.settings.feature_weight == 0.0 and trainer.feature_adapter is None
+
+
+def test_pixel_kl_variant_with_feature_distillation_and_warm_up(tmp_path):
+    trainer, student, teacher, batch = segmentation_pair(
+        tmp_path, segmentation_distillation="pixel-kl", distillation_warmup_steps=4, feature_distillation_weight=0.5,
+        score_distillation_weight=2.0, distillation_temperature=2.0, feature_loss_reduction="mean")
+    student.train()
+    trainer.state.global_step = 1
     loss = trainer.compute_loss(student, batch)
     with torch.no_grad():
         teacher_features = find_backbone(teacher)(batch["pixel_values"]).feature_maps
@@ -231,8 +313,74 @@ def test_dense_loss_is_task_plus_ramped_distillation(tmp_path):
     confidence = teacher_logits.softmax(dim=1).max(dim=1).values
     expected = outputs.loss + 0.25 * (0.5 * weighted_feature_distillation_loss(list(student_features), list(teacher_features), confidence)
                                       + 2.0 * pixel_distillation_loss(outputs.logits, teacher_logits, 2.0))
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)  # ramp = 1/4 at step 0
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)  # ramp = step 1 / 4
     assert not any(parameter.requires_grad for parameter in trainer.teacher.parameters())
+
+
+def detector(hidden):
+    return object_detection_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, num_queries=10, encoder_layers=1,
+                                  decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+
+
+def test_detection_default_is_the_release_recipe(tmp_path):
+    torch.manual_seed(0)
+    student, teacher = detector(32), detector(64).eval()
+    trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=dense_args(tmp_path))
+    batch = collate_detection([item for item in shapes(4, DetectionTransform(32, *NORMALIZATION, True))])
+    student.train()
+    trainer.state.global_step = 250  # half-way through the release's 500-step warm-up
+    torch.manual_seed(1)
+    loss = trainer.compute_loss(student, batch)
+    logged = {name: values[-1] for name, values in trainer._term_history.items()}
+
+    torch.manual_seed(1)
+    outputs = student(**batch)
+    student_maps = list(find_backbone(student)(batch["pixel_values"]).feature_maps)
+    with torch.no_grad():
+        teacher_outputs = teacher(pixel_values=batch["pixel_values"])
+        teacher_maps = list(find_backbone(teacher)(batch["pixel_values"]).feature_maps)
+    adapted = [conv(level) for conv, level in zip(trainer.feature_adapter.layers, student_maps)]
+    student_probabilities = query_class_probabilities(outputs.logits, 3)
+    teacher_probabilities = query_class_probabilities(teacher_outputs.logits, 3)
+    feature_loss, score_loss = 0.0, 0.0
+    for student_level, teacher_level, adapted_level in zip(student_maps, teacher_maps, adapted):
+        size = student_level.shape[-2:]
+        student_scores = box_score_maps(student_probabilities, outputs.pred_boxes, size, 50)
+        teacher_scores = box_score_maps(teacher_probabilities, teacher_outputs.pred_boxes, size, 50)
+        mask = teacher_scores.max(dim=1).values
+        covered = mask * (student_scores.amax(dim=1) > 0)
+        feature_loss += ((adapted_level - teacher_level) ** 2 * mask[:, None]).sum() / mask.sum()
+        bce = F.binary_cross_entropy(student_scores.clamp(1e-6, 1 - 1e-6), teacher_scores, reduction="none")
+        score_loss += (bce * covered[:, None]).sum() / covered.sum()
+    torch.testing.assert_close(logged["feature_distillation_loss"], feature_loss.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logged["score_distillation_loss"], score_loss.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, outputs.loss + 0.5 * (0.001 * feature_loss + 0.1 * score_loss), atol=1e-4, rtol=1e-4)
+
+
+def test_the_detection_adapter_is_trained_checkpointed_and_not_saved_with_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    args = dense_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, distillation_warmup_steps=1, dataloader_num_workers=0)
+    trainer = DenseDistillationTrainer(model=detector(32), teacher=detector(64).eval(), args=args,
+                                       train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)), data_collator=collate_detection)
+    before = {name: value.clone() for name, value in trainer.feature_adapter.state_dict().items()}
+    trainer.train()
+    adapter = trainer.accelerator.unwrap_model(trainer.feature_adapter)
+    assert any(not torch.equal(before[name], value) for name, value in adapter.state_dict().items())  # it learned
+    assert any(group.get("feature_adapter") for group in trainer.optimizer.param_groups)
+    saved = load_file(tmp_path / "checkpoint-2" / DenseDistillationTrainer.ADAPTER_FILE)
+    assert all(torch.equal(saved[name], value) for name, value in adapter.state_dict().items())
+    trainer.save_model()
+    assert not any("adapter" in key for key in load_file(tmp_path / "model.safetensors"))
+    # Resuming restores the adapter; a checkpoint without one is refused.
+    resumed = DenseDistillationTrainer(model=detector(32), teacher=detector(64).eval(), args=args,
+                                       train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)), data_collator=collate_detection)
+    resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(saved[name], value) for name, value in resumed.feature_adapter.state_dict().items())
+    (tmp_path / "checkpoint-2" / DenseDistillationTrainer.ADAPTER_FILE).unlink()
+    with pytest.raises(ValueError, match="has no distillation_adapter.safetensors"):
+        resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
 
 
 def test_dense_trainer_refusals(tmp_path):
@@ -422,7 +570,7 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         assert ("eval_mean_iou" in metrics) or ("eval_map" in metrics)
         student = tmp_path / f"{script.__name__}-student"
         metrics = script.main(["--output_dir", str(student), "--backbone_overrides", tiny.format(32), "--teacher_name_or_path", str(teacher), *common, *extra])
-        assert "feature_distillation_loss" in (student / "trainer_state.json").read_text()
+        assert "score_distillation_loss" in (student / "trainer_state.json").read_text()
     card = (tmp_path / "run_semantic_segmentation-student" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "specific distillation for semantic segmentation" in card
     assert "- type: mean_iou" in card and "| mean_iou |" in card
