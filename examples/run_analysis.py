@@ -21,7 +21,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 
 import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
 from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion
-from g2sd_hf.data import DataArguments, ImageTransform, collate_classification, evaluation_transform, prepare_splits
+from g2sd_hf.data import DataArguments, ImageTransform, collate_classification, prepare_splits, processor_transform
 
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,9 @@ def main(args: list[str] | None = None) -> dict:
     cka_pairs(arguments.cka_pairs, names)  # bad pairs fail before any model loads
     models = {name: accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(name), evaluation_mode=True) for name in names}
     processor = AutoImageProcessor.from_pretrained(names[0])
-    size = processor.size.get("height", processor.size.get("shortest_edge"))
     with accelerator.main_process_first():
         splits, _ = prepare_splits(data_args, arguments.seed)
-    dataset = splits["validation"].with_transform(ImageTransform(evaluation_transform(size, processor.image_mean, processor.image_std), with_labels=True))
+    dataset = splits["validation"].with_transform(ImageTransform(processor_transform(processor), with_labels=True))
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset, batch_size=arguments.batch_size, collate_fn=collate_classification))
     patch_size = next(iter(models.values())).config.patch_size
     return run_analysis(models, loader, patch_size, arguments, accelerator)

@@ -24,7 +24,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Hf
 
 import g2sd_hf  # noqa: F401
 from g2sd_hf.analysis import evaluate_accuracy, imagenet_wnids, subset_indices
-from g2sd_hf.data import ImageTransform, collate_classification, evaluation_transform
+from g2sd_hf.data import ImageTransform, collate_classification, processor_transform
 
 
 WNID = re.compile(r"^n\d{8}$")
@@ -99,8 +99,7 @@ def main(args: list[str] | None = None) -> dict:
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     model = accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(arguments.model_name_or_path), evaluation_mode=True)
     processor = AutoImageProcessor.from_pretrained(arguments.model_name_or_path)
-    size = processor.size.get("height", processor.size.get("shortest_edge"))
-    transform = ImageTransform(evaluation_transform(size, processor.image_mean, processor.image_std), with_labels=True)
+    transform = ImageTransform(processor_transform(processor), with_labels=True)
     results = {}
     for name in filter(None, (item.strip() for item in arguments.datasets.split(","))):
         with accelerator.main_process_first():  # the main process downloads and caches, the others read the cache

@@ -1,8 +1,10 @@
 """The paper's analyses, for any G2SD or transformers ViT classifier: occlusion invariance, representation similarity
 (linear CKA) between a student and a teacher layer by layer, and accuracy on distribution shifts.
 
-- `occlusion_curve`: accuracy as a function of the fraction of patches dropped (their pixels set to 0 in normalized
-  space, the image mean), in random order or most salient first (input-gradient saliency).
+- `occlusion_curve`: accuracy as a function of the fraction of patches dropped, in random order or most salient
+  first (input-gradient saliency). By default the patches are dropped from the token sequence, the paper's protocol
+  (the model sees only the others, as an MAE encoder does); `protocol="fill"` instead sets their pixels to 0 in
+  normalized space (the image mean) and keeps every token.
 - `cka_matrix`: linear CKA between every layer of one model and every layer of another on a data set, with the
   minibatch estimator of Nguyen et al. (2021) — unbiased HSIC accumulated over batches — so it scales to big sets.
 - `restrict_to_subset` / `evaluate_accuracy`: accuracy of an ImageNet-1k classifier on the 200-class ImageNet-A and
@@ -131,8 +133,8 @@ def cka_matrix(model_a, model_b, loader, pooling: str = "mean", accelerator=None
 # Occlusion
 # --------------------------------------------------------------------------------------------------------------------
 def occlude_patches(pixel_values: torch.Tensor, fraction: float, patch_size: int, order: torch.Tensor) -> torch.Tensor:
-    """Set the pixels of the first `round(fraction * num_patches)` patches of `order` to 0 (the mean, in normalized
-    space).
+    """Set the pixels of the first `num_patches - int(num_patches * (1 - fraction))` patches of `order` (MAE's count
+    of masked patches) to 0, the mean in normalized space.
 
     Args:
         pixel_values (`torch.Tensor` of shape `(batch, channels, height, width)`): Normalized images.
@@ -145,7 +147,7 @@ def occlude_patches(pixel_values: torch.Tensor, fraction: float, patch_size: int
     """
     batch_size, _, height, width = pixel_values.shape
     rows, columns = height // patch_size, width // patch_size
-    num_dropped = int(round(fraction * rows * columns))
+    num_dropped = rows * columns - int(rows * columns * (1 - fraction))  # MAE's count, as with protocol="drop"
     keep = torch.ones(batch_size, rows * columns, device=pixel_values.device)
     keep.scatter_(1, order[:, :num_dropped].to(pixel_values.device), 0.0)
     keep = keep.view(batch_size, 1, rows, columns).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
@@ -168,15 +170,79 @@ def patch_saliency(model, pixel_values: torch.Tensor, patch_size: int) -> torch.
     return gradients.reshape(batch_size, rows, patch_size, columns, patch_size).sum(dim=(2, 4)).sqrt().reshape(batch_size, -1)
 
 
+def logits_with_patches_dropped(
+    model, pixel_values: torch.Tensor, fraction: float, order: torch.Tensor, output: str = "logits"
+) -> torch.Tensor:
+    """The logits of `model` when the first `fraction` of the patches in `order` are dropped from the token sequence:
+    the encoder sees the class token(s) and the other patches (with their position embeddings) only.
+
+    Works for `G2SDForImageClassification` (through its `mask_ratio` / `noise` arguments: the dropped patches get the
+    highest noise) and transformers' `ViTForImageClassification` (its embeddings, encoder and head, run on the kept
+    tokens).
+
+    Args:
+        model: The classifier.
+        pixel_values (`torch.Tensor` of shape `(batch, channels, height, width)`): Normalized images.
+        fraction (`float`): Fraction of the patches dropped, in [0, 1] (at 1 only the class token(s) remain).
+        order (`torch.Tensor` of shape `(batch, num_patches)`): Patch indices (row-major) in the order they are dropped.
+        output (`str`): Which logits of the model's output: `"logits"` (the prediction), or for a G2SD classifier with
+            a distillation token `"cls_logits"` / `"distillation_logits"` (one head).
+    """
+    model = getattr(model, "module", model)
+    num_patches = order.shape[1]
+    # Rank of each patch in the drop order -> noise: random masking keeps the lowest-noise patches.
+    noise = torch.empty(order.shape, device=pixel_values.device).scatter_(
+        1, order.to(pixel_values.device), torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).flip(0).expand_as(order).contiguous()
+    )
+    if hasattr(model, "g2sd"):
+        return _output(model(pixel_values=pixel_values, mask_ratio=fraction if fraction > 0 else None, noise=noise), output)
+    if fraction <= 0:
+        return _output(model(pixel_values=pixel_values), output)
+    if output != "logits":
+        raise ValueError(f"{type(model).__name__} has only one head: output must be 'logits', got {output!r}.")
+    if hasattr(model, "vit") and hasattr(model.vit, "embeddings"):
+        vit = model.vit
+        embeddings = vit.embeddings.patch_embeddings(pixel_values)  # (batch, num_patches, hidden)
+        position = vit.embeddings.position_embeddings
+        embeddings = embeddings + position[:, 1:]
+        num_kept = int(num_patches * (1 - fraction))
+        kept = noise.argsort(dim=1)[:, :num_kept]
+        embeddings = embeddings.gather(1, kept[..., None].expand(-1, -1, embeddings.shape[-1]))
+        cls = (vit.embeddings.cls_token + position[:, :1]).expand(embeddings.shape[0], -1, -1)
+        hidden_states = torch.cat([cls, embeddings], dim=1)  # (batch, 1 + num_kept, hidden)
+        layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer  # transformers 5 / 4 layouts
+        for layer in layers:
+            hidden_states = layer(hidden_states)
+            hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
+        return model.classifier(vit.layernorm(hidden_states)[:, 0])
+    raise ValueError(
+        f"Dropping patches from the token sequence needs a G2SD or transformers ViT classifier, got "
+        f"{type(model).__name__}: use protocol='fill'."
+    )
+
+
+def _output(outputs, name: str) -> torch.Tensor:
+    logits = getattr(outputs, name, None)
+    if logits is None:
+        raise ValueError(f"The model's output has no {name!r} (a G2SD classifier without a distillation token has only 'logits').")
+    return logits
+
+
 @torch.no_grad()
 def occlusion_curve(
     model, loader, fractions: Sequence[float], patch_size: int, order: str = "random", seed: int = 0, accelerator=None,
-    description: str = "occlusion",
+    description: str = "occlusion", protocol: str = "drop", output: str = "logits",
 ) -> dict[float, float]:
     """Top-1 accuracy of `model` on `loader` (batches with `pixel_values` and `labels`) with each fraction of the
-    patches dropped, in a random order per image (seeded) or most salient first (`order="salient"`)."""
+    patches dropped, in a random order per image (seeded) or most salient first (`order="salient"`).
+
+    `protocol="drop"` (default, the paper's) removes the patches from the token sequence
+    (`logits_with_patches_dropped`); `protocol="fill"` sets their pixels to the image mean (`occlude_patches`).
+    `output` picks the logits scored (`"cls_logits"` / `"distillation_logits"`: one head of a G2SD classifier)."""
     if order not in ("random", "salient"):
         raise ValueError(f"order must be 'random' or 'salient', got {order!r}.")
+    if protocol not in ("drop", "fill"):
+        raise ValueError(f"protocol must be 'drop' (from the token sequence) or 'fill' (pixels to the mean), got {protocol!r}.")
     model.eval()
     device = _device(model)
     correct = torch.zeros(len(fractions), dtype=torch.float64)
@@ -190,7 +256,10 @@ def occlusion_curve(
         else:
             patch_order = patch_saliency(model, pixel_values, patch_size).argsort(dim=1, descending=True).cpu()
         for index, fraction in enumerate(fractions):
-            logits = model(pixel_values=occlude_patches(pixel_values, fraction, patch_size, patch_order)).logits
+            if protocol == "drop":
+                logits = logits_with_patches_dropped(model, pixel_values, fraction, patch_order, output)
+            else:
+                logits = _output(model(pixel_values=occlude_patches(pixel_values, fraction, patch_size, patch_order)), output)
             correct[index] += (logits.argmax(dim=1) == labels).sum().double().cpu()
         total += labels.shape[0]
     if accelerator is not None and accelerator.num_processes > 1:
@@ -298,6 +367,7 @@ __all__ = [
     "imagenet_wnids",
     "layer_representations",
     "linear_cka",
+    "logits_with_patches_dropped",
     "occlude_patches",
     "occlusion_curve",
     "patch_saliency",

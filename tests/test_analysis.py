@@ -22,6 +22,7 @@ from g2sd_hf.analysis import (
     evaluate_accuracy,
     imagenet_wnids,
     linear_cka,
+    logits_with_patches_dropped,
     occlude_patches,
     occlusion_curve,
     patch_saliency,
@@ -106,12 +107,62 @@ def test_occlusion_curve_starts_at_the_plain_accuracy_and_falls():
         pixels = torch.randn(16, 3, 32, 32, generator=generator) * 0.1 + (labels.float() * 2 - 1).view(-1, 1, 1, 1)
         batches.append({"pixel_values": pixels, "labels": labels})
     plain = evaluate_accuracy(model, batches)["accuracy"]
-    curve = occlusion_curve(model, batches, [0.0, 0.5, 1.0], patch_size=8, seed=0)
+    curve = occlusion_curve(model, batches, [0.0, 0.5, 1.0], patch_size=8, seed=0, protocol="fill")
     assert curve[0.0] == plain == 1.0
     assert 0.5 < curve[0.5] < 1.0  # images whose informative patch was dropped fall to the tie-break
     assert curve[1.0] == pytest.approx(np.mean([(batch["labels"] == 0).float().mean() for batch in batches]))
-    salient = occlusion_curve(model, batches, [1 / 16], patch_size=8, order="salient")
+    salient = occlusion_curve(model, batches, [1 / 16], patch_size=8, order="salient", protocol="fill")
     assert salient[1 / 16] < 0.6  # the one informative patch goes first
+
+
+def vit_classifier(seed=0):
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)
+    return ViTForImageClassification(config).eval()
+
+
+def test_dropping_patches_from_the_token_sequence_ignores_their_pixels():
+    torch.manual_seed(0)
+    g2sd = G2SDForImageClassification(tiny_student_config(num_labels=3, use_distillation_token=True)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    order = torch.stack([torch.randperm(16) for _ in range(2)])
+    for model in (g2sd, vit_classifier()):
+        with torch.no_grad():
+            torch.testing.assert_close(logits_with_patches_dropped(model, pixels, 0.0, order), model(pixel_values=pixels).logits)
+            dropped = logits_with_patches_dropped(model, pixels, 0.25, order)
+            # Scramble the 4 dropped patches (the first of `order`): a model that never sees them cannot change.
+            scrambled = pixels.clone()
+            for image in range(2):
+                for patch in order[image, :4].tolist():
+                    row, column = divmod(patch, 4)
+                    scrambled[image, :, 8 * row : 8 * row + 8, 8 * column : 8 * column + 8] = torch.randn(3, 8, 8) * 5
+            torch.testing.assert_close(logits_with_patches_dropped(model, scrambled, 0.25, order), dropped)
+            assert not torch.allclose(model(pixel_values=scrambled).logits, model(pixel_values=pixels).logits)
+            only_class_token = logits_with_patches_dropped(model, pixels, 1.0, order)
+            torch.testing.assert_close(only_class_token[0], only_class_token[1])  # nothing of the images is left
+    # One head at a time: the prediction is the mean of the two heads, with or without patches dropped.
+    heads = [logits_with_patches_dropped(g2sd, pixels, 0.25, order, output) for output in ("cls_logits", "distillation_logits")]
+    torch.testing.assert_close((heads[0] + heads[1]) / 2, logits_with_patches_dropped(g2sd, pixels, 0.25, order))
+    with pytest.raises(ValueError, match="only one head"):
+        logits_with_patches_dropped(vit_classifier(), pixels, 0.25, order, "cls_logits")
+
+
+def test_vit_token_dropping_matches_vit_mae_masking():
+    # An independent route: ViTMAEModel runs the same weights on the patches with the lowest noise.
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    classifier = vit_classifier()
+    mae = ViTMAEModel(ViTMAEConfig(**{key: getattr(classifier.config, key) for key in (
+        "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")},
+        mask_ratio=0.25, layer_norm_eps=classifier.config.layer_norm_eps)).eval()
+    state = {key.removeprefix("vit."): value for key, value in classifier.state_dict().items() if key.startswith("vit.")}
+    mae.load_state_dict({key: value for key, value in state.items() if not key.startswith("pooler")}, strict=False)
+    pixels, order = torch.randn(2, 3, 32, 32), torch.stack([torch.randperm(16) for _ in range(2)])
+    noise = torch.empty(2, 16).scatter_(1, order, torch.arange(16, dtype=torch.float32).flip(0).expand(2, -1).contiguous())
+    with torch.no_grad():
+        expected = classifier.classifier(mae(pixel_values=pixels, noise=noise).last_hidden_state[:, 0])
+        torch.testing.assert_close(logits_with_patches_dropped(classifier, pixels, 0.25, order), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_saliency_finds_the_informative_patch():
