@@ -291,6 +291,27 @@ class RecipeTrainer(Trainer):
         for warning in warnings:
             logger.warning(f"LEARNED NOTHING? {warning}")
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume the model's weights through `from_pretrained`, and refuse a checkpoint that does not fill the model.
+
+        transformers 5 saves checkpoints under the models' original key names (`vit.encoder.layer.0.attention...`)
+        and renames them when `from_pretrained` loads them; `Trainer._load_from_checkpoint` loads the file with a
+        non-strict `load_state_dict` that skips the renaming, so a resumed ViT/ViT-MAE went on from random
+        transformer blocks with only a logged warning. Loading through the model class applies the renaming.
+        """
+        model = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if not isinstance(model, PreTrainedModel) or not os.path.isfile(weights) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded, info = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, output_loading_info=True)
+        problems = {kind: keys for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))}
+        if problems:
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} does not hold this model's weights ({problems}). Resume from a "
+                "checkpoint of the same run (same model and configuration), or start a new run in another output_dir."
+            )
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         self._training_warnings = self._check_training()

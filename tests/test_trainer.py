@@ -20,6 +20,7 @@ from g2sd_hf import (
     SpecificDistillationTrainer,
 )
 from g2sd_hf.losses import nkd_loss
+from g2sd_hf.trainer import RecipeTrainer
 
 from .conftest import NUM_PATCHES, tiny_classifier_teacher, tiny_image_dataset, tiny_mae_teacher, tiny_student_config
 
@@ -116,6 +117,33 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_weights(tmp_path):
     expected, actual = student_state(uninterrupted), student_state(resumed)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def mae_pretraining_trainer(output_dir, model_seed=0, **overrides):
+    model = tiny_mae_teacher(seed=model_seed).train()
+    return RecipeTrainer(model=model, args=generic_args(output_dir, **overrides), train_dataset=tiny_image_dataset())
+
+
+def test_resuming_a_transformers_model_restores_its_renamed_weights(tmp_path):
+    """transformers 5 saves ViT-MAE checkpoints under the original key names; Trainer's own resume skips the renaming
+    and goes on from random blocks. The resumed MAE pre-training must end with the uninterrupted run's weights."""
+    uninterrupted = mae_pretraining_trainer(tmp_path / "full", max_steps=4)
+    uninterrupted.train()
+    mae_pretraining_trainer(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2).train()
+    saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors"))
+    assert not any(".layers." in name for name in saved), "the checkpoint no longer uses the renamed keys"
+    resumed = mae_pretraining_trainer(tmp_path / "resumed", model_seed=123, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    expected, actual = student_state(uninterrupted), student_state(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_resuming_from_another_models_checkpoint_is_refused(tmp_path):
+    mae_pretraining_trainer(tmp_path / "mae", max_steps=2, save_strategy="steps", save_steps=2).train()
+    trainer = generic_trainer(tmp_path / "student", max_steps=4)
+    with pytest.raises(ValueError, match="does not hold this model's weights"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "mae" / "checkpoint-2"))
 
 
 def test_checkpoints_hold_the_student_only(tmp_path):
