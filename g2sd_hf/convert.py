@@ -33,7 +33,7 @@ from .cli import parse_overrides
 from .configuration_g2sd import G2SD_PRESETS, G2SDConfig, resolve_preset_name
 from .data import image_processor
 from .export import fused_layer_tensors, load_by_parameter, stock_vit_layer_parameters
-from .hub import build_model_card, staged_folder
+from .hub import build_model_card, check_output_folder, staged_folder
 from .modeling_g2sd import G2SDForGenericDistillation, G2SDForImageClassification
 from .teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -283,16 +283,20 @@ def convert_state_dict(state_dict: dict, kind: str, preset: str | None = None, p
     return model.eval()
 
 
-def convert_official_checkpoint(path: str, kind: str, output_dir: str, preset: str | None = None, **overrides):
+def convert_official_checkpoint(
+    path: str, kind: str, output_dir: str, preset: str | None = None, overwrite: bool = False, **overrides
+):
     """Convert a released `.pth` checkpoint into a transformers folder (model, image processor, model card).
 
     Args:
         path (`str`): The `.pth` file.
         kind (`str`): `"generic-student"`, `"classifier"` or `"mae-teacher"`.
-        output_dir (`str`): The folder to write; written only when the whole conversion succeeded.
+        output_dir (`str`): The folder to write; written only when the whole conversion succeeded. A folder holding
+            files this package did not write is refused (nothing is ever removed from it) unless `overwrite`.
         preset (`str`, *optional*): A G2SD preset (students) or an MAE preset (`mae_vit_base_patch16`, ...); without
             it, widths and depths are read from the tensors and the attention heads must be given as overrides
             (`num_attention_heads`, and `decoder_num_attention_heads` for a generic student).
+        overwrite (`bool`): Write into a folder that holds other files, replacing those of the same names.
         overrides: Configuration values to set, e.g. `num_labels=1000` or `image_size=384`.
 
     Returns:
@@ -305,10 +309,11 @@ def convert_official_checkpoint(path: str, kind: str, output_dir: str, preset: s
     >>> teacher = MAETeacher.from_pretrained("mae-vit-base")
     ```
     """
+    check_output_folder(output_dir, overwrite)
     model = convert_state_dict(load_official_state_dict(path), kind, preset, path=str(path), **overrides)
     size = model.config.image_size
     processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if kind != "mae-teacher":
@@ -326,9 +331,12 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--preset", help=f"G2SD presets {sorted(G2SD_PRESETS)} or MAE presets {sorted(MAE_PRESETS)}")
     parser.add_argument("--output", required=True, help="Folder to write")
     parser.add_argument("--config_overrides", help="Configuration overrides, e.g. 'num_attention_heads=6,image_size=384'")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a folder that holds other files (same-named files are replaced, others kept)")
     options = parser.parse_args(args)
     overrides = parse_overrides(options.config_overrides)
-    convert_official_checkpoint(options.checkpoint, options.kind, options.output, options.preset, **overrides)
+    convert_official_checkpoint(options.checkpoint, options.kind, options.output, options.preset,
+                                overwrite=options.overwrite, **overrides)
     print(f"Converted {options.checkpoint} ({options.kind}) -> {options.output}")
 
 

@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .hub import build_model_card, staged_folder
+from .hub import build_model_card, check_output_folder, staged_folder
 from .modeling_g2sd import G2SDForImageClassification
 
 
@@ -155,15 +155,18 @@ def export_to_transformers(
     processor=None,
     dataset: str | None = None,
     teacher: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a G2SD classifier as a stock transformers classifier folder (model, processor, model card).
 
     Args:
         model (`G2SDForImageClassification` or `str`): The student, or its checkpoint folder / Hub id.
-        output_dir (`str`): Where to write; replaced only once the export is written and checked.
+        output_dir (`str`): Where to write, once the export is written and checked. A folder holding files this
+            package did not write is refused (nothing is ever removed from it) unless `overwrite`.
         processor (image processor, *optional*): Defaults to the checkpoint's own.
         dataset (`str`, *optional*): For the model card; defaults to the checkpoint card's.
         teacher (`str`, *optional*): For the model card; defaults to the checkpoint card's.
+        overwrite (`bool`): Write into a folder that holds other files, replacing those of the same names.
 
     Returns:
         `Path` of the exported folder.
@@ -175,6 +178,7 @@ def export_to_transformers(
     >>> pipeline("image-classification", model="g2sd-vit-small-sd-deit")  # plain transformers
     ```
     """
+    check_output_folder(output_dir, overwrite)
     source = None
     if isinstance(model, (str, Path)):
         source = str(model)
@@ -189,7 +193,7 @@ def export_to_transformers(
     image_size = model.config.grid_size[0] * model.config.patch_size
     difference = check_same_logits(model, stock, image_size)
     output_dir = Path(output_dir)
-    with staged_folder(output_dir) as staging:
+    with staged_folder(output_dir, overwrite) as staging:
         stock.save_pretrained(staging)
         if processor is not None:
             processor.save_pretrained(staging)
@@ -205,8 +209,10 @@ def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="G2SD classifier folder or Hub id")
     parser.add_argument("--output", required=True, help="Folder to write the stock transformers model to")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a folder that holds other files (same-named files are replaced, others kept)")
     options = parser.parse_args(args)
-    print(export_to_transformers(options.model, options.output))
+    print(export_to_transformers(options.model, options.output, overwrite=options.overwrite))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_encoder_only_mae_checkpoint_is_refused_and_nothing_is_written(tmp_path)
     path = save_release_file(tmp_path / "mae_pretrain_vit.pth", encoder_only)
     with pytest.raises(ValueError, match=r"missing \d+: decoder_blocks\.0\..*needs its decoder"):
         convert_official_checkpoint(path, "mae-teacher", tmp_path / "out", num_attention_heads=2)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".staging-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*staging-*"))
 
 
 def test_mismatched_keys_and_shapes_are_listed(tmp_path):

@@ -22,6 +22,7 @@ from g2sd_hf import (
     SpecificDistillationTrainer,
     export_to_transformers,
 )
+from g2sd_hf.export import main as export_main
 from g2sd_hf.hub import build_model_card, finish_training_run
 from g2sd_hf.metrics import ClassificationMetrics
 
@@ -180,6 +181,39 @@ def test_export_refuses_mean_pooling(tmp_path):
     with pytest.raises(ValueError, match="no stock transformers equivalent"):
         export_to_transformers(model, str(tmp_path / "exported"))
     assert not (tmp_path / "exported").exists()
+
+
+def test_export_never_removes_files_it_did_not_write(classifier_checkpoint, tmp_path, monkeypatch):
+    """Exporting into a folder of the user's is refused and leaves it as it was; a previous export is replaced;
+    --overwrite writes the export's files and keeps the user's."""
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"did not write \(notes.txt\).*--overwrite"):
+        export_to_transformers(str(classifier_checkpoint), str(target))
+    assert sorted(path.name for path in target.iterdir()) == ["notes.txt"]
+    assert not list(tmp_path.glob(".*staging-*"))
+
+    # The command line in the current folder (`--output .`): refused, exit status non-zero, the folder untouched.
+    monkeypatch.chdir(target)
+    with pytest.raises(FileExistsError):
+        export_main(["--model", str(classifier_checkpoint), "--output", "."])
+    assert (target / "notes.txt").read_text() == "my notes" and len(list(target.iterdir())) == 1
+
+    export_main(["--model", str(classifier_checkpoint), "--output", ".", "--overwrite"])
+    assert (target / "notes.txt").read_text() == "my notes" and (target / "model.safetensors").exists()
+
+    # A previous export (only files the package wrote) is replaced, stale files of the package included.
+    exported = tmp_path / "exported"
+    export_to_transformers(str(classifier_checkpoint), str(exported))
+    (exported / "README.md").unlink()
+    export_to_transformers(str(classifier_checkpoint), str(exported))
+    assert (exported / "README.md").exists() and (exported / "model.safetensors").exists()
+    # ... unless the user added a file to it since.
+    (exported / "evaluation.csv").write_text("mine")
+    with pytest.raises(FileExistsError, match="evaluation.csv"):
+        export_to_transformers(str(classifier_checkpoint), str(exported))
+    assert (exported / "evaluation.csv").read_text() == "mine"
 
 
 def test_generic_checkpoint_loads_and_extracts_features(tmp_path):
