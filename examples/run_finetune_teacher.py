@@ -41,7 +41,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     training_args.distillation_type = "none"  # this script trains the teacher itself
     setup_logging(training_args)
-    last_checkpoint = checkpoint_to_resume(training_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="preparing the data"):

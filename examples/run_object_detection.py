@@ -52,7 +52,7 @@ def main(args: list[str] | None = None) -> dict:
         (DenseModelArguments, DetectorArguments, DenseDataArguments, DenseDistillationConfig), args
     )
     setup_logging(training_args)
-    last_checkpoint = checkpoint_to_resume(training_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, detector_args, data_args)
     set_seed(training_args.seed)
 
     splits, class_names = load_detection_dataset(

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments((DenseModelArguments, DenseDataArguments, DenseDistillationConfig), args)
     setup_logging(training_args)
-    last_checkpoint = checkpoint_to_resume(training_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args)
     set_seed(training_args.seed)
 
     splits, class_names = load_segmentation_dataset(

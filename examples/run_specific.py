@@ -98,7 +98,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     setup_logging(training_args)
     logger.info(f"Training arguments {training_args}")
-    last_checkpoint = checkpoint_to_resume(training_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="preparing the data"):

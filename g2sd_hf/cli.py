@@ -65,16 +65,75 @@ def setup_logging(training_args: TrainingArguments) -> None:
     )
 
 
-def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint` if given, else the last checkpoint in `output_dir` (a rerun continues the run)."""
-    if training_args.resume_from_checkpoint is not None:
+RUN_ARGUMENTS = "run_arguments.json"  # the arguments a script started its run in output_dir with
+# Arguments that do not change what a run computes: a rerun may change them and still resume.
+NON_RESULT_ARGUMENTS = frozenset({
+    "output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "report_to",
+    "disable_tqdm", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy",
+    "eval_steps", "do_eval", "do_predict", "per_device_eval_batch_size", "dataloader_num_workers",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_prefetch_factor", "push_to_hub",
+    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "local_rank", "ddp_timeout",
+})
+FINISHED_RUN_FILES = ("model.safetensors", "pytorch_model.bin", "all_results.json")
+
+
+def run_arguments(training_args: TrainingArguments, *argument_groups) -> dict:
+    """The arguments that decide what a run computes, as JSON values (the record `checkpoint_to_resume` compares)."""
+    values = {key: value for key, value in training_args.to_dict().items()}
+    for group in argument_groups:
+        values.update(dataclasses.asdict(group))
+    values = json.loads(json.dumps(values, default=str))
+    return {key: value for key, value in sorted(values.items()) if key not in NON_RESULT_ARGUMENTS}
+
+
+def _differences(saved: dict, current: dict) -> str:
+    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key, "<unset>") != current.get(key, "<unset>"))
+    shown = "; ".join(f"{key}: {saved.get(key, '<unset>')!r} then, {current.get(key, '<unset>')!r} now" for key in keys[:6])
+    return shown + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:
+    """The checkpoint a training run starts from, after checking that `output_dir` holds nothing of another run.
+
+    `--resume_from_checkpoint` is used as given. Otherwise a rerun into an `output_dir` that holds checkpoints resumes
+    the last one only when that run was started with the same arguments (`run_arguments.json`, written here, compares
+    everything but logging, saving and data-loading settings); a folder with another run's checkpoints or with a
+    finished model is refused, with the two ways on: `--resume_from_checkpoint` (continue it anyway) or
+    `--overwrite_output_dir` (start a new run there; same-named files are replaced, nothing else is removed).
+
+    Pass every argument dataclass of the script after `training_args`: the model's and the data's arguments count.
+    """
+    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
         return training_args.resume_from_checkpoint
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info(f"Checkpoint found in {training_args.output_dir}: resuming from {last}.")
-        return last
-    return None
+    output_dir = Path(training_args.output_dir)
+    current = run_arguments(training_args, *argument_groups)
+    record = output_dir / RUN_ARGUMENTS
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    finished = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    resume = None
+    if (last is not None or finished) and not getattr(training_args, "overwrite_output_dir", False):
+        saved = json.loads(record.read_text()) if record.is_file() else None
+        what = f"checkpoints (last: {Path(last).name})" if last else f"a finished run ({', '.join(finished)})"
+        ways = ("Pass --overwrite_output_dir to start a new run there (same-named files are replaced, nothing else is "
+                "removed), --resume_from_checkpoint to continue it anyway, or choose another --output_dir.")
+        if saved is None:
+            raise ValueError(f"{output_dir} already holds {what} of a run started without a {RUN_ARGUMENTS} record, "
+                             f"so it cannot be told apart from another run. {ways}")
+        if saved != current:
+            raise ValueError(f"{output_dir} already holds {what} of a run with other arguments ({_differences(saved, current)}). {ways}")
+        if last is None:
+            raise ValueError(f"{output_dir} already holds {what} of this same run, finished. {ways}")
+        logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {last}.")
+        resume = last
+    elif last is not None or finished:
+        logger.warning(f"--overwrite_output_dir: a new run in {output_dir}; its earlier checkpoints are not resumed.")
+    if training_args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = record.with_name(f".{RUN_ARGUMENTS}.{training_args.process_index}")
+        staging.write_text(json.dumps(current, indent=2) + "\n")
+        staging.replace(record)  # whole or not at all: another process may be reading it
+    return resume
 
 
 def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None) -> dict:
@@ -124,4 +183,4 @@ def parse_overrides(overrides: str | None) -> dict:
     return values
 
 
-__all__ = ["checkpoint_to_resume", "parse_arguments", "parse_overrides", "setup_logging", "train_and_evaluate"]
+__all__ = ["RUN_ARGUMENTS", "checkpoint_to_resume", "run_arguments", "parse_arguments", "parse_overrides", "setup_logging", "train_and_evaluate"]

@@ -92,6 +92,12 @@ class RecipeConfig(TrainingArguments):
                   "recipe) or 'small-data' (a few thousand images: plain augmentation, unscaled lr 1e-3). See "
                   "g2sd_hf.recipes.", "choices": sorted(RECIPES)},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds another run's checkpoints or finished model (its "
+                  "checkpoints are not resumed; same-named files are replaced, nothing else is removed). Without it, "
+                  "the example scripts resume only a run started with the same arguments and refuse anything else."},
+    )
     dataloader_num_workers: int = field(
         default_factory=default_dataloader_workers,
         metadata={"help": "Data-loader worker processes per training process (default: the CPUs available to each "

@@ -1,0 +1,61 @@
+"""The example scripts' shared layer: which checkpoint a rerun resumes, and what it refuses to continue or overwrite."""
+
+import json
+
+import pytest
+
+from g2sd_hf import GenericDistillationConfig
+from g2sd_hf.cli import RUN_ARGUMENTS, checkpoint_to_resume
+from g2sd_hf.data import DataArguments
+
+
+def arguments(output_dir, **overrides):
+    values = dict(output_dir=str(output_dir), do_train=True, learning_rate=1e-3, report_to=[], use_cpu=True)
+    return GenericDistillationConfig(**{**values, **overrides})
+
+
+def interrupted_run(output_dir, training_args, data_args):
+    """What a run killed after its second checkpoint leaves: its arguments record and two checkpoint folders."""
+    assert checkpoint_to_resume(training_args, data_args) is None  # a new folder: a new run, recorded
+    for step in (2, 4):
+        (output_dir / f"checkpoint-{step}").mkdir()
+
+
+def test_a_rerun_with_the_same_arguments_resumes_its_last_checkpoint(tmp_path):
+    data = DataArguments(dataset_name="elpv")
+    interrupted_run(tmp_path, arguments(tmp_path), data)
+    assert json.loads((tmp_path / RUN_ARGUMENTS).read_text())["learning_rate"] == 1e-3
+    # Logging, saving and data-loading settings may change between the two.
+    rerun = arguments(tmp_path, logging_steps=7, dataloader_num_workers=0, save_total_limit=2)
+    assert checkpoint_to_resume(rerun, data) == str(tmp_path / "checkpoint-4")
+
+
+@pytest.mark.parametrize("change", ["training", "data"])
+def test_a_run_with_other_arguments_is_refused_and_names_the_difference(tmp_path, change):
+    interrupted_run(tmp_path, arguments(tmp_path), DataArguments(dataset_name="elpv"))
+    training_args = arguments(tmp_path, learning_rate=5e-4) if change == "training" else arguments(tmp_path)
+    data = DataArguments(dataset_name="elpv", max_train_samples=100) if change == "data" else DataArguments(dataset_name="elpv")
+    expected = "learning_rate: 0.001 then, 0.0005 now" if change == "training" else "max_train_samples: None then, 100 now"
+    with pytest.raises(ValueError, match=rf"other arguments \({expected}\).*--overwrite_output_dir.*--resume_from_checkpoint"):
+        checkpoint_to_resume(training_args, data)
+
+
+def test_checkpoints_without_a_record_and_finished_runs_are_refused(tmp_path):
+    (tmp_path / "unknown" / "checkpoint-10").mkdir(parents=True)
+    with pytest.raises(ValueError, match="without a run_arguments.json record"):
+        checkpoint_to_resume(arguments(tmp_path / "unknown"))
+    finished = tmp_path / "finished"
+    assert checkpoint_to_resume(arguments(finished)) is None
+    (finished / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"a finished run \(model.safetensors\) of this same run"):
+        checkpoint_to_resume(arguments(finished))
+    assert (finished / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_overwrite_output_dir_starts_a_new_run_and_explicit_resume_is_kept(tmp_path):
+    interrupted_run(tmp_path, arguments(tmp_path), DataArguments(dataset_name="elpv"))
+    assert checkpoint_to_resume(arguments(tmp_path, learning_rate=5e-4, overwrite_output_dir=True)) is None
+    assert json.loads((tmp_path / RUN_ARGUMENTS).read_text())["learning_rate"] == 5e-4
+    assert (tmp_path / "checkpoint-4").is_dir()  # not resumed, not removed
+    explicit = arguments(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-2"), learning_rate=1.0)
+    assert checkpoint_to_resume(explicit) == str(tmp_path / "checkpoint-2")
