@@ -325,6 +325,7 @@ class ClassificationTeacher(_FrozenTeacher):
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ):
         super().__init__(model, image_mean, image_std)
+        self.label_order: list[int] | None = None  # the teacher's class of each student class (`align_labels`)
 
     @classmethod
     def from_pretrained(
@@ -348,11 +349,49 @@ class ClassificationTeacher(_FrozenTeacher):
     def num_labels(self) -> int:
         return self.model.config.num_labels
 
+    def align_labels(self, id2label: dict[int, str]) -> None:
+        """Put the teacher's logits in the order of `id2label` (the student's classes), matching classes by name.
+
+        The same class names in another order are reordered; other names are refused, since every distillation
+        target would point at the wrong class. A side whose names are transformers' placeholders (`LABEL_0`, ...)
+        has no names to match: its classes are taken in index order, with a warning.
+        """
+        teacher = {int(index): str(name) for index, name in self.model.config.id2label.items()}
+        student = {int(index): str(name) for index, name in id2label.items()}
+        self.label_order = None
+        if len(teacher) != len(student):
+            raise ValueError(
+                f"The student predicts {len(student)} classes, the teacher {len(teacher)}: fine-tune the teacher on "
+                "the same label set, or build the student with the teacher's num_labels / id2label."
+            )
+        if any(_placeholder_labels(names) for names in (teacher, student)):
+            logger.warning("The teacher's or the student's classes have no names (LABEL_0, ...): they are matched by index.")
+            return
+        if sorted(teacher.values()) != sorted(student.values()):
+            only_teacher = sorted(set(teacher.values()) - set(student.values()))
+            only_student = sorted(set(student.values()) - set(teacher.values()))
+            raise ValueError(
+                f"The teacher's classes are not the student's: only the teacher has {only_teacher[:5]}, only the "
+                f"student (the data) has {only_student[:5]}. Distill from a teacher fine-tuned on the same classes."
+            )
+        index_of = {name: index for index, name in teacher.items()}
+        order = [index_of[student[index]] for index in range(len(student))]
+        if order != list(range(len(order))):
+            logger.warning(f"The teacher lists the same classes in another order: its logits are reordered {order}.")
+            self.label_order = order
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return the teacher's logits `(batch, num_labels)` for `pixel_values` (normalized as declared)."""
+        """Return the teacher's logits `(batch, num_labels)` for `pixel_values` (normalized as declared), in the
+        order of the classes given to `align_labels` (the teacher's own order before)."""
         with torch.inference_mode():
             logits = self.model(pixel_values=self.prepare_pixels(pixel_values)).logits
+            if self.label_order is not None:
+                logits = logits[:, self.label_order]
         return logits.clone()
+
+
+def _placeholder_labels(id2label: dict[int, str]) -> bool:
+    return all(name == f"LABEL_{index}" for index, name in id2label.items())
 
 
 __all__ = [

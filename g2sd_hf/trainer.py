@@ -735,12 +735,9 @@ class SpecificDistillationTrainer(DistillationTrainer):
 
 
 def check_specific_distillation_pair(student: PreTrainedModel, teacher: ClassificationTeacher) -> None:
-    """Refuse a student/teacher pair that cannot be distilled, with the fix in the message."""
-    if student.config.num_labels != teacher.num_labels:
-        raise ValueError(
-            f"The student predicts {student.config.num_labels} classes, the teacher {teacher.num_labels}: fine-tune "
-            "the teacher on the same label set, or build the student with the teacher's num_labels / id2label."
-        )
+    """Refuse a student/teacher pair that cannot be distilled, with the fix in the message; put the teacher's classes
+    in the student's order (matched by name)."""
+    teacher.align_labels(student.config.id2label)
     student_size = to_pair(student.config.image_size)
     if student_size != teacher.image_size:
         raise ValueError(

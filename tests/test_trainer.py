@@ -375,6 +375,27 @@ def test_specific_refusals(tmp_path):
         specific_args(tmp_path, layer_decay=0.0)
 
 
+def named_classes(names):
+    return {"id2label": dict(enumerate(names)), "label2id": {name: index for index, name in enumerate(names)}}
+
+
+def test_teacher_classes_are_matched_to_the_students_by_name(tmp_path, pixel_values):
+    """The same classes in another order: the teacher's logits are reordered so each target is the student's class."""
+    teacher_model = tiny_classifier_teacher(num_labels=4)
+    teacher_model.config.update(named_classes(["crack", "finger", "ok", "spot"]))
+    student = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True,
+                                                              **named_classes(["ok", "spot", "crack", "finger"])))
+    trainer = SpecificDistillationTrainer(model=student, teacher=teacher_model, args=specific_args(tmp_path))
+    with torch.no_grad():
+        original = teacher_model(pixel_values=pixel_values).logits
+    torch.testing.assert_close(trainer.teacher(pixel_values), original[:, [2, 3, 0, 1]])
+
+    other = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True,
+                                                            **named_classes(["ok", "spot", "crack", "burn"])))
+    with pytest.raises(ValueError, match=r"only the teacher has \['finger'\], only the student \(the data\) has \['burn'\]"):
+        SpecificDistillationTrainer(model=other, teacher=teacher_model, args=specific_args(tmp_path))
+
+
 def test_without_teacher_both_heads_learn_the_task(tmp_path, pixel_values):
     trainer = specific_trainer(tmp_path, teacher=False, distillation_type="none")
     labels = torch.tensor([0, 1, 2, 3])
