@@ -318,7 +318,32 @@ class RecipeTrainer(Trainer):
             )
         model.load_state_dict(loaded.state_dict(), strict=True)
 
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        # `dataloader_drop_last` is for training (every step a full batch); evaluation scores every image.
+        drop_last = self.args.dataloader_drop_last
+        if not is_training:
+            self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
+    def _check_one_batch(self) -> None:
+        """Refuse a run whose training set holds no full batch: with `dataloader_drop_last` it would run no step."""
+        dataset = self.train_dataset
+        if dataset is None or not self.args.dataloader_drop_last or not hasattr(dataset, "__len__"):
+            return
+        batch = self._train_batch_size * self.args.world_size
+        if len(dataset) < batch:
+            raise ValueError(
+                f"The training set holds {len(dataset)} images, fewer than one batch ({self._train_batch_size} per "
+                f"process x {self.args.world_size} processes = {batch}): with dataloader_drop_last every batch is "
+                "dropped and the run would train nothing. Lower --per_device_train_batch_size, add images, or set "
+                "--dataloader_drop_last false."
+            )
+
     def train(self, *args, **kwargs):
+        self._check_one_batch()
         result = super().train(*args, **kwargs)
         self._training_warnings = self._check_training()
         self._report(self._training_warnings)

@@ -146,6 +146,21 @@ def test_resuming_from_another_models_checkpoint_is_refused(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "mae" / "checkpoint-2"))
 
 
+def test_evaluation_scores_every_image_and_training_needs_one_full_batch(tmp_path):
+    """dataloader_drop_last (on in the recipes) drops training's last partial batch, never evaluation's; a training
+    set smaller than one batch would run no step and is refused."""
+    trainer = generic_trainer(tmp_path, per_device_eval_batch_size=8)
+    assert trainer.args.dataloader_drop_last
+    loader = trainer.get_eval_dataloader(tiny_image_dataset(num_images=12))
+    assert sum(len(batch["pixel_values"]) for batch in loader) == 12
+    assert "eval_loss" in trainer.evaluate(tiny_image_dataset(num_images=5))
+    assert sum(len(batch["pixel_values"]) for batch in trainer.get_train_dataloader()) == 16  # 4 full batches of 4
+
+    too_few = generic_trainer(tmp_path, dataset=tiny_image_dataset(num_images=3))
+    with pytest.raises(ValueError, match=r"3 images, fewer than one batch \(4 per process x 1 processes = 4\).*--dataloader_drop_last false"):
+        too_few.train()
+
+
 def test_checkpoints_hold_the_student_only(tmp_path):
     trainer = generic_trainer(tmp_path)
     trainer.train()
