@@ -155,11 +155,34 @@ def load_image_dataset(
             if name in raw:
                 raw["validation"] = raw.pop(name)
                 break
+    _check_class_sets(raw, train_dir, validation_dir)
     if "validation" not in raw:
         stratify = "label" if "label" in raw["train"].column_names and isinstance(raw["train"].features["label"], datasets.ClassLabel) else None
         split = raw["train"].train_test_split(test_size=validation_split, stratify_by_column=stratify, seed=seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
     return datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+def _check_class_sets(raw: datasets.DatasetDict, train_dir: str | None, validation_dir: str | None) -> None:
+    """Refuse a validation split with a class the training split never shows (a class the model could not learn,
+    scored 0), and, for local folders, a validation folder that lacks one of the training folder's classes."""
+    if "validation" not in raw or "label" not in raw["train"].column_names:
+        return
+    feature = raw["train"].features["label"]
+    if not isinstance(feature, datasets.ClassLabel):
+        return
+    present = {name: {feature.int2str(int(value)) for value in raw[name].unique("label")} for name in ("train", "validation")}
+    unseen = sorted(present["validation"] - present["train"])
+    missing = sorted(present["train"] - present["validation"]) if validation_dir is not None else []
+    if unseen or missing:
+        where = (f"--train_dir {train_dir} and --validation_dir {validation_dir}" if validation_dir is not None
+                 else "the training and validation splits")
+        raise ValueError(
+            f"{where} hold different classes: " + "; ".join(
+                text for text in (f"{unseen} only in validation (never trained on)" if unseen else "",
+                                  f"{missing} only in training (never evaluated)" if missing else "") if text)
+            + ". Give both splits the same class folders (or move the images of those classes)."
+        )
 
 
 def _standardize_columns(raw: datasets.DatasetDict, image_column_name: str, label_column_name: str | None):

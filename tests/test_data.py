@@ -109,6 +109,24 @@ def test_without_the_check_an_unreadable_image_is_an_error_naming_the_file(tmp_p
     assert len(readable) == len(dataset) - 1 and skipped[0].endswith("broken.png")
 
 
+def test_splits_with_different_classes_are_refused(tmp_path):
+    """A validation folder with a class the training folder lacks (a class never trained, scored 0) or without one
+    of its classes is refused, naming both folders and the classes."""
+    make_image_folder(tmp_path / "train", corrupt=False)
+    extra = make_image_folder(tmp_path / "extra", corrupt=False)
+    (extra / "bird").mkdir()
+    Image.new("RGB", (40, 40)).save(extra / "bird" / "0.png")
+    with pytest.raises(ValueError, match=r"--train_dir .*train and --validation_dir .*extra hold different classes: \['bird'\] only in validation"):
+        load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(extra))
+    fewer = tmp_path / "fewer" / "cat"
+    fewer.mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(fewer / "0.png")
+    with pytest.raises(ValueError, match=r"\['dog'\] only in training \(never evaluated\)"):
+        load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "fewer"))
+    same = load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "train"))
+    assert same["validation"].features["label"].names == ["cat", "dog"]
+
+
 def test_missing_image_column_is_named(tmp_path):
     make_image_folder(tmp_path / "train", corrupt=False)
     with pytest.raises(ValueError, match="No image column 'picture'"):
