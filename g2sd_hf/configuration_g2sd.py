@@ -216,6 +216,18 @@ class G2SDConfig(PretrainedConfig):
                     f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; choose an "
                     "image size that is a multiple of the patch size."
                 )
+        if self.mask_ratio == 0.0 and self.feature_loss_tokens == "masked":
+            raise ValueError(
+                "mask_ratio 0 masks no patch, so feature_loss_tokens='masked' would be a loss that is always 0: set "
+                "mask_ratio > 0 (G2SD uses 0.75) or feature_loss_tokens='all' / 'visible'."
+            )
+        (height, width), (patch_height, patch_width) = to_pair(self.image_size), to_pair(self.patch_size)
+        num_patches = (height // patch_height) * (width // patch_width)
+        if int(num_patches * (1 - self.mask_ratio)) < 1:
+            raise ValueError(
+                f"mask_ratio {self.mask_ratio} leaves no visible patch of the {num_patches}: the student would see "
+                f"nothing. Use a mask_ratio below {1 - 1 / num_patches:.4f} (G2SD uses 0.75), or more patches."
+            )
         for prefix in ("", "decoder_"):
             width = getattr(self, f"{prefix}hidden_size")
             heads = getattr(self, f"{prefix}num_attention_heads")

@@ -183,6 +183,8 @@ def test_official_student_architectures():
     [
         ({"mask_ratio": 1.0}, "mask_ratio must be in"),
         ({"mask_ratio": -0.1}, "mask_ratio must be in"),
+        ({"mask_ratio": 0.0, "feature_loss_tokens": "masked"}, "a loss that is always 0"),
+        ({"mask_ratio": 0.99}, "leaves no visible patch of the 16"),
         ({"hidden_size": 18, "num_attention_heads": 4}, "divisible by num_attention_heads"),
         ({"image_size": 30}, "not divisible by patch_size"),
         ({"use_distillation_token": True, "use_mean_pooling": True}, "cannot both be set"),
