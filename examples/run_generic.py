@@ -68,7 +68,7 @@ def build_student(model_args: ModelArguments, teacher: MAETeacher) -> G2SDForGen
         "mask_ratio": model_args.mask_ratio,
         "feature_loss_tokens": model_args.feature_loss_tokens,
     }
-    overrides = {**compatible, **parse_overrides(model_args.config_overrides)}
+    overrides = {**compatible, **parse_overrides(model_args.config_overrides, G2SDConfig)}
     if model_args.student_name_or_path is not None:
         return G2SDForGenericDistillation.from_pretrained(model_args.student_name_or_path, **overrides)
     if model_args.student_config_name is not None:

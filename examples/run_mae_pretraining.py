@@ -50,7 +50,7 @@ def main(args: list[str] | None = None) -> dict:
 
     config = ViTMAEConfig(
         layer_norm_eps=1e-6, norm_pix_loss=model_args.norm_pix_loss, mask_ratio=model_args.mask_ratio,
-        **parse_overrides(model_args.config_overrides),
+        **parse_overrides(model_args.config_overrides, ViTMAEConfig),
     )
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size

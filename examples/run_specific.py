@@ -59,7 +59,7 @@ def build_student(model_args: ModelArguments, labels: list[str], teacher: Classi
         "use_distillation_token": model_args.use_distillation_token,
         "use_mean_pooling": model_args.use_mean_pooling,
         "drop_path_rate": model_args.drop_path_rate,
-        **parse_overrides(model_args.config_overrides),
+        **parse_overrides(model_args.config_overrides, G2SDConfig),
     }
     if model_args.student_name_or_path is not None:
         return G2SDForImageClassification.from_pretrained(

@@ -3,6 +3,8 @@ resume."""
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import json
 import logging
 import os
@@ -162,8 +164,32 @@ def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra
     return {**metrics, "learning_warnings": list(warnings)}
 
 
-def parse_overrides(overrides: str | None) -> dict:
-    """`"hidden_size=96,num_hidden_layers=6,qkv_bias=false"` -> `{"hidden_size": 96, ...}` (ints, floats, booleans)."""
+def config_keys(config_class: type) -> set[str]:
+    """The names a configuration class knows: its constructor's arguments, the attributes of a default instance and
+    its settable properties (`num_labels`)."""
+    keys = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    settable = {name for name in dir(config_class) if getattr(getattr(config_class, name, None), "fset", None) is not None}
+    return keys | settable | set(config_class().to_dict())
+
+
+def parse_overrides(overrides: str | None, config_class: type | None = None) -> dict:
+    """`"hidden_size=96,num_hidden_layers=6,qkv_bias=false"` -> `{"hidden_size": 96, ...}` (ints, floats, booleans).
+
+    With `config_class`, a name that class does not know is refused, naming the closest known ones (a misspelled
+    key would otherwise be stored in config.json and ignored).
+    """
+    values = _parse_pairs(overrides)
+    if config_class is not None:
+        known = config_keys(config_class)
+        for name in values:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3)
+                hint = f" Did you mean {' or '.join(close)}?" if close else ""
+                raise ValueError(f"Unknown config override {name!r}: {config_class.__name__} has no such setting.{hint}")
+    return values
+
+
+def _parse_pairs(overrides: str | None) -> dict:
     values = {}
     for item in filter(None, (part.strip() for part in (overrides or "").split(","))):
         if "=" not in item:

@@ -334,7 +334,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="Write into a folder that holds other files (same-named files are replaced, others kept)")
     options = parser.parse_args(args)
-    overrides = parse_overrides(options.config_overrides)
+    overrides = parse_overrides(options.config_overrides, ViTMAEConfig if options.kind == "mae-teacher" else G2SDConfig)
     convert_official_checkpoint(options.checkpoint, options.kind, options.output, options.preset,
                                 overwrite=options.overwrite, **overrides)
     print(f"Converted {options.checkpoint} ({options.kind}) -> {options.output}")

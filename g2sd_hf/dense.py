@@ -285,7 +285,7 @@ class DenseModelArguments:
 def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2SDBackboneConfig:
     """The backbone config: from the checkpoint (weights loaded later) or a preset, plus the pyramid options."""
     options = {"fpn_hidden_size": arguments.fpn_hidden_size, "window_size": arguments.window_size,
-               **parse_overrides(arguments.backbone_overrides)}
+               **parse_overrides(arguments.backbone_overrides, G2SDBackboneConfig)}
     if arguments.backbone_name_or_path is not None:
         return G2SDBackboneConfig.from_pretrained(arguments.backbone_name_or_path, **options)
     return G2SDBackboneConfig.from_preset(arguments.backbone_preset, **{"image_size": image_size, **options})

@@ -59,3 +59,20 @@ def test_overwrite_output_dir_starts_a_new_run_and_explicit_resume_is_kept(tmp_p
     assert (tmp_path / "checkpoint-4").is_dir()  # not resumed, not removed
     explicit = arguments(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-2"), learning_rate=1.0)
     assert checkpoint_to_resume(explicit) == str(tmp_path / "checkpoint-2")
+
+
+def test_config_overrides_are_parsed_and_unknown_names_refused():
+    from transformers import ViTMAEConfig
+
+    from g2sd_hf import G2SDConfig
+    from g2sd_hf.cli import parse_overrides
+
+    assert parse_overrides("hidden_size=96, qkv_bias=false,drop_path_rate=0.1,hidden_act=gelu", G2SDConfig) == {
+        "hidden_size": 96, "qkv_bias": False, "drop_path_rate": 0.1, "hidden_act": "gelu"}
+    assert parse_overrides("num_labels=3,decoder_hidden_size=64,norm_pix_loss=true", ViTMAEConfig)["norm_pix_loss"] is True
+    with pytest.raises(ValueError, match="Unknown config override 'hiden_size': G2SDConfig has no such setting. Did you mean hidden_size"):
+        parse_overrides("hiden_size=8", G2SDConfig)
+    with pytest.raises(ValueError, match="'decoder_depth'.*ViTMAEConfig"):
+        parse_overrides("decoder_depth=4", ViTMAEConfig)
+    with pytest.raises(ValueError, match="name=value"):
+        parse_overrides("hidden_size")
