@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor, set_seed
 
 from g2sd_hf import ClassificationTeacher, G2SDConfig, G2SDForImageClassification, SpecificDistillationConfig, SpecificDistillationTrainer
+from g2sd_hf.checkpoints import load_image_classifier
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
 from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, image_processor, prepare_splits
 from g2sd_hf.hub import finish_training_run
@@ -62,8 +63,11 @@ def build_student(model_args: ModelArguments, labels: list[str], teacher: Classi
         **parse_overrides(model_args.config_overrides, G2SDConfig),
     }
     if model_args.student_name_or_path is not None:
-        return G2SDForImageClassification.from_pretrained(
+        # An MAE or other non-student checkpoint is refused; a generic-distillation checkpoint's new head is said.
+        return load_image_classifier(
             model_args.student_name_or_path,
+            G2SDForImageClassification,
+            new_head="warn",
             revision=model_args.model_revision,
             cache_dir=model_args.cache_dir,
             token=model_args.token,

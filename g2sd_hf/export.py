@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .checkpoints import load_image_classifier
 from .hub import build_model_card, check_output_folder, staged_folder
 from .modeling_g2sd import G2SDForImageClassification
 
@@ -182,7 +183,7 @@ def export_to_transformers(
     source = None
     if isinstance(model, (str, Path)):
         source = str(model)
-        model = G2SDForImageClassification.from_pretrained(source)
+        model = load_image_classifier(source, G2SDForImageClassification)  # a random head is refused
     if processor is None and source is not None:
         processor = AutoImageProcessor.from_pretrained(source)
     if source is not None and Path(source, "README.md").exists():
