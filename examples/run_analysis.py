@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoImageProcessor, HfArgumentParser
 
 import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
 from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion
-from g2sd_hf.data import DataArguments, ImageTransform, collate_classification, prepare_splits, processor_transform
+from g2sd_hf.checkpoints import load_image_classifier
+from g2sd_hf.data import DataArguments, ImageTransform, class_names, collate_classification, prepare_splits, processor_transform
 
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,33 @@ def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArgum
     return results
 
 
+def check_labels(models: dict, labels: list[str]) -> None:
+    """Refuse a model whose classes (names, in order) are not the data's: its accuracy would compare unrelated indices."""
+    for name, model in models.items():
+        config = getattr(model, "module", model).config
+        own = [str(config.id2label[index]) for index in range(config.num_labels)]
+        unnamed = own == [f"LABEL_{index}" for index in range(len(own))]
+        if unnamed and len(own) == len(labels):
+            logger.warning(f"{name}'s classes have no names (LABEL_0, ...): taken to be the data's {labels}, in order.")
+        elif own != labels:
+            raise ValueError(
+                f"{name} predicts the classes {own[:6]}, the data has {labels[:6]}: its accuracy on this data would be "
+                "meaningless. Analyze a model fine-tuned on this data set (same --dataset_name / --dataset_config_name "
+                "or --train_dir)."
+            )
+
+
 def main(args: list[str] | None = None) -> dict:
     arguments, data_args = HfArgumentParser((AnalysisArguments, DataArguments)).parse_args_into_dataclasses(args=args)
     # Uneven shards: each image is scored once (the default pads the last batches with repeated images).
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     names = [name.strip() for name in arguments.models.split(",")]
     cka_pairs(arguments.cka_pairs, names)  # bad pairs fail before any model loads
-    models = {name: accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(name), evaluation_mode=True) for name in names}
+    models = {name: accelerator.prepare_model(load_image_classifier(name), evaluation_mode=True) for name in names}
     processor = AutoImageProcessor.from_pretrained(names[0])
     with accelerator.main_process_first():
         splits, _ = prepare_splits(data_args, arguments.seed)
+    check_labels(models, class_names(splits["validation"]))
     dataset = splits["validation"].with_transform(ImageTransform(processor_transform(processor), with_labels=True))
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset, batch_size=arguments.batch_size, collate_fn=collate_classification))
     patch_size = next(iter(models.values())).config.patch_size

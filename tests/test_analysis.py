@@ -16,6 +16,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from g2sd_hf import G2SDForImageClassification
+from g2sd_hf.data import ELPV_CLASS_NAMES
 from g2sd_hf.analysis import (
     MinibatchCKA,
     cka_matrix,
@@ -215,9 +216,15 @@ def test_analysis_script_on_elpv(tmp_path):
 
     torch.manual_seed(0)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    elpv = {"id2label": dict(enumerate(ELPV_CLASS_NAMES)), "label2id": {name: index for index, name in enumerate(ELPV_CLASS_NAMES)}}
     for name in ("student", "teacher"):
-        G2SDForImageClassification(tiny_student_config(num_labels=4)).save_pretrained(tmp_path / name)
+        G2SDForImageClassification(tiny_student_config(num_labels=4, **elpv)).save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
+    reordered = {"id2label": dict(enumerate(reversed(ELPV_CLASS_NAMES))), "label2id": {}}
+    G2SDForImageClassification(tiny_student_config(num_labels=4, **reordered)).save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"other predicts the classes \['1', '2/3', '1/3', '0'\], the data has \['0', '1/3', '2/3', '1'\]"):
+        run_analysis.main(["--models", str(tmp_path / "other"), "--output_dir", str(tmp_path / "refused"), "--max_eval_samples", "8"])
     results = run_analysis.main([
         "--models", f"{tmp_path / 'student'},{tmp_path / 'teacher'}", "--cka_pairs", "student:teacher",
         "--fractions", "0,0.5", "--output_dir", str(tmp_path / "out"), "--max_eval_samples", "24", "--batch_size", "8",
