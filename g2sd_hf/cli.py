@@ -2,12 +2,14 @@
 resume."""
 
 import argparse
+import atexit
 import dataclasses
 import difflib
 import inspect
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +97,72 @@ def _differences(saved: dict, current: dict) -> str:
     return shown + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
+RUN_LOCK = "_g2sd_run.lock"  # held by the main process writing an output_dir ("_*" files are not pushed to the Hub)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_output_dir(training_args: TrainingArguments) -> None:
+    """Make the main process the only writer of `output_dir` while it runs (`_g2sd_run.lock`, removed at exit).
+
+    A second main process on the same folder is refused: two runs would overwrite each other's checkpoints and
+    model. It is what `accelerate launch --multi_gpu --num_processes 2` does on a machine without GPUs unless
+    `ACCELERATE_USE_CPU=true` is set: two independent processes, each of rank 0. A lock left by a process that no
+    longer runs is taken over.
+    """
+    if training_args.process_index != 0:
+        return
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / RUN_LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "world_size": training_args.world_size}
+    for _ in range(2):
+        try:
+            with open(lock, "x") as handle:
+                json.dump(me, handle)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("pid") == me["pid"]:
+                return  # this process claimed it already (a script run twice in one process, as the tests do)
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and _alive(holder["pid"]):
+                raise RuntimeError(
+                    f"Another run (process {holder['pid']}, {holder.get('world_size')} process(es)) is writing "
+                    f"{output_dir} as its main process. Two main processes on one folder overwrite each other's "
+                    "checkpoints: wait for it, use another --output_dir, or, if both were started by one `accelerate "
+                    "launch --multi_gpu` on a machine without GPUs, set ACCELERATE_USE_CPU=true so that they form one "
+                    "distributed run (see docs/distributed.md)."
+                )
+            if holder.get("host") not in (None, me["host"]):
+                logger.warning(f"{lock} was left by a run on {holder['host']}; taking it over.")
+            lock.unlink(missing_ok=True)  # left by a run that no longer runs
+    else:
+        raise RuntimeError(f"Could not claim {output_dir}: {lock} keeps reappearing. Is another run starting there?")
+
+    atexit.register(release_output_dir, training_args)
+
+
+def release_output_dir(training_args: TrainingArguments) -> None:
+    """Remove this process's claim on `output_dir` (at the end of `train_and_evaluate`, or at exit)."""
+    lock = Path(training_args.output_dir) / RUN_LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:
     """The checkpoint a training run starts from, after checking that `output_dir` holds nothing of another run.
 
@@ -106,6 +174,8 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
 
     Pass every argument dataclass of the script after `training_args`: the model's and the data's arguments count.
     """
+    if training_args.do_train:
+        claim_output_dir(training_args)
     if training_args.resume_from_checkpoint is not None or not training_args.do_train:
         return training_args.resume_from_checkpoint
     output_dir = Path(training_args.output_dir)
@@ -142,6 +212,13 @@ def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra
     """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
     metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
     `learning_warnings.json` when not empty)."""
+    try:
+        return _train_and_evaluate(trainer, resume_from_checkpoint, extra_train_metrics)
+    finally:
+        release_output_dir(trainer.args)
+
+
+def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train_metrics: dict | None) -> dict:
     args, metrics = trainer.args, {}
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -209,4 +286,4 @@ def _parse_pairs(overrides: str | None) -> dict:
     return values
 
 
-__all__ = ["RUN_ARGUMENTS", "checkpoint_to_resume", "run_arguments", "parse_arguments", "parse_overrides", "setup_logging", "train_and_evaluate"]
+__all__ = ["RUN_ARGUMENTS", "checkpoint_to_resume", "claim_output_dir", "run_arguments", "parse_arguments", "parse_overrides", "setup_logging", "train_and_evaluate"]

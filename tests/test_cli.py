@@ -5,7 +5,7 @@ import json
 import pytest
 
 from g2sd_hf import GenericDistillationConfig
-from g2sd_hf.cli import RUN_ARGUMENTS, checkpoint_to_resume
+from g2sd_hf.cli import RUN_ARGUMENTS, checkpoint_to_resume, release_output_dir
 from g2sd_hf.data import DataArguments
 
 
@@ -76,3 +76,28 @@ def test_config_overrides_are_parsed_and_unknown_names_refused():
         parse_overrides("decoder_depth=4", ViTMAEConfig)
     with pytest.raises(ValueError, match="name=value"):
         parse_overrides("hidden_size")
+
+
+def test_a_second_main_process_on_one_output_dir_is_refused(tmp_path):
+    """Two processes that both believe they are rank 0 (`accelerate launch --multi_gpu` without GPUs and without
+    ACCELERATE_USE_CPU) would overwrite each other: the second is refused; a lock of a finished process is taken over."""
+    import os
+    import subprocess
+    import sys
+
+    from g2sd_hf.cli import RUN_LOCK
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename, "world_size": 1}))
+        with pytest.raises(RuntimeError, match=rf"process {other.pid}, 1 process\(es\)\) is writing .*ACCELERATE_USE_CPU=true"):
+            checkpoint_to_resume(arguments(tmp_path))
+        assert not (tmp_path / RUN_ARGUMENTS).exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert checkpoint_to_resume(arguments(tmp_path)) is None  # its process ended: the lock is stale
+    assert json.loads((tmp_path / RUN_LOCK).read_text())["pid"] == os.getpid()
+    assert checkpoint_to_resume(arguments(tmp_path)) is None  # the same process may start again
+    release_output_dir(arguments(tmp_path))
+    assert not (tmp_path / RUN_LOCK).exists()
