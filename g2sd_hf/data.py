@@ -145,6 +145,9 @@ def load_image_dataset(
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
     else:
+        for flag, folder in (("--train_dir", train_dir), ("--validation_dir", validation_dir)):
+            if folder is not None:
+                _check_image_folder(flag, folder)
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
             data_files["validation"] = os.path.join(validation_dir, "**")
@@ -161,6 +164,21 @@ def load_image_dataset(
         split = raw["train"].train_test_split(test_size=validation_split, stratify_by_column=stratify, seed=seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
     return datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
+
+
+IMAGE_SUFFIXES = frozenset(suffix.lower() for suffix in Image.registered_extensions())
+
+
+def _check_image_folder(flag: str, folder: str) -> None:
+    """Refuse a folder that does not exist or holds no image file, naming it (before `datasets` fails obscurely)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{flag} {folder}: no such folder. Give a folder of images, with one sub-folder per class.")
+    if not any(file.suffix.lower() in IMAGE_SUFFIXES for file in path.rglob("*") if file.is_file()):
+        raise ValueError(
+            f"{flag} {folder} holds no image file (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:8])}, ... in it and its "
+            "sub-folders). Put the images in it, one sub-folder per class."
+        )
 
 
 def _check_class_sets(raw: datasets.DatasetDict, train_dir: str | None, validation_dir: str | None) -> None:
@@ -201,11 +219,20 @@ def _standardize_columns(raw: datasets.DatasetDict, image_column_name: str, labe
 def class_names(dataset: datasets.Dataset) -> list[str]:
     """The names of the `label` column's classes (refusing an unlabeled or non-`ClassLabel` column)."""
     feature = dataset.features.get("label")
+    if feature is None:
+        raise ValueError(
+            "Classification needs labels, and the data has no `label` column. An image folder gets labels from its "
+            "sub-folders only when it has two or more (one per class): a folder with a single class sub-folder, or "
+            "with the images directly in it, has none. Give one sub-folder per class (at least two), or, for a Hub "
+            "data set, name its label column with --label_column_name."
+        )
     if not isinstance(feature, datasets.ClassLabel):
         raise ValueError(
-            "Classification needs a `label` column of class indices (a ClassLabel feature); found "
-            f"{feature!r}. Pass --label_column_name, or use an image folder with one sub-folder per class."
+            f"Classification needs a `label` column of class indices (a ClassLabel feature); found {feature!r}. Pass "
+            "--label_column_name with the data set's class column, or use an image folder with one sub-folder per class."
         )
+    if len(feature.names) < 2:
+        raise ValueError(f"The data has a single class ({feature.names}): there is nothing to classify. Give at least two.")
     return list(feature.names)
 
 
@@ -233,6 +260,11 @@ def open_rgb_image(image: dict) -> Image.Image:
                 span = max(float(array.max() - array.min()), 1e-6)
                 opened = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
             return opened.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Cannot read image {describe_image(image)}: {error} Pillow refuses images this large as a possible "
+            "decompression bomb. Shrink the file, or, if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS before loading."
+        ) from error
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise ValueError(
             f"Cannot read image {describe_image(image)}: {error}. Remove or replace the file, or let the loader skip "
@@ -422,8 +454,16 @@ def prepare_splits(
         if limit is not None:
             split = split.select(range(min(limit, len(split))))
         if data_args.drop_unreadable_images:
+            total = len(split)
             split, skipped = drop_unreadable_images(split, num_proc=data_args.preprocessing_num_workers)
             counts[f"skipped_{name}_images"] = len(skipped)
+            if total and not len(split):
+                source = data_args.train_dir if name == "train" else (data_args.validation_dir or data_args.train_dir)
+                raise ValueError(
+                    f"None of the {total} images of the {name} split{f' ({source})' if source else ''} could be read "
+                    f"(first: {skipped[0]}; each is named above). Check the files (are they images, complete, "
+                    "not too large?) and the image column."
+                )
         if data_args.max_image_side is not None:
             split = resize_images(split, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
         splits[name] = split

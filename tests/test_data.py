@@ -127,6 +127,41 @@ def test_splits_with_different_classes_are_refused(tmp_path):
     assert same["validation"].features["label"].names == ["cat", "dog"]
 
 
+def test_folders_without_images_are_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"--train_dir {tmp_path / 'nowhere'}: no such folder"):
+        load_image_dataset(train_dir=str(tmp_path / "nowhere"))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=rf"--train_dir {tmp_path / 'empty'} holds no image file"):
+        load_image_dataset(train_dir=str(tmp_path / "empty"))
+
+
+def test_a_split_of_only_unreadable_images_is_an_error_naming_the_folder(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for index in range(3):
+            (tmp_path / "train" / label / f"{index}.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"None of the \d+ images of the train split \({tmp_path / 'train'}\) could be read"):
+        prepare_splits(DataArguments(train_dir=str(tmp_path / "train"), validation_split=0.34), seed=0)
+
+
+def test_one_class_folder_and_decompression_bomb_are_explained(tmp_path, monkeypatch):
+    from g2sd_hf.data import class_names
+
+    folder = tmp_path / "one" / "cat"
+    folder.mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (8, 8)).save(folder / f"{index}.png")
+    splits = load_image_dataset(train_dir=str(tmp_path / "one"), validation_split=0.5)
+    with pytest.raises(ValueError, match="two or more \\(one per class\\): a folder with a single class sub-folder"):
+        class_names(splits["train"])
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then more than twice the limit: refused by Pillow
+    with pytest.raises(ValueError, match=r"large\.png: .*decompression bomb.*MAX_IMAGE_PIXELS"):
+        open_rgb_image({"path": str(tmp_path / "large.png"), "bytes": None})
+
+
 def test_missing_image_column_is_named(tmp_path):
     make_image_folder(tmp_path / "train", corrupt=False)
     with pytest.raises(ValueError, match="No image column 'picture'"):

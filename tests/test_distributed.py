@@ -55,3 +55,14 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     # Same samples, same masks (noise seeded by step, sliced per process): the losses agree to float noise.
     assert two == pytest.approx(one, rel=1e-4)
     assert one[-1] != pytest.approx(one[0], rel=1e-3)  # and training moved them
+
+    # Without ACCELERATE_USE_CPU, the same launch on a machine without GPUs starts two independent rank-0 runs: the
+    # scripts refuse the second rather than let both write one output_dir.
+    without = {key: value for key, value in environment.items() if key != "ACCELERATE_USE_CPU"}
+    clash = subprocess.run([*launch, *generic_command(teacher, tmp_path / "clash", 4)], env=without,
+                           capture_output=True, text=True)
+    if "distributed True" not in clash.stdout + clash.stderr:  # (a machine whose accelerate forms the group anyway)
+        assert clash.returncode != 0
+        output = clash.stdout + clash.stderr
+        # Refused while the first runs (the lock), or after it finished (its finished run is not overwritten).
+        assert ("is writing" in output and "ACCELERATE_USE_CPU=true" in output) or "already holds a finished run" in output
