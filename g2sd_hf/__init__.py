@@ -31,7 +31,6 @@ from .modeling_g2sd import (
     G2SDPreTrainedModel,
 )
 from .dense import DenseDistillationConfig, DenseDistillationTrainer, DenseTeacher
-from .export import export_to_transformers
 from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
     GenericDistillationConfig,
@@ -87,3 +86,13 @@ __all__ = [
     "soft_target_cross_entropy",
     "specific_distillation_loss",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `python -m g2sd_hf.export` runs the module fresh (no runpy RuntimeWarning about
+    # a module found in sys.modules before its execution).
+    if name == "export_to_transformers":
+        from .export import export_to_transformers
+
+        return export_to_transformers
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

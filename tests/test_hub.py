@@ -298,3 +298,9 @@ def test_card_for_a_generic_checkpoint_names_its_teacher():
     assert local.data.base_model is None
     with pytest.raises(ValueError, match="stage must be one of"):
         build_model_card(model, "pre-training", dataset="x")
+
+
+@pytest.mark.parametrize("module", ["g2sd_hf.export", "g2sd_hf.convert"])
+def test_command_line_modules_run_without_a_runpy_warning(module):
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "RuntimeWarning" not in result.stderr and "usage" in result.stdout
