@@ -6,13 +6,48 @@ or the exporter is scored with a random head. `load_image_classifier` refuses a 
 weights, and refuses a new head (or, when a head is to be trained, says so).
 """
 
-from transformers import AutoModelForImageClassification, PreTrainedModel
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from safetensors import SafetensorError
+from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
 HEAD_PREFIXES = ("classifier.", "distillation_classifier.", "head.", "fc_norm.")
+
+
+@contextmanager
+def readable_weights(name_or_path: str) -> Iterator[None]:
+    """Turn a damaged weights file's `SafetensorError` (which names no file) into an error naming it and the fix."""
+    try:
+        yield
+    except SafetensorError as error:
+        files = [name for name in sorted(os.listdir(name_or_path)) if name.endswith(".safetensors")] if os.path.isdir(name_or_path) else []
+        where = ", ".join(os.path.join(name_or_path, name) for name in files) or name_or_path
+        raise ValueError(
+            f"The weights in {where} cannot be read ({error}): the file is damaged, most often cut short by an "
+            "interrupted save, copy or download. Save, copy or download it again."
+        ) from error
+
+
+def _check_same_geometry(name_or_path: str, overrides: dict) -> None:
+    """Refuse loading a checkpoint at another image or patch size (its position embeddings would not fit)."""
+    asked = {key: overrides[key] for key in ("image_size", "patch_size") if key in overrides}
+    if not asked:
+        return
+    saved = PreTrainedConfig.get_config_dict(name_or_path)[0]
+    different = {key: (saved.get(key), value) for key, value in asked.items() if saved.get(key) not in (None, value)}
+    if different:
+        shown = ", ".join(f"{key} {old} in the checkpoint, {new} asked" for key, (old, new) in different.items())
+        raise ValueError(
+            f"{name_or_path} was trained at another input geometry ({shown}): its position embeddings do not fit. "
+            "Use the checkpoint's size (drop the image_size / patch_size override, and distill from a teacher at that "
+            "size), or distill a student at the new size from the start."
+        )
 
 
 def load_image_classifier(
@@ -33,7 +68,9 @@ def load_image_classifier(
     """
     if new_head not in ("refuse", "warn"):
         raise ValueError(f"new_head must be 'refuse' or 'warn', got {new_head!r}.")
-    model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    _check_same_geometry(name_or_path, kwargs)
+    with readable_weights(name_or_path):
+        model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys", []))
     mismatched = sorted(str(key) for key in info.get("mismatched_keys", []))
     head = [key for key in missing if key.startswith(HEAD_PREFIXES)]
@@ -57,4 +94,4 @@ def load_image_classifier(
     return model
 
 
-__all__ = ["load_image_classifier"]
+__all__ = ["load_image_classifier", "readable_weights"]

@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
+from .checkpoints import readable_weights
 from .configuration_g2sd import to_pair
 from .losses import normalize_teacher_features
 from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embeddings, restore_with_mask_tokens
@@ -250,7 +251,8 @@ class MAETeacher(_FrozenTeacher):
         The normalization comes from the checkpoint's image processor unless `image_mean`/`image_std` are given.
         Other keyword arguments (`dtype`, `revision`, ...) go to `ViTMAEForPreTraining.from_pretrained`.
         """
-        model, loading_info = ViTMAEForPreTraining.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        with readable_weights(name_or_path):
+            model, loading_info = ViTMAEForPreTraining.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
         missing = sorted(loading_info.get("missing_keys", []))
         if missing:
             decoder_missing = [key for key in missing if key.startswith("decoder.")]
@@ -332,9 +334,10 @@ class ClassificationTeacher(_FrozenTeacher):
         cls, name_or_path: str, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None, **kwargs
     ) -> "ClassificationTeacher":
         """Load with `AutoModelForImageClassification`, refusing a checkpoint whose classifier was not trained."""
-        model, loading_info = AutoModelForImageClassification.from_pretrained(
-            name_or_path, output_loading_info=True, **kwargs
-        )
+        with readable_weights(name_or_path):
+            model, loading_info = AutoModelForImageClassification.from_pretrained(
+                name_or_path, output_loading_info=True, **kwargs
+            )
         missing = sorted(loading_info.get("missing_keys", []))
         if missing:
             raise ValueError(

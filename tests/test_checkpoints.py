@@ -39,3 +39,19 @@ def test_a_generic_checkpoint_has_no_head_to_score_or_export(saved, caplog):
 def test_a_fine_tuned_classifier_loads_as_is(saved):
     model = load_image_classifier(str(saved / "classifier"))
     assert isinstance(model, G2SDForImageClassification) and model.config.num_labels == 3
+
+
+def test_a_truncated_weights_file_is_named(saved):
+    from g2sd_hf import ClassificationTeacher
+
+    weights = saved / "classifier" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    for load in (lambda: load_image_classifier(str(saved / "classifier")),
+                 lambda: ClassificationTeacher.from_pretrained(str(saved / "classifier"))):
+        with pytest.raises(ValueError, match=rf"The weights in {weights} cannot be read .*damaged.*again"):
+            load()
+
+
+def test_a_checkpoint_at_another_resolution_is_refused_with_the_sizes(saved):
+    with pytest.raises(ValueError, match=r"image_size 32 in the checkpoint, 64 asked\): its position embeddings do not fit"):
+        load_image_classifier(str(saved / "classifier"), G2SDForImageClassification, new_head="warn", image_size=64)
