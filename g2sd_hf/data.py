@@ -26,6 +26,8 @@ from torchvision.transforms import InterpolationMode, v2
 from transformers import BitImageProcessor, ViTImageProcessor
 from transformers.image_utils import PILImageResampling
 
+from .metrics import check_class_names
+
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,7 @@ def class_names(dataset: datasets.Dataset) -> list[str]:
         )
     if len(feature.names) < 2:
         raise ValueError(f"The data has a single class ({feature.names}): there is nothing to classify. Give at least two.")
+    check_class_names(feature.names)
     return list(feature.names)
 
 

@@ -58,10 +58,33 @@ def metric_name(class_name: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in str(class_name))
 
 
+def check_class_names(class_names: Sequence[str]) -> None:
+    """Refuse class names that would break the metrics or the model card: two names with one metric key (`a-b`,
+    `a_b`: one per-class accuracy would overwrite the other), or a line break / `|` (they break the card's tables)."""
+    unprintable = [name for name in class_names if any(character in str(name) for character in "\n\r|")]
+    if unprintable:
+        raise ValueError(
+            f"Class names {unprintable!r} hold a line break or '|', which break the model card's tables: rename those "
+            "classes (the sub-folders, or the data set's label names)."
+        )
+    keys: dict[str, list[str]] = {}
+    for name in class_names:
+        keys.setdefault(metric_name(name), []).append(str(name))
+    clashes = [names for names in keys.values() if len(names) > 1]
+    if clashes:
+        raise ValueError(
+            f"The class names {clashes} become the same metric key ({', '.join(metric_name(names[0]) for names in clashes)}: "
+            "non-alphanumerics are written as '_'), so their per-class accuracies would overwrite each other. Rename "
+            "the classes so they differ in letters or digits."
+        )
+
+
 class ClassificationMetrics:
     """`compute_metrics` for `Trainer`: `ClassificationMetrics(class_names, positive_classes)(eval_prediction)`."""
 
     def __init__(self, class_names: Sequence[str] | None = None, positive_classes: Sequence[int] | None = None):
+        if class_names is not None:
+            check_class_names(class_names)
         self.class_names = list(class_names) if class_names is not None else None
         self.positive_classes = positive_classes
 

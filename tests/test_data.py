@@ -196,3 +196,15 @@ def test_classification_metrics_by_hand():
     from transformers import EvalPrediction
 
     assert ClassificationMetrics(list(ELPV_CLASS_NAMES), [2, 3])(EvalPrediction(predictions=logits, label_ids=labels)) == metrics
+
+
+@pytest.mark.parametrize("names,message", [(["a-b", "a_b", "c"], r"\['a-b', 'a_b'\]\] become the same metric key \(a_b"),
+                                           (["ok", "bad\nnews"], "line break or '|'")])
+def test_class_names_that_break_metrics_or_the_card_are_refused(names, message):
+    from g2sd_hf.data import class_names
+
+    dataset = datasets.Dataset.from_dict({"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=names)}))
+    with pytest.raises(ValueError, match=message):
+        class_names(dataset)
+    with pytest.raises(ValueError, match=message):
+        ClassificationMetrics(names)
