@@ -20,6 +20,11 @@ logger = logging.get_logger(__name__)
 HEAD_PREFIXES = ("classifier.", "distillation_classifier.", "head.", "fc_norm.")
 
 
+def _is_head(key: str) -> bool:
+    """A classification head's weight, or the distillation token a specific-distillation student adds to its encoder."""
+    return key.startswith(HEAD_PREFIXES) or key.endswith(".distillation_token")
+
+
 @contextmanager
 def readable_weights(name_or_path: str) -> Iterator[None]:
     """Turn a damaged weights file's `SafetensorError` (which names no file) into an error naming it and the fix."""
@@ -73,8 +78,8 @@ def load_image_classifier(
         model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys", []))
     mismatched = sorted(str(key) for key in info.get("mismatched_keys", []))
-    head = [key for key in missing if key.startswith(HEAD_PREFIXES)]
-    encoder = [key for key in missing if not key.startswith(HEAD_PREFIXES)]
+    head = [key for key in missing if _is_head(key)]
+    encoder = [key for key in missing if not _is_head(key)]
     if encoder:
         raise ValueError(
             f"{name_or_path} does not hold the weights of a {type(model).__name__}: {len(encoder)} of its encoder's "
@@ -82,7 +87,7 @@ def load_image_classifier(
             "from random blocks. Give a checkpoint of this model: a G2SD student (generic or specific distillation) "
             "for a student; an MAE checkpoint is a teacher (--teacher_name_or_path of run_generic.py)."
         )
-    new = head + [key for key in mismatched if key.startswith(HEAD_PREFIXES)]
+    new = head + [key for key in mismatched if _is_head(key)]
     if new and new_head == "refuse":
         raise ValueError(
             f"{name_or_path} has no trained classification head ({', '.join(new[:4])} would be random): it is not a "
