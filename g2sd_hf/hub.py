@@ -385,6 +385,9 @@ def staged_folder(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
     check_output_folder(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the written folder gets the usual mode
     try:
         yield staging
         written = sorted(_files(staging))
