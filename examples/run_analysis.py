@@ -37,6 +37,11 @@ class AnalysisArguments:
     )
     fractions: str = field(default="0,0.1,0.25,0.5,0.75,0.9", metadata={"help": "Fractions of patches to drop."})
     order: str = field(default="random", metadata={"help": "'random' or 'salient' (most salient patches first)."})
+    protocol: str = field(
+        default="drop",
+        metadata={"help": "How patches are occluded: 'drop' them from the token sequence (the paper's protocol) or "
+                  "'fill' their pixels with the image mean.", "choices": ["drop", "fill"]},
+    )
     pooling: str = field(default="mean", metadata={"help": "CKA representation of a layer: 'mean' of the tokens or 'cls'."})
     batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     seed: int = field(default=0, metadata={"help": "Seed of the random patch order."})
@@ -73,7 +78,8 @@ def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArgum
     display = display_names(list(models))
     for name, model in models.items():
         results["occlusion"][display[name]] = occlusion_curve(model, loader, fractions, patch_size, arguments.order, arguments.seed,
-                                                              accelerator, f"occlusion {display[name]}")
+                                                              accelerator, f"occlusion {display[name]}",
+                                                              protocol=arguments.protocol)
     for first, second in cka_pairs(arguments.cka_pairs, list(models)):
         results["cka"][f"{display[first]} vs {display[second]}"] = cka_matrix(
             models[first], models[second], loader, arguments.pooling, accelerator, f"CKA {display[first]}:{display[second]}"

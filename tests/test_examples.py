@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
 
-from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification
+from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification, MAETeacher
 
 from .conftest import tiny_classifier_teacher, tiny_mae_teacher
 
@@ -129,22 +130,104 @@ def test_run_specific_refuses_unknown_positive_classes(generic_run, tmp_path):
 def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
     results = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
     assert set(results["models"]) == {"teacher", "g2sd", "gd_only", "sd_only", "scratch"}
-    for row in results["models"].values():
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["binary_accuracy"] <= 1 and row["images_per_second"] > 0
+    seeds = run_demo.SCALES["smoke"].seeds
+    for name, row in results["models"].items():
+        assert len(row["accuracy"]["values"]) == (1 if name == "teacher" else len(seeds))
+        assert 0 <= row["accuracy"]["mean"] <= 1 and row["images_per_second"] > 0
+        assert row["accuracy"]["std"] == pytest.approx(float(np.std(row["accuracy"]["values"], ddof=1)) if name != "teacher" else 0.0)
     assert results["models"]["g2sd"]["parameters"] < results["models"]["teacher"]["parameters"]
-    assert not any(stage["reused"] for stage in results["stages"].values())
+    stages = results["stages"]
+    assert {"mae_teacher", "teacher_classifier", *(f"{name}_seed{seed}" for seed in seeds for name in ("generic", "g2sd", "gd_only", "sd_only", "scratch"))} == set(stages)
+    assert not any(stage["reused"] for stage in stages.values()) and not results["teachers_shipped"]
+    comparison = results["comparison"]
+    primary = run_demo.PRIMARY_METRIC
+    assert primary == "balanced_accuracy"  # see PRIMARY_METRIC_REASON: accuracy rewards calling every cell functional
+    assert comparison["teacher_over_scratch"] == pytest.approx(
+        results["models"]["teacher"][primary]["mean"] - results["models"]["scratch"][primary]["mean"])
+    assert comparison["baselines"]["scratch"]["difference"] == pytest.approx(
+        results["models"]["g2sd"][primary]["mean"] - results["models"]["scratch"][primary]["mean"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
+    assert set(saved["analysis"]["occlusion"]) == {"drop", "fill"}
     table = (tmp_path / "results.md").read_text()
-    assert "| G2SD (GD + SD) |" in table and "| Scratch (supervised only) |" in table
+    assert "| G2SD (GD + SD) |" in table and "| Scratch (supervised only) |" in table and "Primary metric" in table
+    assert "patches dropped from the token sequence" in table
     with Image.open(tmp_path / "results.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 500
     classifier = pipeline("image-classification", model=str(tmp_path / "g2sd-student"))
-    assert classifier(Image.new("RGB", (40, 40)))[0]["label"] in {"0", "1/3", "2/3", "1"}
+    assert classifier(Image.new("RGB", (40, 40)))[0]["label"] in {"functional", "defective"}
 
     again = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
     assert all(stage["reused"] for stage in again["stages"].values())
     assert again["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
+
+
+def test_teachers_written_as_assets_are_used_as_shipped(tmp_path, monkeypatch):
+    import dataclasses
+
+    scale = run_demo.SCALES["smoke"]
+    stages = tmp_path / "stages"
+    mae, classifier, records = run_demo.prepare_teachers(scale, stages, rebuild=False)  # smoke: made on the spot
+    assert not records["mae_teacher"]["shipped"] and (classifier / "model.safetensors").exists()
+    monkeypatch.setattr(run_demo, "ASSETS", tmp_path / "repository" / "examples" / "assets")
+    run_demo.ASSETS.mkdir(parents=True)
+    run_demo.write_teacher_assets(scale, mae, classifier, records)
+    shipped = dataclasses.replace(scale, shipped_teachers=True)
+    mae_asset, classifier_asset, shipped_records = run_demo.prepare_teachers(shipped, tmp_path / "other", rebuild=False)
+    assert mae_asset == run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET and all(record["shipped"] for record in shipped_records.values())
+    provenance = json.loads((classifier_asset / "provenance.json").read_text())
+    assert flags(provenance["arguments"])["--mae_name_or_path"] == f"examples/assets/{run_demo.MAE_TEACHER_ASSET}"
+    assert provenance["metrics"]["eval_accuracy"] == records["teacher_classifier"]["metrics"]["eval_accuracy"]
+    original = AutoModelForImageClassification.from_pretrained(classifier)
+    reloaded = AutoModelForImageClassification.from_pretrained(classifier_asset)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, original(pixel_values=pixels).logits)
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "stages" / "teacher_classifier").mkdir(parents=True)
+    (tmp_path / "stages" / "teacher_classifier" / "notes.txt").write_text("mine")
+    arguments = run_demo.teacher_classifier_arguments(run_demo.SCALES["smoke"], tmp_path / "stages" / "teacher_classifier", tmp_path / "mae")
+    with pytest.raises(FileExistsError, match="was not written by the demo"):
+        run_demo.run_stage("teacher_classifier", run_demo.run_finetune_teacher, arguments, tmp_path / "stages" / "teacher_classifier")
+    assert (tmp_path / "stages" / "teacher_classifier" / "notes.txt").read_text() == "mine"
+
+
+def flags(arguments: list[str]) -> dict:
+    """flag -> value of a command line (a flag alone, like --do_train, maps to None): order does not matter."""
+    pairs = {}
+    for index, item in enumerate(arguments):
+        if item.startswith("--"):
+            following = arguments[index + 1] if index + 1 < len(arguments) else None
+            pairs[item] = None if following is None or following.startswith("--") else following
+    return pairs
+
+
+def test_the_shipped_teachers_are_what_their_recorded_commands_make():
+    """The teachers shipped for the cpu scale: loadable, the MAE one pre-trained with the normalized-pixel loss, and
+    each made by exactly the command the demo runs to rebuild it."""
+    scale = run_demo.SCALES["cpu"]
+    mae_folder, classifier_folder = run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET, run_demo.ASSETS / run_demo.CLASSIFIER_ASSET
+    mae_provenance = json.loads((mae_folder / "provenance.json").read_text())
+    recorded = mae_provenance["arguments"]
+    expected = run_demo.mae_teacher_arguments(scale, Path(recorded[recorded.index("--output_dir") + 1]))
+    assert mae_provenance["script"] == "examples/run_mae_pretraining.py" and flags(recorded) == flags(expected)
+    classifier_provenance = json.loads((classifier_folder / "provenance.json").read_text())
+    recorded = classifier_provenance["arguments"]
+    expected = run_demo.teacher_classifier_arguments(
+        scale, Path(recorded[recorded.index("--output_dir") + 1]), Path(recorded[recorded.index("--mae_name_or_path") + 1]))
+    assert classifier_provenance["script"] == "examples/run_finetune_teacher.py" and flags(recorded) == flags(expected)
+    assert flags(recorded)["--mae_name_or_path"] == f"examples/assets/{run_demo.MAE_TEACHER_ASSET}"
+
+    teacher = MAETeacher.from_pretrained(str(mae_folder), target_layer=scale.target_layer)
+    assert teacher.config.norm_pix_loss and teacher.config.image_size == scale.image_size
+    assert next(teacher.parameters()).dtype == torch.float32
+    classifier = AutoModelForImageClassification.from_pretrained(classifier_folder)
+    assert list(classifier.config.id2label.values()) == ["functional", "defective"]
+    for folder in (mae_folder, classifier_folder):
+        assert "python examples/run_" in (folder / "README.md").read_text()
 
 
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(teachers, tmp_path):
