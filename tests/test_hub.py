@@ -206,6 +206,9 @@ def test_export_never_removes_files_it_did_not_write(classifier_checkpoint, tmp_
     # A previous export (only files the package wrote) is replaced, stale files of the package included.
     exported = tmp_path / "exported"
     export_to_transformers(str(classifier_checkpoint), str(exported))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # not the staging folder's private 0700
     (exported / "README.md").unlink()
     export_to_transformers(str(classifier_checkpoint), str(exported))
     assert (exported / "README.md").exists() and (exported / "model.safetensors").exists()
