@@ -18,6 +18,7 @@ from transformers import (
     ViTMAEForPreTraining,
     ViTMAEModel,
 )
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # every MAE checkpoint's normalization
 from transformers.utils import logging
 
 from .checkpoints import readable_weights
@@ -28,9 +29,6 @@ from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embedding
 
 logger = logging.get_logger(__name__)
 
-# The normalization of every facebookresearch/mae checkpoint (and of `facebook/vit-mae-*`).
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def _as_tuple(values: Sequence[float] | float, num_channels: int) -> tuple[float, ...]:
