@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUTPUT ?= demo_output
 
-.PHONY: install test demo demo-dense docs benchmark clean
+.PHONY: install lint format test demo demo-dense docs benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,14 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -5,15 +5,27 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 version = next(
-    line.split('"')[1] for line in (here / "g2sd_hf" / "__init__.py").read_text().splitlines() if line.startswith("__version__")
+    line.split('"')[1]
+    for line in (here / "g2sd_hf" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
 )
 
 extras = {
     # The embedded demo data set and the demo's figure.
     "demo": ["elpv-dataset>=1.0", "matplotlib>=3.7", "tensorboard>=2.14"],
     # Tests: timm is an independent ViT implementation to check the converted checkpoints against.
-    "testing": ["pytest>=7.4", "timm>=1.0", "elpv-dataset>=1.0", "matplotlib>=3.7", "pyyaml>=6.0",
-                "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+    "testing": [
+        "pytest>=7.4",
+        "timm>=1.0",
+        "elpv-dataset>=1.0",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+        "mkdocs>=1.6",
+        "mkdocs-material>=9.5",
+        "mkdocstrings[python]>=0.26",
+        # `make lint`; pinned, so that a new release's formatting changes do not fail CI.
+        "ruff==0.17.6",
+    ],
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
 }
 extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})

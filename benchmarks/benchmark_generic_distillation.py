@@ -52,7 +52,9 @@ def peak_memory_mib(device):
 
 def benchmark(student_preset, teacher, args, device):
     student = G2SDForGenericDistillation(G2SDConfig.from_preset(student_preset)).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
     pixel_values = torch.randn(args.batch_size, 3, 224, 224, device=device)
     noise = torch.rand(args.batch_size, 196, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -113,12 +115,28 @@ def main():
         results = []
         for preset in presets:
             with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-                command = [sys.executable, __file__, "--students", preset, "--json", handle.name, "--device", args.device,
-                           "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--students",
+                    preset,
+                    "--json",
+                    handle.name,
+                    "--device",
+                    args.device,
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ]
                 subprocess.run(command + (["--bf16"] if args.bf16 else []), check=True, stdout=subprocess.DEVNULL)
                 results.extend(json.load(open(handle.name))["results"])
     else:
-        mae = initialize_mae_from_scratch(ViTMAEForPreTraining(ViTMAEConfig(layer_norm_eps=1e-6)))  # ViT-B, decoder 512x8
+        mae = initialize_mae_from_scratch(
+            ViTMAEForPreTraining(ViTMAEConfig(layer_norm_eps=1e-6))
+        )  # ViT-B, decoder 512x8
         teacher = MAETeacher(mae, target_layer=4).to(device)
         if args.bf16:
             teacher = teacher.to(torch.bfloat16)

@@ -22,7 +22,14 @@ from transformers import AutoImageProcessor, HfArgumentParser
 import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
 from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion
 from g2sd_hf.checkpoints import load_image_classifier
-from g2sd_hf.data import DataArguments, ImageTransform, class_names, collate_classification, prepare_splits, processor_transform
+from g2sd_hf.data import (
+    DataArguments,
+    ImageTransform,
+    class_names,
+    collate_classification,
+    prepare_splits,
+    processor_transform,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -30,19 +37,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AnalysisArguments:
-    models: str = field(metadata={"help": "Comma-separated classifier folders or Hub ids (G2SD or any transformers ViT)."})
+    models: str = field(
+        metadata={"help": "Comma-separated classifier folders or Hub ids (G2SD or any transformers ViT)."}
+    )
     output_dir: str = field(default="analysis", metadata={"help": "Where the plots and numbers go."})
     cka_pairs: str | None = field(
-        default=None, metadata={"help": "Comma-separated 'a:b' pairs of --models (as given there, or their last path parts) for CKA maps."}
+        default=None,
+        metadata={
+            "help": "Comma-separated 'a:b' pairs of --models (as given there, or their last path parts) for CKA maps."
+        },
     )
     fractions: str = field(default="0,0.1,0.25,0.5,0.75,0.9", metadata={"help": "Fractions of patches to drop."})
     order: str = field(default="random", metadata={"help": "'random' or 'salient' (most salient patches first)."})
     protocol: str = field(
         default="drop",
-        metadata={"help": "How patches are occluded: 'drop' them from the token sequence (the paper's protocol) or "
-                  "'fill' their pixels with the image mean.", "choices": ["drop", "fill"]},
+        metadata={
+            "help": "How patches are occluded: 'drop' them from the token sequence (the paper's protocol) or "
+            "'fill' their pixels with the image mean.",
+            "choices": ["drop", "fill"],
+        },
     )
-    pooling: str = field(default="mean", metadata={"help": "CKA representation of a layer: 'mean' of the tokens or 'cls'."})
+    pooling: str = field(
+        default="mean", metadata={"help": "CKA representation of a layer: 'mean' of the tokens or 'cls'."}
+    )
     batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
     seed: int = field(default=0, metadata={"help": "Seed of the random patch order."})
 
@@ -63,8 +80,10 @@ def cka_pairs(pairs: str | None, names: list[str]) -> list[tuple[str, str]]:
     for pair in filter(None, (item.strip() for item in (pairs or "").split(","))):
         parts = pair.split(":")
         if len(parts) != 2 or any(part not in lookup for part in parts):
-            raise ValueError(f"--cka_pairs entry {pair!r} must be 'a:b' with a and b among --models {names} "
-                             f"(or their display names {sorted(display_names(names).values())}).")
+            raise ValueError(
+                f"--cka_pairs entry {pair!r} must be 'a:b' with a and b among --models {names} "
+                f"(or their display names {sorted(display_names(names).values())})."
+            )
         result.append((lookup[parts[0]], lookup[parts[1]]))
     return result
 
@@ -77,12 +96,25 @@ def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArgum
     results = {"occlusion": {}, "cka": {}}
     display = display_names(list(models))
     for name, model in models.items():
-        results["occlusion"][display[name]] = occlusion_curve(model, loader, fractions, patch_size, arguments.order, arguments.seed,
-                                                              accelerator, f"occlusion {display[name]}",
-                                                              protocol=arguments.protocol)
+        results["occlusion"][display[name]] = occlusion_curve(
+            model,
+            loader,
+            fractions,
+            patch_size,
+            arguments.order,
+            arguments.seed,
+            accelerator,
+            f"occlusion {display[name]}",
+            protocol=arguments.protocol,
+        )
     for first, second in cka_pairs(arguments.cka_pairs, list(models)):
         results["cka"][f"{display[first]} vs {display[second]}"] = cka_matrix(
-            models[first], models[second], loader, arguments.pooling, accelerator, f"CKA {display[first]}:{display[second]}"
+            models[first],
+            models[second],
+            loader,
+            arguments.pooling,
+            accelerator,
+            f"CKA {display[first]}:{display[second]}",
         )
     if accelerator is None or accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -92,7 +124,9 @@ def run_analysis(models: dict, loader, patch_size: int, arguments: AnalysisArgum
             plot_cka(results["cka"], output / "cka.png")
             for pair, matrix in results["cka"].items():
                 np.save(output / f"cka_{pair.replace(' vs ', '__')}.npy", matrix)
-            (output / "cka.json").write_text(json.dumps({pair: matrix.tolist() for pair, matrix in results["cka"].items()}, indent=2))
+            (output / "cka.json").write_text(
+                json.dumps({pair: matrix.tolist() for pair, matrix in results["cka"].items()}, indent=2)
+            )
     return results
 
 
@@ -103,7 +137,9 @@ def check_labels(models: dict, labels: list[str]) -> None:
         own = [str(config.id2label[index]) for index in range(config.num_labels)]
         unnamed = own == [f"LABEL_{index}" for index in range(len(own))]
         if unnamed and len(own) == len(labels):
-            logger.warning(f"{name}'s classes have no names (LABEL_0, ...): taken to be the data's {labels}, in order.")
+            logger.warning(
+                f"{name}'s classes have no names (LABEL_0, ...): taken to be the data's {labels}, in order."
+            )
         elif own != labels:
             raise ValueError(
                 f"{name} predicts the classes {own[:6]}, the data has {labels[:6]}: its accuracy on this data would be "
@@ -124,7 +160,9 @@ def main(args: list[str] | None = None) -> dict:
         splits, _ = prepare_splits(data_args, arguments.seed)
     check_labels(models, class_names(splits["validation"]))
     dataset = splits["validation"].with_transform(ImageTransform(processor_transform(processor), with_labels=True))
-    loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset, batch_size=arguments.batch_size, collate_fn=collate_classification))
+    loader = accelerator.prepare_data_loader(
+        torch.utils.data.DataLoader(dataset, batch_size=arguments.batch_size, collate_fn=collate_classification)
+    )
     patch_size = next(iter(models.values())).config.patch_size
     return run_analysis(models, loader, patch_size, arguments, accelerator)
 

@@ -44,7 +44,14 @@ import run_specific  # noqa: E402
 
 import g2sd_hf  # noqa: E402,F401  (registers the G2SD Auto classes)
 from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion  # noqa: E402
-from g2sd_hf.data import ImageTransform, collate_classification, load_elpv, open_rgb_image, processor_transform, resize_images  # noqa: E402
+from g2sd_hf.data import (
+    ImageTransform,
+    collate_classification,
+    load_elpv,
+    open_rgb_image,
+    processor_transform,
+    resize_images,
+)  # noqa: E402
 from g2sd_hf.hub import staged_folder  # noqa: E402
 from g2sd_hf.metrics import classification_metrics  # noqa: E402
 
@@ -88,8 +95,10 @@ class DemoScale:
     bf16: bool = False  # mixed precision (on a GPU)
 
 
-TEACHER_192x6 = ("hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=768,decoder_hidden_size=128,"
-                 "decoder_num_hidden_layers=4,decoder_num_attention_heads=4,decoder_intermediate_size=512")
+TEACHER_192x6 = (
+    "hidden_size=192,num_hidden_layers=6,num_attention_heads=3,intermediate_size=768,decoder_hidden_size=128,"
+    "decoder_num_hidden_layers=4,decoder_num_attention_heads=4,decoder_intermediate_size=512"
+)
 
 SCALES = {
     # 2 CPU cores, about 20 minutes: 96x96 cells (a 6x6 grid of 16-pixel patches); the teacher ships pre-trained.
@@ -187,24 +196,43 @@ def default_scale() -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------------------------
-def common_arguments(scale: DemoScale, output_dir: Path, epochs: float, seed: int, batch_size: int | None = None) -> list[str]:
+def common_arguments(
+    scale: DemoScale, output_dir: Path, epochs: float, seed: int, batch_size: int | None = None
+) -> list[str]:
     arguments = [
-        "--output_dir", str(output_dir),
-        "--dataset_name", "elpv", "--dataset_config_name", ELPV_TASK,
-        "--recipe", "small-data",
-        "--num_train_epochs", str(epochs),
-        "--per_device_train_batch_size", str(batch_size or scale.batch_size),
-        "--per_device_eval_batch_size", str(2 * scale.batch_size),
-        "--logging_steps", "10",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--seed", str(seed),
-        "--disable_tqdm", "true",
-        "--eval_crop_ratio", "1.0",  # the whole cell: a defect near the border counts
+        "--output_dir",
+        str(output_dir),
+        "--dataset_name",
+        "elpv",
+        "--dataset_config_name",
+        ELPV_TASK,
+        "--recipe",
+        "small-data",
+        "--num_train_epochs",
+        str(epochs),
+        "--per_device_train_batch_size",
+        str(batch_size or scale.batch_size),
+        "--per_device_eval_batch_size",
+        str(2 * scale.batch_size),
+        "--logging_steps",
+        "10",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        str(seed),
+        "--disable_tqdm",
+        "true",
+        "--eval_crop_ratio",
+        "1.0",  # the whole cell: a defect near the border counts
         "--do_train",
     ]
-    for flag, value in (("--max_train_samples", scale.max_train_samples), ("--max_eval_samples", scale.max_eval_samples),
-                        ("--max_image_side", scale.max_image_side)):
+    for flag, value in (
+        ("--max_train_samples", scale.max_train_samples),
+        ("--max_eval_samples", scale.max_eval_samples),
+        ("--max_image_side", scale.max_image_side),
+    ):
         if value is not None:
             arguments += [flag, str(value)]
     return arguments + (["--bf16"] if scale.bf16 else [])
@@ -214,17 +242,38 @@ def mae_teacher_arguments(scale: DemoScale, output_dir: Path) -> list[str]:
     """The command line of `run_mae_pretraining.py` that pre-trains the demo's MAE teacher; at the `cpu` scale, the
     one that made the shipped teacher (its `provenance.json` records it, and a test keeps the two equal)."""
     arguments = [
-        "--output_dir", str(output_dir),
-        "--dataset_name", "elpv",
-        "--config_overrides", f"image_size={scale.image_size},patch_size={scale.patch_size},{scale.teacher}",
-        "--num_train_epochs", str(scale.mae_epochs),
-        "--per_device_train_batch_size", str(scale.pretraining_batch_size),
-        "--learning_rate", str(scale.pretraining_learning_rate), "--scale_lr_with_batch_size", "false",
-        "--warmup_steps", "0.05",
-        "--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true",
-        "--seed", "0",
-        "--save_strategy", "steps", "--save_steps", "1500",
-        "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true",
+        "--output_dir",
+        str(output_dir),
+        "--dataset_name",
+        "elpv",
+        "--config_overrides",
+        f"image_size={scale.image_size},patch_size={scale.patch_size},{scale.teacher}",
+        "--num_train_epochs",
+        str(scale.mae_epochs),
+        "--per_device_train_batch_size",
+        str(scale.pretraining_batch_size),
+        "--learning_rate",
+        str(scale.pretraining_learning_rate),
+        "--scale_lr_with_batch_size",
+        "false",
+        "--warmup_steps",
+        "0.05",
+        "--dataloader_num_workers",
+        "2",
+        "--dataloader_persistent_workers",
+        "true",
+        "--seed",
+        "0",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1500",
+        "--logging_steps",
+        "50",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
         "--do_train",
     ]
     for flag, value in (("--max_train_samples", scale.max_train_samples), ("--max_image_side", scale.max_image_side)):
@@ -237,7 +286,14 @@ def teacher_classifier_arguments(scale: DemoScale, output_dir: Path, mae_teacher
     """The command line of `run_finetune_teacher.py` that fine-tunes the MAE teacher into the classification teacher
     (at the `cpu` scale, the one that made the shipped classifier)."""
     return common_arguments(scale, output_dir, scale.teacher_epochs, 0) + [
-        "--do_eval", "--mae_name_or_path", str(mae_teacher), "--layer_decay", "0.75", "--min_crop_scale", str(scale.min_crop_scale)]
+        "--do_eval",
+        "--mae_name_or_path",
+        str(mae_teacher),
+        "--layer_decay",
+        "0.75",
+        "--min_crop_scale",
+        str(scale.min_crop_scale),
+    ]
 
 
 def stage_arguments(scale: DemoScale, stages: Path, mae_teacher: Path, teacher_classifier: Path) -> dict[str, tuple]:
@@ -250,39 +306,91 @@ def stage_arguments(scale: DemoScale, stages: Path, mae_teacher: Path, teacher_c
 
         def specific(name, seed=seed):
             return common_arguments(scale, stages / f"{name}_seed{seed}", scale.specific_epochs, seed) + [
-                "--do_eval", "--min_crop_scale", str(scale.min_crop_scale)]
+                "--do_eval",
+                "--min_crop_scale",
+                str(scale.min_crop_scale),
+            ]
 
-        stages_to_run.update({
-            f"generic_seed{seed}": (run_generic, common_arguments(scale, generic, scale.generic_epochs, seed) + [
-                "--teacher_name_or_path", str(mae_teacher), "--target_layer", str(scale.target_layer),
-                "--config_overrides", scale.student, "--do_eval"]),
-            # Initialized from generic distillation: layer-wise lr decay as in the release; from scratch: none.
-            f"g2sd_seed{seed}": (run_specific, specific("g2sd") + [
-                "--student_name_or_path", str(generic), "--teacher_name_or_path", teacher, "--distillation_type", "hard",
-                "--layer_decay", "0.75"]),
-            f"gd_only_seed{seed}": (run_specific, specific("gd_only") + [
-                "--student_name_or_path", str(generic), "--distillation_type", "none", "--layer_decay", "0.75"]),
-            f"sd_only_seed{seed}": (run_specific, specific("sd_only") + [
-                "--config_overrides", student_shape, "--teacher_name_or_path", teacher, "--distillation_type", "hard",
-                "--layer_decay", "1.0"]),
-            f"scratch_seed{seed}": (run_specific, specific("scratch") + [
-                "--config_overrides", student_shape, "--distillation_type", "none", "--layer_decay", "1.0"]),
-        })
+        stages_to_run.update(
+            {
+                f"generic_seed{seed}": (
+                    run_generic,
+                    common_arguments(scale, generic, scale.generic_epochs, seed)
+                    + [
+                        "--teacher_name_or_path",
+                        str(mae_teacher),
+                        "--target_layer",
+                        str(scale.target_layer),
+                        "--config_overrides",
+                        scale.student,
+                        "--do_eval",
+                    ],
+                ),
+                # Initialized from generic distillation: layer-wise lr decay as in the release; from scratch: none.
+                f"g2sd_seed{seed}": (
+                    run_specific,
+                    specific("g2sd")
+                    + [
+                        "--student_name_or_path",
+                        str(generic),
+                        "--teacher_name_or_path",
+                        teacher,
+                        "--distillation_type",
+                        "hard",
+                        "--layer_decay",
+                        "0.75",
+                    ],
+                ),
+                f"gd_only_seed{seed}": (
+                    run_specific,
+                    specific("gd_only")
+                    + ["--student_name_or_path", str(generic), "--distillation_type", "none", "--layer_decay", "0.75"],
+                ),
+                f"sd_only_seed{seed}": (
+                    run_specific,
+                    specific("sd_only")
+                    + [
+                        "--config_overrides",
+                        student_shape,
+                        "--teacher_name_or_path",
+                        teacher,
+                        "--distillation_type",
+                        "hard",
+                        "--layer_decay",
+                        "1.0",
+                    ],
+                ),
+                f"scratch_seed{seed}": (
+                    run_specific,
+                    specific("scratch")
+                    + ["--config_overrides", student_shape, "--distillation_type", "none", "--layer_decay", "1.0"],
+                ),
+            }
+        )
     return stages_to_run
 
 
-def start_demo(description: str, default_output_dir: str, scales, args: list[str] | None,
-               default: str | None = None) -> tuple[argparse.Namespace, Path, Path]:
+def start_demo(
+    description: str, default_output_dir: str, scales, args: list[str] | None, default: str | None = None
+) -> tuple[argparse.Namespace, Path, Path]:
     """The demos' command line (`--output_dir`, `--scale`, `--seed`, `--rebuild_teacher`) and logging; returns the
     options, the output folder and its `stages/` folder (created)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=default_output_dir)
     parser.add_argument("--scale", choices=sorted(scales), default=default or next(iter(scales)))
-    parser.add_argument("--seed", type=int, default=0, help="Seed of single-seed demos (the ELPV demo runs its scale's seeds).")
-    parser.add_argument("--rebuild_teacher", action="store_true",
-                        help="Pre-train and fine-tune the teachers again instead of using the ones shipped with the demo.")
-    parser.add_argument("--write_assets", action="store_true",
-                        help="With --rebuild_teacher at the cpu scale: write the new teachers into examples/assets.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of single-seed demos (the ELPV demo runs its scale's seeds)."
+    )
+    parser.add_argument(
+        "--rebuild_teacher",
+        action="store_true",
+        help="Pre-train and fine-tune the teachers again instead of using the ones shipped with the demo.",
+    )
+    parser.add_argument(
+        "--write_assets",
+        action="store_true",
+        help="With --rebuild_teacher at the cpu scale: write the new teachers into examples/assets.",
+    )
     options = parser.parse_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     output_dir = Path(options.output_dir).resolve()
@@ -323,16 +431,25 @@ def prepare_teachers(scale: DemoScale, stages: Path, rebuild: bool) -> tuple[Pat
     `stages/teacher_classifier`). Returns their folders and their stage records."""
     if scale.shipped_teachers and not rebuild:
         records = {}
-        for name, folder in (("mae_teacher", ASSETS / MAE_TEACHER_ASSET), ("teacher_classifier", ASSETS / CLASSIFIER_ASSET)):
+        for name, folder in (
+            ("mae_teacher", ASSETS / MAE_TEACHER_ASSET),
+            ("teacher_classifier", ASSETS / CLASSIFIER_ASSET),
+        ):
             provenance = json.loads((folder / "provenance.json").read_text())
-            logger.warning(f"[{name}] using the shipped teacher {folder.relative_to(ASSETS.parents[1])} ({provenance['summary']})")
+            logger.warning(
+                f"[{name}] using the shipped teacher {folder.relative_to(ASSETS.parents[1])} ({provenance['summary']})"
+            )
             records[name] = {"seconds": 0.0, "reused": True, "shipped": True, "metrics": provenance.get("metrics", {})}
         return ASSETS / MAE_TEACHER_ASSET, ASSETS / CLASSIFIER_ASSET, records
     mae, classifier = stages / "mae_teacher", stages / "teacher_classifier"
     records = {
         "mae_teacher": run_stage("mae_teacher", run_mae_pretraining, mae_teacher_arguments(scale, mae), mae),
-        "teacher_classifier": run_stage("teacher_classifier", run_finetune_teacher,
-                                        teacher_classifier_arguments(scale, classifier, mae), classifier),
+        "teacher_classifier": run_stage(
+            "teacher_classifier",
+            run_finetune_teacher,
+            teacher_classifier_arguments(scale, classifier, mae),
+            classifier,
+        ),
     }
     return mae, classifier, {name: {**record, "shipped": False} for name, record in records.items()}
 
@@ -342,24 +459,45 @@ def write_teacher_assets(scale: DemoScale, mae: Path, classifier: Path, records:
     `--rebuild_teacher --write_assets` at the `cpu` scale."""
     from transformers import ViTMAEForPreTraining
 
-    write_teacher_asset("mae_teacher", mae, MAE_TEACHER_ASSET, ViTMAEForPreTraining, "examples/run_mae_pretraining.py",
-                        mae_teacher_arguments(scale, Path(f"examples/assets/{MAE_TEACHER_ASSET}")), records["mae_teacher"])
-    write_teacher_asset("teacher_classifier", classifier, CLASSIFIER_ASSET, AutoModelForImageClassification,
-                        "examples/run_finetune_teacher.py",
-                        teacher_classifier_arguments(scale, Path(f"examples/assets/{CLASSIFIER_ASSET}"),
-                                                     Path(f"examples/assets/{MAE_TEACHER_ASSET}")),
-                        records["teacher_classifier"])
+    write_teacher_asset(
+        "mae_teacher",
+        mae,
+        MAE_TEACHER_ASSET,
+        ViTMAEForPreTraining,
+        "examples/run_mae_pretraining.py",
+        mae_teacher_arguments(scale, Path(f"examples/assets/{MAE_TEACHER_ASSET}")),
+        records["mae_teacher"],
+    )
+    write_teacher_asset(
+        "teacher_classifier",
+        classifier,
+        CLASSIFIER_ASSET,
+        AutoModelForImageClassification,
+        "examples/run_finetune_teacher.py",
+        teacher_classifier_arguments(
+            scale, Path(f"examples/assets/{CLASSIFIER_ASSET}"), Path(f"examples/assets/{MAE_TEACHER_ASSET}")
+        ),
+        records["teacher_classifier"],
+    )
 
 
-def write_teacher_asset(name: str, source: Path, asset: str, model_class, script: str, arguments: list[str], record: dict) -> None:
+def write_teacher_asset(
+    name: str, source: Path, asset: str, model_class, script: str, arguments: list[str], record: dict
+) -> None:
     """Write one teacher into `examples/assets/<asset>`: weights, config and image processor, `provenance.json` (the
     script, its arguments with the assets' own paths, the stage's time and metrics) and a README with the command."""
     target = ASSETS / asset
     metrics = {key: value for key, value in record.get("metrics", {}).items() if isinstance(value, (int, float))}
     summary = f"{name.replace('_', ' ')}: {script.split('/')[-1]}, {record['seconds'] / 60:.0f} min on {torch.get_num_threads()} CPU threads"
     summary += f" ({record['note']})" if record.get("note") else ""
-    provenance = {"script": script, "arguments": arguments, "summary": summary, "seconds": record["seconds"],
-                  "metrics": metrics, "torch": torch.__version__}
+    provenance = {
+        "script": script,
+        "arguments": arguments,
+        "summary": summary,
+        "seconds": record["seconds"],
+        "metrics": metrics,
+        "torch": torch.__version__,
+    }
     with staged_folder(target) as staging:  # replaces an asset written before, refuses a folder of someone else's
         model_class.from_pretrained(source).save_pretrained(staging)
         AutoImageProcessor.from_pretrained(source).save_pretrained(staging)
@@ -415,8 +553,13 @@ def images_per_second(model, image_size: int, batch_size: int, repeats: int = 5)
 
 
 def summarize(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
 
 
 def compare(results: dict) -> dict:
@@ -452,9 +595,11 @@ def evaluate_models(stages: Path, scale: DemoScale, records: dict, teacher_class
             metrics = [records[f"{name}_seed{seed}"]["metrics"] for seed in scale.seeds]
             folder = stages / f"{name}_seed{scale.seeds[0]}"
         model = AutoModelForImageClassification.from_pretrained(folder)
-        row = {metric: summarize([values[f"eval_{metric}"] for values in metrics])
-               for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
-               if all(f"eval_{metric}" in values for values in metrics)}  # a class absent from a tiny split has no recall
+        row = {
+            metric: summarize([values[f"eval_{metric}"] for values in metrics])
+            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
+            if all(f"eval_{metric}" in values for values in metrics)
+        }  # a class absent from a tiny split has no recall
         row["parameters"] = model.num_parameters()
         row["images_per_second"] = images_per_second(model, scale.image_size, scale.throughput_batch)
         models[name] = row
@@ -462,8 +607,12 @@ def evaluate_models(stages: Path, scale: DemoScale, records: dict, teacher_class
 
 
 OCCLUSION_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
-OCCLUSION_LABELS = {"teacher": "Teacher", **STUDENTS, "g2sd_cls_logits": "G2SD, classification head alone",
-                    "g2sd_distillation_logits": "G2SD, distillation head alone"}
+OCCLUSION_LABELS = {
+    "teacher": "Teacher",
+    **STUDENTS,
+    "g2sd_cls_logits": "G2SD, classification head alone",
+    "g2sd_distillation_logits": "G2SD, distillation head alone",
+}
 
 
 def analyze(stages: Path, scale: DemoScale, test_split, output_dir: Path, teacher_classifier: Path) -> dict:
@@ -471,34 +620,69 @@ def analyze(stages: Path, scale: DemoScale, test_split, output_dir: Path, teache
     the mean, for comparison) of the teacher and the four students of the first seed, and the CKA maps of the G2SD
     and scratch students to the teacher."""
     folders = {"teacher": teacher_classifier, **{name: stages / f"{name}_seed{scale.seeds[0]}" for name in STUDENTS}}
-    models = {name: AutoModelForImageClassification.from_pretrained(folder).eval().to(device()) for name, folder in folders.items()}
+    models = {
+        name: AutoModelForImageClassification.from_pretrained(folder).eval().to(device())
+        for name, folder in folders.items()
+    }
     transforms = {repr(processor_transform(AutoImageProcessor.from_pretrained(folder))) for folder in folders.values()}
     if len(transforms) != 1:
-        raise ValueError(f"The analyzed models preprocess differently ({transforms}): one loader cannot serve them all.")
+        raise ValueError(
+            f"The analyzed models preprocess differently ({transforms}): one loader cannot serve them all."
+        )
     processor = AutoImageProcessor.from_pretrained(teacher_classifier)
     images = resize_images(test_split, scale.max_image_side) if scale.max_image_side else test_split
     dataset = images.with_transform(ImageTransform(processor_transform(processor), with_labels=True))
     loader = torch.utils.data.DataLoader(dataset, batch_size=scale.analysis_batch, collate_fn=collate_classification)
     curves = {}
     for protocol in ("drop", "fill"):
-        curves[protocol] = {name: occlusion_curve(model, loader, OCCLUSION_FRACTIONS, scale.patch_size, protocol=protocol,
-                                                  description=f"occlusion ({protocol}) {name}")
-                            for name, model in models.items()}
+        curves[protocol] = {
+            name: occlusion_curve(
+                model,
+                loader,
+                OCCLUSION_FRACTIONS,
+                scale.patch_size,
+                protocol=protocol,
+                description=f"occlusion ({protocol}) {name}",
+            )
+            for name, model in models.items()
+        }
         # The G2SD student's prediction averages two heads: each alone, to see which one occlusion moves.
         for head in ("cls_logits", "distillation_logits"):
-            curves[protocol][f"g2sd_{head}"] = occlusion_curve(models["g2sd"], loader, OCCLUSION_FRACTIONS, scale.patch_size,
-                                                               protocol=protocol, output=head, description=f"occlusion ({protocol}) g2sd {head}")
-    plot_occlusion({OCCLUSION_LABELS[name]: curve for name, curve in curves["drop"].items() if not name.startswith("g2sd_")},
-                   output_dir / "occlusion.png", title="ELPV: accuracy with patches dropped from the token sequence")
-    cka = {f"{name} vs teacher": cka_matrix(models[name], models["teacher"], loader, description=f"CKA {name}")
-           for name in ("g2sd", "scratch")}
+            curves[protocol][f"g2sd_{head}"] = occlusion_curve(
+                models["g2sd"],
+                loader,
+                OCCLUSION_FRACTIONS,
+                scale.patch_size,
+                protocol=protocol,
+                output=head,
+                description=f"occlusion ({protocol}) g2sd {head}",
+            )
+    plot_occlusion(
+        {OCCLUSION_LABELS[name]: curve for name, curve in curves["drop"].items() if not name.startswith("g2sd_")},
+        output_dir / "occlusion.png",
+        title="ELPV: accuracy with patches dropped from the token sequence",
+    )
+    cka = {
+        f"{name} vs teacher": cka_matrix(models[name], models["teacher"], loader, description=f"CKA {name}")
+        for name in ("g2sd", "scratch")
+    }
     plot_cka(cka, output_dir / "cka.png")
     (output_dir / "cka.json").write_text(json.dumps({pair: matrix.tolist() for pair, matrix in cka.items()}, indent=2))
     return {
-        "occlusion": {protocol: {name: {str(fraction): value for fraction, value in curve.items()} for name, curve in by_model.items()}
-                      for protocol, by_model in curves.items()},
-        "cka": {pair: {"last_layer": float(matrix[-1, -1]), "mean_best_match": float(matrix[1:].max(axis=1).mean()),
-                       "matrix_file": "cka.json"} for pair, matrix in cka.items()},
+        "occlusion": {
+            protocol: {
+                name: {str(fraction): value for fraction, value in curve.items()} for name, curve in by_model.items()
+            }
+            for protocol, by_model in curves.items()
+        },
+        "cka": {
+            pair: {
+                "last_layer": float(matrix[-1, -1]),
+                "mean_best_match": float(matrix[1:].max(axis=1).mean()),
+                "matrix_file": "cka.json",
+            }
+            for pair, matrix in cka.items()
+        },
     }
 
 
@@ -518,8 +702,10 @@ def write_figure(results: dict, stages: Path, path: Path) -> None:
 
     seed = results["seeds"][0]
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for stage, label in [(f"generic_seed{seed}", "generic distillation (L_GD)"),
-                         *[(f"{key}_seed{seed}", value) for key, value in STUDENTS.items()]]:
+    for stage, label in [
+        (f"generic_seed{seed}", "generic distillation (L_GD)"),
+        *[(f"{key}_seed{seed}", value) for key, value in STUDENTS.items()],
+    ]:
         points = loss_curve(stages / stage)
         if points:
             curves.plot(*zip(*points), label=label)
@@ -532,7 +718,10 @@ def write_figure(results: dict, stages: Path, path: Path) -> None:
     names = ["teacher", *STUDENTS]
     labels = ["Teacher (MAE + FT)", *STUDENTS.values()]
     width = 0.38
-    for offset, metric, title in ((-width / 2, "accuracy", "accuracy"), (width / 2, "balanced_accuracy", "balanced accuracy")):
+    for offset, metric, title in (
+        (-width / 2, "accuracy", "accuracy"),
+        (width / 2, "balanced_accuracy", "balanced accuracy"),
+    ):
         means = [results["models"][name][metric]["mean"] for name in names]
         errors = [results["models"][name][metric]["std"] for name in names]
         positions = [index + offset for index in range(len(names))]
@@ -541,7 +730,9 @@ def write_figure(results: dict, stages: Path, path: Path) -> None:
     bars.axhline(results["majority_class_accuracy"], color="gray", linestyle="--", linewidth=1, label="majority class")
     bars.set_xticks(range(len(names)), [label.replace(" (", "\n(") for label in labels], fontsize=7)
     bars.set_ylim(0, 1)
-    bars.set_title(f"ELPV functional vs defective, held-out 25% (students: mean +- std of {len(results['seeds'])} seeds)")
+    bars.set_title(
+        f"ELPV functional vs defective, held-out 25% (students: mean +- std of {len(results['seeds'])} seeds)"
+    )
     bars.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -554,8 +745,12 @@ def _cell(summary: dict) -> str:
 
 def write_markdown(results: dict, path: Path) -> None:
     models, comparison, seeds = results["models"], results["comparison"], results["seeds"]
-    teacher_note = ("shipped with the demo (examples/assets: pre-trained and fine-tuned once, with the commands in their "
-                    "provenance.json)" if results["teachers_shipped"] else "pre-trained and fine-tuned in this run")
+    teacher_note = (
+        "shipped with the demo (examples/assets: pre-trained and fine-tuned once, with the commands in their "
+        "provenance.json)"
+        if results["teachers_shipped"]
+        else "pre-trained and fine-tuned in this run"
+    )
     lines = [
         "# G2SD on ELPV: results of `make demo`",
         "",
@@ -582,10 +777,17 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{_cell(row['balanced_accuracy'])} | {_cell(row['accuracy_functional']) if 'accuracy_functional' in row else '-'} | "
             f"{_cell(row['accuracy_defective']) if 'accuracy_defective' in row else '-'} | {row['images_per_second']:.0f} |"
         )
-    lines += ["", f"Per seed ({METRIC_NAMES[PRIMARY_METRIC]}):", "",
-              "| Model | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    lines += [
+        "",
+        f"Per seed ({METRIC_NAMES[PRIMARY_METRIC]}):",
+        "",
+        "| Model | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for name, label in STUDENTS.items():
-        lines.append(f"| {label} | " + " | ".join(f"{value:.3f}" for value in models[name][PRIMARY_METRIC]["values"]) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{value:.3f}" for value in models[name][PRIMARY_METRIC]["values"]) + " |"
+        )
     lines += ["", "## What it shows", ""]
     lines.append(
         f"- The teacher is {comparison['teacher_over_scratch'] * 100:+.1f} {METRIC_NAMES[PRIMARY_METRIC]} points from the scratch student "
@@ -614,8 +816,10 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += [f"- `{stage}`: {warning}" for stage, warnings in results["warnings"].items() for warning in warnings]
     occlusion = results["analysis"]["occlusion"]
     fractions = list(next(iter(occlusion["drop"].values())))
-    for protocol, title in (("drop", "patches dropped from the token sequence (the paper's protocol)"),
-                            ("fill", "patch pixels set to the image mean (for comparison)")):
+    for protocol, title in (
+        ("drop", "patches dropped from the token sequence (the paper's protocol)"),
+        ("fill", "patch pixels set to the image mean (for comparison)"),
+    ):
         lines += [
             "",
             f"## Occlusion: {title}",
@@ -625,8 +829,10 @@ def write_markdown(results: dict, path: Path) -> None:
             "",
             "| Model | " + " | ".join(f"{float(fraction) * 100:.0f}%" for fraction in fractions) + " |",
             "|---|" + "---|" * len(fractions),
-            *[f"| {OCCLUSION_LABELS[name]} | " + " | ".join(f"{value:.3f}" for value in curve.values()) + " |"
-              for name, curve in occlusion[protocol].items()],
+            *[
+                f"| {OCCLUSION_LABELS[name]} | " + " | ".join(f"{value:.3f}" for value in curve.values()) + " |"
+                for name, curve in occlusion[protocol].items()
+            ],
         ]
     lines += [
         "",
@@ -638,7 +844,10 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "| Pair | Last layers | Mean best match |",
         "|---|---|---|",
-        *[f"| {pair} | {row['last_layer']:.3f} | {row['mean_best_match']:.3f} |" for pair, row in results["analysis"]["cka"].items()],
+        *[
+            f"| {pair} | {row['last_layer']:.3f} | {row['mean_best_match']:.3f} |"
+            for pair, row in results["analysis"]["cka"].items()
+        ],
         "",
         "## Stages",
         "",
@@ -656,10 +865,17 @@ def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
     folder the demo wrote before."""
     if checkpoint.exists():
         if not (checkpoint / STUDENT_MARKER).exists():
-            raise FileExistsError(f"{checkpoint} exists and was not written by the demo: move it away, or choose another --output_dir.")
+            raise FileExistsError(
+                f"{checkpoint} exists and was not written by the demo: move it away, or choose another --output_dir."
+            )
         shutil.rmtree(checkpoint)
-    shutil.copytree(stages / folder, checkpoint, ignore=shutil.ignore_patterns(
-        "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, STARTED_MARKER, "runs"))
+    shutil.copytree(
+        stages / folder,
+        checkpoint,
+        ignore=shutil.ignore_patterns(
+            "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, STARTED_MARKER, "runs"
+        ),
+    )
     (checkpoint / STUDENT_MARKER).write_text(json.dumps({"stage": folder}))
 
 
@@ -671,7 +887,9 @@ def main(args: list[str] | None = None) -> dict:
     mae_teacher, teacher_classifier, teacher_records = prepare_teachers(scale, stages, options.rebuild_teacher)
     if options.write_assets:
         if options.scale != "cpu" or not options.rebuild_teacher:
-            raise ValueError("--write_assets writes the cpu scale's teachers after --rebuild_teacher: pass both, with --scale cpu.")
+            raise ValueError(
+                "--write_assets writes the cpu scale's teachers after --rebuild_teacher: pass both, with --scale cpu."
+            )
         write_teacher_assets(scale, mae_teacher, teacher_classifier, teacher_records)
     planned = stage_arguments(scale, stages, mae_teacher, teacher_classifier)
     records = {}
@@ -687,7 +905,9 @@ def main(args: list[str] | None = None) -> dict:
         "scale": options.scale,
         "scale_settings": asdict(scale),
         "seeds": list(scale.seeds),
-        "device": f"CUDA ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "device": f"CUDA ({torch.cuda.get_device_name()})"
+        if torch.cuda.is_available()
+        else f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "image_size": scale.image_size,
         "train_images": train_images,
         "eval_images": len(eval_labels),
@@ -698,10 +918,15 @@ def main(args: list[str] | None = None) -> dict:
         "teachers_shipped": teacher_records["mae_teacher"]["shipped"],
         "models": models,
         "speedup": models["g2sd"]["images_per_second"] / models["teacher"]["images_per_second"],
-        "stages": {name: {"seconds": record["seconds"], "reused": record["reused"]}
-                   for name, record in {**teacher_records, **records}.items()},
-        "warnings": {name: record["metrics"]["learning_warnings"] for name, record in {**teacher_records, **records}.items()
-                     if record["metrics"].get("learning_warnings")},
+        "stages": {
+            name: {"seconds": record["seconds"], "reused": record["reused"]}
+            for name, record in {**teacher_records, **records}.items()
+        },
+        "warnings": {
+            name: record["metrics"]["learning_warnings"]
+            for name, record in {**teacher_records, **records}.items()
+            if record["metrics"].get("learning_warnings")
+        },
     }
     results["comparison"] = compare(results)
 
@@ -721,8 +946,10 @@ def main(args: list[str] | None = None) -> dict:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, output_dir / "results.md")
     write_figure(results, stages, output_dir / "results.png")
-    print(f"\nG2SD demo finished in {results['total_seconds'] / 60:.1f} min. Results: {output_dir / 'results.md'} "
-          f"(+ results.json, results.png); pipeline-ready student: {checkpoint}")
+    print(
+        f"\nG2SD demo finished in {results['total_seconds'] / 60:.1f} min. Results: {output_dir / 'results.md'} "
+        f"(+ results.json, results.png); pipeline-ready student: {checkpoint}"
+    )
     return results
 
 

@@ -36,23 +36,62 @@ BACKBONES = {
 }
 # Segmentation sees more images for fewer epochs (1024 x 5 rather than 256 x 20: the same steps, less overfitting).
 SCALES = {
-    "demo": {"segmentation_train": 1024, "detection_train": 256, "validation": 128, "segmentation_epochs": 5,
-             "detection_epochs": 30, "teacher_factor": 2},
-    "smoke": {"segmentation_train": 16, "detection_train": 16, "validation": 8, "segmentation_epochs": 1, "detection_epochs": 1,
-              "teacher_factor": 1},
+    "demo": {
+        "segmentation_train": 1024,
+        "detection_train": 256,
+        "validation": 128,
+        "segmentation_epochs": 5,
+        "detection_epochs": 30,
+        "teacher_factor": 2,
+    },
+    "smoke": {
+        "segmentation_train": 16,
+        "detection_train": 16,
+        "validation": 8,
+        "segmentation_epochs": 1,
+        "detection_epochs": 1,
+        "teacher_factor": 1,
+    },
 }
 
 
 def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) -> list[str]:
     epochs = scale[f"{task}_epochs"] * (scale["teacher_factor"] if role == "teacher" else 1)
     arguments = [
-        "--output_dir", str(stages / f"{task}_{role}"), "--backbone_overrides", BACKBONES["teacher" if role == "teacher" else "student"],
-        "--image_size", "64", "--fpn_hidden_size", "32", "--head_hidden_size", "32",
-        "--synthetic_train_size", str(scale[f"{task}_train"]), "--synthetic_validation_size", str(scale["validation"]),
-        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
-        "--layer_decay", "1.0",  # backbones trained from scratch here: no layer-wise decay
-        "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed),
-        "--do_train", "--do_eval",
+        "--output_dir",
+        str(stages / f"{task}_{role}"),
+        "--backbone_overrides",
+        BACKBONES["teacher" if role == "teacher" else "student"],
+        "--image_size",
+        "64",
+        "--fpn_hidden_size",
+        "32",
+        "--head_hidden_size",
+        "32",
+        "--synthetic_train_size",
+        str(scale[f"{task}_train"]),
+        "--synthetic_validation_size",
+        str(scale["validation"]),
+        "--num_train_epochs",
+        str(epochs),
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--layer_decay",
+        "1.0",  # backbones trained from scratch here: no layer-wise decay
+        "--logging_steps",
+        "10",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        str(seed),
+        "--do_train",
+        "--do_eval",
     ]
     if task == "segmentation" and role == "teacher":
         # At 1e-3 without warm-up the large segmentation backbone collapsed to all-background for seed 0 (mIoU 0.21).
@@ -73,26 +112,60 @@ def main(args: list[str] | None = None) -> dict:
     scale = SCALES[options.scale]
     start = time.perf_counter()
 
-    results = {"scale": options.scale, "settings": scale, "backbones": BACKBONES, "device": f"CPU, {torch.get_num_threads()} threads", "tasks": {}}
-    for task, script, metrics in (("segmentation", run_semantic_segmentation, ("eval_mean_iou", "eval_pixel_accuracy")),
-                                  ("detection", run_object_detection, ("eval_map", "eval_map_50", "eval_map_75"))):
+    results = {
+        "scale": options.scale,
+        "settings": scale,
+        "backbones": BACKBONES,
+        "device": f"CPU, {torch.get_num_threads()} threads",
+        "tasks": {},
+    }
+    for task, script, metrics in (
+        ("segmentation", run_semantic_segmentation, ("eval_mean_iou", "eval_pixel_accuracy")),
+        ("detection", run_object_detection, ("eval_map", "eval_map_50", "eval_map_75")),
+    ):
         rows = {}
         for role in ("teacher", "scratch", "distilled"):
-            record = run_stage(f"{task}_{role}", script, stage_arguments(task, role, stages, scale, options.seed), stages / f"{task}_{role}")
-            rows[role] = {"seconds": record["seconds"], "reused": record["reused"], **{name.removeprefix("eval_"): record["metrics"][name] for name in metrics}}
+            record = run_stage(
+                f"{task}_{role}",
+                script,
+                stage_arguments(task, role, stages, scale, options.seed),
+                stages / f"{task}_{role}",
+            )
+            rows[role] = {
+                "seconds": record["seconds"],
+                "reused": record["reused"],
+                **{name.removeprefix("eval_"): record["metrics"][name] for name in metrics},
+            }
         results["tasks"][task] = rows
     results["total_seconds"] = time.perf_counter() - start
 
-    lines = ["# Dense tasks on generated shapes: results of `make demo-dense`", "",
-             f"Images of 64x64 ({scale['segmentation_train']} training for segmentation, {scale['detection_train']} for "
-             f"detection; {scale['validation']} validation); {results['device']}. Teacher backbone ViT 96-d x 6 "
-             f"({scale['teacher_factor']}x the epochs); students ViT 48-d x 4, same head, same steps, without and with the "
-             "teacher.", ""]
+    lines = [
+        "# Dense tasks on generated shapes: results of `make demo-dense`",
+        "",
+        f"Images of 64x64 ({scale['segmentation_train']} training for segmentation, {scale['detection_train']} for "
+        f"detection; {scale['validation']} validation); {results['device']}. Teacher backbone ViT 96-d x 6 "
+        f"({scale['teacher_factor']}x the epochs); students ViT 48-d x 4, same head, same steps, without and with the "
+        "teacher.",
+        "",
+    ]
     for task, rows in results["tasks"].items():
         names = [name for name in rows["teacher"] if name not in ("seconds", "reused")]
-        lines += [f"## {task.capitalize()}", "", "| Model | " + " | ".join(names) + " | Seconds |", "|---|" + "---|" * (len(names) + 1)]
-        for role, label in (("teacher", "Teacher (large backbone)"), ("scratch", "Student, no teacher"), ("distilled", "Student, distilled from the teacher")):
-            lines.append(f"| {label} | " + " | ".join(f"{rows[role][name]:.3f}" for name in names) + f" | {rows[role]['seconds']:.0f} |")
+        lines += [
+            f"## {task.capitalize()}",
+            "",
+            "| Model | " + " | ".join(names) + " | Seconds |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for role, label in (
+            ("teacher", "Teacher (large backbone)"),
+            ("scratch", "Student, no teacher"),
+            ("distilled", "Student, distilled from the teacher"),
+        ):
+            lines.append(
+                f"| {label} | "
+                + " | ".join(f"{rows[role][name]:.3f}" for name in names)
+                + f" | {rows[role]['seconds']:.0f} |"
+            )
         lines.append("")
     (output_dir / "dense_results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "dense_results.md").write_text("\n".join(lines))

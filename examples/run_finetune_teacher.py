@@ -17,7 +17,14 @@ from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 
 from g2sd_hf import SpecificDistillationConfig, SpecificDistillationTrainer
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, image_processor, prepare_splits
+from g2sd_hf.data import (
+    ClassificationAugmentationArguments,
+    DataArguments,
+    ImageTransform,
+    class_names,
+    image_processor,
+    prepare_splits,
+)
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
@@ -28,7 +35,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     mae_name_or_path: str = field(
-        default="facebook/vit-mae-base", metadata={"help": "MAE checkpoint whose encoder is fine-tuned (Hub id or folder)."}
+        default="facebook/vit-mae-base",
+        metadata={"help": "MAE checkpoint whose encoder is fine-tuned (Hub id or folder)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
     model_revision: str = field(default="main", metadata={"help": "Revision of the MAE checkpoint."})

@@ -20,9 +20,21 @@ from dataclasses import dataclass, field
 
 from transformers import set_seed
 
-from g2sd_hf import G2SDConfig, G2SDForGenericDistillation, GenericDistillationConfig, GenericDistillationTrainer, MAETeacher
+from g2sd_hf import (
+    G2SDConfig,
+    G2SDForGenericDistillation,
+    GenericDistillationConfig,
+    GenericDistillationTrainer,
+    MAETeacher,
+)
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, image_processor, prepare_splits
+from g2sd_hf.data import (
+    DataArguments,
+    ImageTransform,
+    MaskedImageAugmentationArguments,
+    image_processor,
+    prepare_splits,
+)
 from g2sd_hf.hub import finish_training_run
 
 
@@ -33,10 +45,12 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     teacher_name_or_path: str = field(
         default="facebook/vit-mae-base",
-        metadata={"help": "MAE teacher with its pre-training decoder (ViTMAEForPreTraining): Hub id or folder. The "
-                  "default, facebook/vit-mae-base, is MAE's visualization checkpoint (trained without the "
-                  "normalized-pixel loss); the release distills the norm_pix_loss MAE ViT-B, "
-                  "mae_pretrain_vit_base_full.pth, converted with `python -m g2sd_hf.convert --kind mae-teacher`."},
+        metadata={
+            "help": "MAE teacher with its pre-training decoder (ViTMAEForPreTraining): Hub id or folder. The "
+            "default, facebook/vit-mae-base, is MAE's visualization checkpoint (trained without the "
+            "normalized-pixel loss); the release distills the norm_pix_loss MAE ViT-B, "
+            "mae_pretrain_vit_base_full.pth, converted with `python -m g2sd_hf.convert --kind mae-teacher`."
+        },
     )
     target_layer: int = field(default=4, metadata={"help": "Teacher decoder block whose features are distilled."})
     student_preset: str = field(
@@ -103,7 +117,9 @@ def main(args: list[str] | None = None) -> dict:
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
     train_dataset = splits["train"].with_transform(ImageTransform(train_transform))
-    eval_dataset = splits["validation"].with_transform(ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std)))
+    eval_dataset = splits["validation"].with_transform(
+        ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std))
+    )
 
     trainer = GenericDistillationTrainer(
         model=student,

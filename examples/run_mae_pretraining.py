@@ -19,7 +19,13 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from g2sd_hf import GenericDistillationConfig, initialize_mae_from_scratch
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import DataArguments, ImageTransform, MaskedImageAugmentationArguments, image_processor, prepare_splits
+from g2sd_hf.data import (
+    DataArguments,
+    ImageTransform,
+    MaskedImageAugmentationArguments,
+    image_processor,
+    prepare_splits,
+)
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
 
@@ -49,7 +55,9 @@ def main(args: list[str] | None = None) -> dict:
         splits, data_counts = prepare_splits(data_args, training_args.seed)
 
     config = ViTMAEConfig(
-        layer_norm_eps=1e-6, norm_pix_loss=model_args.norm_pix_loss, mask_ratio=model_args.mask_ratio,
+        layer_norm_eps=1e-6,
+        norm_pix_loss=model_args.norm_pix_loss,
+        mask_ratio=model_args.mask_ratio,
         **parse_overrides(model_args.config_overrides, ViTMAEConfig),
     )
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))

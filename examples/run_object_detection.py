@@ -21,6 +21,7 @@ from transformers import AutoImageProcessor, AutoModelForObjectDetection, set_se
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
+from g2sd_hf.data import dense_image_processor
 from g2sd_hf.dense import (
     DenseDistillationConfig,
     DenseDistillationTrainer,
@@ -31,7 +32,6 @@ from g2sd_hf.dense import (
     load_backbone_weights,
     object_detection_model,
 )
-from g2sd_hf.data import dense_image_processor
 from g2sd_hf.dense_data import DenseDataArguments, DetectionTransform, collate_detection, load_detection_dataset
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -56,8 +56,12 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     splits, class_names = load_detection_dataset(
-        data_args.dataset_name, data_args.train_dir, data_args.validation_dir,
-        (data_args.synthetic_train_size, data_args.synthetic_validation_size), data_args.image_size, model_args.cache_dir,
+        data_args.dataset_name,
+        data_args.train_dir,
+        data_args.validation_dir,
+        (data_args.synthetic_train_size, data_args.synthetic_validation_size),
+        data_args.image_size,
+        model_args.cache_dir,
     )
     splits = data_args.subsample(splits)
     num_labels = data_args.num_labels or len(class_names)
@@ -73,9 +77,13 @@ def main(args: list[str] | None = None) -> dict:
         model = AutoModelForObjectDetection.from_pretrained(model_args.model_name_or_path)
     else:
         model = object_detection_model(
-            dense_backbone_config(model_args, data_args.image_size), num_labels, detector_args.detector,
-            hidden_size=model_args.head_hidden_size, num_queries=detector_args.num_queries,
-            encoder_layers=detector_args.encoder_layers, decoder_layers=detector_args.decoder_layers,
+            dense_backbone_config(model_args, data_args.image_size),
+            num_labels,
+            detector_args.detector,
+            hidden_size=model_args.head_hidden_size,
+            num_queries=detector_args.num_queries,
+            encoder_layers=detector_args.encoder_layers,
+            decoder_layers=detector_args.decoder_layers,
         )
         if model_args.backbone_name_or_path is not None:
             load_backbone_weights(model, model_args.backbone_name_or_path)
@@ -87,11 +95,18 @@ def main(args: list[str] | None = None) -> dict:
     teacher = None
     if model_args.teacher_name_or_path is not None:
         teacher_processor = AutoImageProcessor.from_pretrained(model_args.teacher_name_or_path)
-        teacher = DenseTeacher(AutoModelForObjectDetection.from_pretrained(model_args.teacher_name_or_path),
-                               teacher_processor.image_mean, teacher_processor.image_std)
+        teacher = DenseTeacher(
+            AutoModelForObjectDetection.from_pretrained(model_args.teacher_name_or_path),
+            teacher_processor.image_mean,
+            teacher_processor.image_std,
+        )
 
-    train_dataset = splits["train"].with_transform(DetectionTransform(data_args.image_size, image_mean, image_std, True))
-    eval_dataset = splits["validation"].with_transform(DetectionTransform(data_args.image_size, image_mean, image_std, False))
+    train_dataset = splits["train"].with_transform(
+        DetectionTransform(data_args.image_size, image_mean, image_std, True)
+    )
+    eval_dataset = splits["validation"].with_transform(
+        DetectionTransform(data_args.image_size, image_mean, image_std, False)
+    )
     trainer = DenseDistillationTrainer(
         model=model,
         teacher=teacher,
@@ -101,16 +116,26 @@ def main(args: list[str] | None = None) -> dict:
         processing_class=processor,
     )
     if training_args.do_eval and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        raise ValueError("COCO evaluation runs on one process with the whole model, not on sharded FSDP / DeepSpeed parameters: "
-                         "train without --do_eval, then evaluate the saved model in a plain run (--model_name_or_path <output_dir> --do_eval).")
+        raise ValueError(
+            "COCO evaluation runs on one process with the whole model, not on sharded FSDP / DeepSpeed parameters: "
+            "train without --do_eval, then evaluate the saved model in a plain run (--model_name_or_path <output_dir> --do_eval)."
+        )
     training_args.do_eval, do_eval = False, training_args.do_eval  # COCO AP below, not the Trainer's loss
     metrics = train_and_evaluate(trainer, last_checkpoint)
     if do_eval and trainer.is_world_process_zero():  # COCO AP on one process: the whole validation set
-        coco = evaluate_detection(trainer.accelerator.unwrap_model(trainer.model), eval_dataset, splits["validation"], num_labels,
-                                  collate_detection, batch_size=training_args.per_device_eval_batch_size)
+        coco = evaluate_detection(
+            trainer.accelerator.unwrap_model(trainer.model),
+            eval_dataset,
+            splits["validation"],
+            num_labels,
+            collate_detection,
+            batch_size=training_args.per_device_eval_batch_size,
+        )
         metrics.update({f"eval_{name}": value for name, value in coco.items()})
         trainer.log_metrics("eval", coco)
-        trainer.log({f"eval_{name}": value for name, value in coco.items()})  # into log_history: the model card reads it there
+        trainer.log(
+            {f"eval_{name}": value for name, value in coco.items()}
+        )  # into log_history: the model card reads it there
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as handle:
             json.dump(coco, handle, indent=2)
     trainer.accelerator.wait_for_everyone()

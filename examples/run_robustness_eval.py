@@ -41,11 +41,15 @@ class RobustnessArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N images of each set."})
     imagenet_order: bool = field(
         default=False,
-        metadata={"help": "The data set's 1000 classes are ImageNet-1k's, in its order (e.g. imagenet_sketch on the Hub), whatever their names."},
+        metadata={
+            "help": "The data set's 1000 classes are ImageNet-1k's, in its order (e.g. imagenet_sketch on the Hub), whatever their names."
+        },
     )
 
 
-def imagenet_labels(class_names: list[str], model_labels: dict[int, str] | None = None, imagenet_order: bool = False) -> list[int]:
+def imagenet_labels(
+    class_names: list[str], model_labels: dict[int, str] | None = None, imagenet_order: bool = False
+) -> list[int]:
     """ImageNet-1k index of each class of a data set: WordNet ids (`n01440764`) through the ImageNet-1k list, names
     that are integers as the indices themselves, names the model itself uses (its `id2label`) through the model, and,
     with `imagenet_order`, 1000 classes as ImageNet-1k in its order. Anything else is refused: it could not be scored
@@ -97,7 +101,9 @@ def main(args: list[str] | None = None) -> dict:
     (arguments,) = HfArgumentParser(RobustnessArguments).parse_args_into_dataclasses(args=args)
     # Uneven shards: each image is scored once (the default pads the last batches with repeated images).
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
-    model = accelerator.prepare_model(AutoModelForImageClassification.from_pretrained(arguments.model_name_or_path), evaluation_mode=True)
+    model = accelerator.prepare_model(
+        AutoModelForImageClassification.from_pretrained(arguments.model_name_or_path), evaluation_mode=True
+    )
     processor = AutoImageProcessor.from_pretrained(arguments.model_name_or_path)
     transform = ImageTransform(processor_transform(processor), with_labels=True)
     results = {}
@@ -110,20 +116,32 @@ def main(args: list[str] | None = None) -> dict:
             if class_names is None:  # plain integer labels: the ImageNet-1k indices themselves
                 classes = imagenet_labels([str(label) for label in sorted(set(dataset["label"]))])
             else:
-                to_imagenet = imagenet_labels(class_names, accelerator.unwrap_model(model).config.id2label, arguments.imagenet_order)
-                dataset = dataset.map(lambda example: {"label": to_imagenet[example["label"]]},
-                                      features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}))
+                to_imagenet = imagenet_labels(
+                    class_names, accelerator.unwrap_model(model).config.id2label, arguments.imagenet_order
+                )
+                dataset = dataset.map(
+                    lambda example: {"label": to_imagenet[example["label"]]},
+                    features=datasets.Features({**dataset.features, "label": datasets.Value("int64")}),
+                )
                 classes = to_imagenet
         subset = detect_subset(classes, arguments.subset)
-        loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=arguments.batch_size,
-                                                                             collate_fn=collate_classification))
-        metrics = evaluate_accuracy(model, loader, subset_indices(subset) if subset else None, accelerator, description=name)
+        loader = accelerator.prepare_data_loader(
+            torch.utils.data.DataLoader(
+                dataset.with_transform(transform), batch_size=arguments.batch_size, collate_fn=collate_classification
+            )
+        )
+        metrics = evaluate_accuracy(
+            model, loader, subset_indices(subset) if subset else None, accelerator, description=name
+        )
         results[name] = {**metrics, "restricted_to": subset or "imagenet-1k"}
     if accelerator.is_main_process:
         output = Path(arguments.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         lines = ["| Data set | Top-1 accuracy | Images | Classes scored |", "|---|---|---|---|"]
-        lines += [f"| {name} | {row['accuracy'] * 100:.2f} | {row['samples']} | {row['restricted_to']} |" for name, row in results.items()]
+        lines += [
+            f"| {name} | {row['accuracy'] * 100:.2f} | {row['samples']} | {row['restricted_to']} |"
+            for name, row in results.items()
+        ]
         (output / "robustness.md").write_text("\n".join(lines) + "\n")
         (output / "robustness.json").write_text(json.dumps(results, indent=2))
         print("\n".join(lines))

@@ -16,6 +16,7 @@ from transformers import AutoImageProcessor, UperNetForSemanticSegmentation, set
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
+from g2sd_hf.data import dense_image_processor
 from g2sd_hf.dense import (
     DenseDistillationConfig,
     DenseDistillationTrainer,
@@ -25,8 +26,12 @@ from g2sd_hf.dense import (
     load_backbone_weights,
     semantic_segmentation_model,
 )
-from g2sd_hf.data import dense_image_processor
-from g2sd_hf.dense_data import DenseDataArguments, SegmentationTransform, collate_segmentation, load_segmentation_dataset
+from g2sd_hf.dense_data import (
+    DenseDataArguments,
+    SegmentationTransform,
+    collate_segmentation,
+    load_segmentation_dataset,
+)
 from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -35,14 +40,20 @@ logger = logging.getLogger(__name__)
 
 
 def main(args: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_arguments((DenseModelArguments, DenseDataArguments, DenseDistillationConfig), args)
+    model_args, data_args, training_args = parse_arguments(
+        (DenseModelArguments, DenseDataArguments, DenseDistillationConfig), args
+    )
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args)
     set_seed(training_args.seed)
 
     splits, class_names = load_segmentation_dataset(
-        data_args.dataset_name, data_args.train_dir, data_args.validation_dir,
-        (data_args.synthetic_train_size, data_args.synthetic_validation_size), data_args.image_size, model_args.cache_dir,
+        data_args.dataset_name,
+        data_args.train_dir,
+        data_args.validation_dir,
+        (data_args.synthetic_train_size, data_args.synthetic_validation_size),
+        data_args.image_size,
+        model_args.cache_dir,
     )
     splits = data_args.subsample(splits)
     num_labels = data_args.num_labels or len(class_names)
@@ -55,7 +66,9 @@ def main(args: list[str] | None = None) -> dict:
     if model_args.model_name_or_path is not None:
         model = UperNetForSemanticSegmentation.from_pretrained(model_args.model_name_or_path)
     else:
-        model = semantic_segmentation_model(dense_backbone_config(model_args, data_args.image_size), num_labels, model_args.head_hidden_size)
+        model = semantic_segmentation_model(
+            dense_backbone_config(model_args, data_args.image_size), num_labels, model_args.head_hidden_size
+        )
         if model_args.backbone_name_or_path is not None:
             load_backbone_weights(model, model_args.backbone_name_or_path)
     if class_names:
@@ -70,8 +83,16 @@ def main(args: list[str] | None = None) -> dict:
         teacher_processor = AutoImageProcessor.from_pretrained(model_args.teacher_name_or_path)
         teacher = DenseTeacher(teacher_model, teacher_processor.image_mean, teacher_processor.image_std)
 
-    train_dataset = splits["train"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, True, data_args.reduce_labels, model.config.num_labels))
-    eval_dataset = splits["validation"].with_transform(SegmentationTransform(data_args.image_size, image_mean, image_std, False, data_args.reduce_labels, model.config.num_labels))
+    train_dataset = splits["train"].with_transform(
+        SegmentationTransform(
+            data_args.image_size, image_mean, image_std, True, data_args.reduce_labels, model.config.num_labels
+        )
+    )
+    eval_dataset = splits["validation"].with_transform(
+        SegmentationTransform(
+            data_args.image_size, image_mean, image_std, False, data_args.reduce_labels, model.config.num_labels
+        )
+    )
     trainer = DenseDistillationTrainer(
         model=model,
         teacher=teacher,

@@ -17,10 +17,23 @@ from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, set_seed
 
-from g2sd_hf import ClassificationTeacher, G2SDConfig, G2SDForImageClassification, SpecificDistillationConfig, SpecificDistillationTrainer
+from g2sd_hf import (
+    ClassificationTeacher,
+    G2SDConfig,
+    G2SDForImageClassification,
+    SpecificDistillationConfig,
+    SpecificDistillationTrainer,
+)
 from g2sd_hf.checkpoints import load_image_classifier
 from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments, ImageTransform, class_names, image_processor, prepare_splits
+from g2sd_hf.data import (
+    ClassificationAugmentationArguments,
+    DataArguments,
+    ImageTransform,
+    class_names,
+    image_processor,
+    prepare_splits,
+)
 from g2sd_hf.hub import finish_training_run
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,14 +46,20 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     student_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A generic-distillation checkpoint (its decoder is dropped) or a G2SD classifier. Without it "
-                  "the student starts from scratch (--student_preset)."},
+        metadata={
+            "help": "A generic-distillation checkpoint (its decoder is dropped) or a G2SD classifier. Without it "
+            "the student starts from scratch (--student_preset)."
+        },
     )
     student_preset: str = field(default="vit_small_patch16", metadata={"help": "Architecture of a new student."})
     student_config_name: str | None = field(default=None, metadata={"help": "A G2SDConfig file or folder instead."})
-    config_overrides: str | None = field(default=None, metadata={"help": "Student config overrides, 'name=value,...'."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Student config overrides, 'name=value,...'."}
+    )
     use_distillation_token: bool = field(default=True, metadata={"help": "DeiT-style distillation token and head."})
-    use_mean_pooling: bool = field(default=False, metadata={"help": "Classify the mean patch token (no distillation token)."})
+    use_mean_pooling: bool = field(
+        default=False, metadata={"help": "Classify the mean patch token (no distillation token)."}
+    )
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the student."})
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "The task-fine-tuned teacher classifier (any transformers image classifier)."}
@@ -52,7 +71,9 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a teacher with custom code."})
 
 
-def build_student(model_args: ModelArguments, labels: list[str], teacher: ClassificationTeacher | None) -> G2SDForImageClassification:
+def build_student(
+    model_args: ModelArguments, labels: list[str], teacher: ClassificationTeacher | None
+) -> G2SDForImageClassification:
     overrides = {
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
@@ -87,7 +108,9 @@ def student_normalization(model_args: ModelArguments, teacher: ClassificationTea
     """The student's pixel normalization: its checkpoint's processor, else the teacher's, else ImageNet's."""
     if model_args.student_name_or_path is not None:
         try:
-            processor = AutoImageProcessor.from_pretrained(model_args.student_name_or_path, cache_dir=model_args.cache_dir)
+            processor = AutoImageProcessor.from_pretrained(
+                model_args.student_name_or_path, cache_dir=model_args.cache_dir
+            )
             return list(processor.image_mean), list(processor.image_std)
         except (OSError, ValueError):
             logger.info(f"No image processor in {model_args.student_name_or_path}.")

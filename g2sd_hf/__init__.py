@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_g2sd import G2SD_PRESET_ALIASES, G2SD_PRESETS, G2SDBackboneConfig, G2SDConfig
+from .dense import DenseDistillationConfig, DenseDistillationTrainer, DenseTeacher
 from .losses import (
     generic_distillation_loss,
     hard_distillation_loss,
@@ -30,7 +31,6 @@ from .modeling_g2sd import (
     G2SDModel,
     G2SDPreTrainedModel,
 )
-from .dense import DenseDistillationConfig, DenseDistillationTrainer, DenseTeacher
 from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
     GenericDistillationConfig,

@@ -100,7 +100,9 @@ class MinibatchCKA:
     def compute(self, accelerator=None) -> np.ndarray:
         cross, self_a, self_b = self.cross, self.self_a, self.self_b
         if accelerator is not None and accelerator.num_processes > 1:
-            cross, self_a, self_b = (accelerator.reduce(tensor.to(accelerator.device), "sum").cpu() for tensor in (cross, self_a, self_b))
+            cross, self_a, self_b = (
+                accelerator.reduce(tensor.to(accelerator.device), "sum").cpu() for tensor in (cross, self_a, self_b)
+            )
         return (cross / torch.sqrt(self_a[:, None].clamp(min=1e-12) * self_b[None, :].clamp(min=1e-12))).numpy()
 
 
@@ -114,7 +116,9 @@ def layer_representations(model, pixel_values: torch.Tensor, pooling: str = "mea
 
 
 @torch.no_grad()
-def cka_matrix(model_a, model_b, loader, pooling: str = "mean", accelerator=None, description: str = "CKA") -> np.ndarray:
+def cka_matrix(
+    model_a, model_b, loader, pooling: str = "mean", accelerator=None, description: str = "CKA"
+) -> np.ndarray:
     """Minibatch linear CKA between every layer of `model_a` (rows) and of `model_b` (columns) over `loader`
     (batches with `pixel_values`)."""
     model_a.eval()
@@ -122,10 +126,14 @@ def cka_matrix(model_a, model_b, loader, pooling: str = "mean", accelerator=None
     # Sized from the configs (embeddings + each block), not from a first batch: with uneven sharding a process may
     # see no batch at all and must still take part in the cross-process sum.
     cka = MinibatchCKA(*(getattr(model, "module", model).config.num_hidden_layers + 1 for model in (model_a, model_b)))
-    for batch in tqdm(loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process):
+    for batch in tqdm(
+        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
+    ):
         pixel_values = batch["pixel_values"]
-        cka.update(layer_representations(model_a, pixel_values.to(_device(model_a)), pooling),
-                   layer_representations(model_b, pixel_values.to(_device(model_b)), pooling))
+        cka.update(
+            layer_representations(model_a, pixel_values.to(_device(model_a)), pooling),
+            layer_representations(model_b, pixel_values.to(_device(model_b)), pooling),
+        )
     return cka.compute(accelerator)
 
 
@@ -167,7 +175,12 @@ def patch_saliency(model, pixel_values: torch.Tensor, patch_size: int) -> torch.
     batch_size, height, width = gradients.shape
     rows, columns = height // patch_size, width // patch_size
     gradients = gradients[:, : rows * patch_size, : columns * patch_size]
-    return gradients.reshape(batch_size, rows, patch_size, columns, patch_size).sum(dim=(2, 4)).sqrt().reshape(batch_size, -1)
+    return (
+        gradients.reshape(batch_size, rows, patch_size, columns, patch_size)
+        .sum(dim=(2, 4))
+        .sqrt()
+        .reshape(batch_size, -1)
+    )
 
 
 def logits_with_patches_dropped(
@@ -192,10 +205,17 @@ def logits_with_patches_dropped(
     num_patches = order.shape[1]
     # Rank of each patch in the drop order -> noise: random masking keeps the lowest-noise patches.
     noise = torch.empty(order.shape, device=pixel_values.device).scatter_(
-        1, order.to(pixel_values.device), torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32).flip(0).expand_as(order).contiguous()
+        1,
+        order.to(pixel_values.device),
+        torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+        .flip(0)
+        .expand_as(order)
+        .contiguous(),
     )
     if hasattr(model, "g2sd"):
-        return _output(model(pixel_values=pixel_values, mask_ratio=fraction if fraction > 0 else None, noise=noise), output)
+        return _output(
+            model(pixel_values=pixel_values, mask_ratio=fraction if fraction > 0 else None, noise=noise), output
+        )
     if fraction <= 0:
         return _output(model(pixel_values=pixel_values), output)
     if output != "logits":
@@ -224,14 +244,24 @@ def logits_with_patches_dropped(
 def _output(outputs, name: str) -> torch.Tensor:
     logits = getattr(outputs, name, None)
     if logits is None:
-        raise ValueError(f"The model's output has no {name!r} (a G2SD classifier without a distillation token has only 'logits').")
+        raise ValueError(
+            f"The model's output has no {name!r} (a G2SD classifier without a distillation token has only 'logits')."
+        )
     return logits
 
 
 @torch.no_grad()
 def occlusion_curve(
-    model, loader, fractions: Sequence[float], patch_size: int, order: str = "random", seed: int = 0, accelerator=None,
-    description: str = "occlusion", protocol: str = "drop", output: str = "logits",
+    model,
+    loader,
+    fractions: Sequence[float],
+    patch_size: int,
+    order: str = "random",
+    seed: int = 0,
+    accelerator=None,
+    description: str = "occlusion",
+    protocol: str = "drop",
+    output: str = "logits",
 ) -> dict[float, float]:
     """Top-1 accuracy of `model` on `loader` (batches with `pixel_values` and `labels`) with each fraction of the
     patches dropped, in a random order per image (seeded) or most salient first (`order="salient"`).
@@ -242,13 +272,17 @@ def occlusion_curve(
     if order not in ("random", "salient"):
         raise ValueError(f"order must be 'random' or 'salient', got {order!r}.")
     if protocol not in ("drop", "fill"):
-        raise ValueError(f"protocol must be 'drop' (from the token sequence) or 'fill' (pixels to the mean), got {protocol!r}.")
+        raise ValueError(
+            f"protocol must be 'drop' (from the token sequence) or 'fill' (pixels to the mean), got {protocol!r}."
+        )
     model.eval()
     device = _device(model)
     correct = torch.zeros(len(fractions), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    for batch in tqdm(loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process):
+    for batch in tqdm(
+        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
+    ):
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
         if order == "random":
@@ -259,7 +293,9 @@ def occlusion_curve(
             if protocol == "drop":
                 logits = logits_with_patches_dropped(model, pixel_values, fraction, patch_order, output)
             else:
-                logits = _output(model(pixel_values=occlude_patches(pixel_values, fraction, patch_size, patch_order)), output)
+                logits = _output(
+                    model(pixel_values=occlude_patches(pixel_values, fraction, patch_size, patch_order)), output
+                )
             correct[index] += (logits.argmax(dim=1) == labels).sum().double().cpu()
         total += labels.shape[0]
     if accelerator is not None and accelerator.num_processes > 1:
@@ -297,16 +333,22 @@ def restrict_to_subset(logits: torch.Tensor, indices: Sequence[int]) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, loader, indices: Sequence[int] | None = None, accelerator=None, description: str = "evaluation") -> dict:
+def evaluate_accuracy(
+    model, loader, indices: Sequence[int] | None = None, accelerator=None, description: str = "evaluation"
+) -> dict:
     """Top-1 accuracy of `model` on `loader` (batches with `pixel_values` and ImageNet-1k `labels`), the prediction
     restricted to `indices` when given."""
     model.eval()
     device = _device(model)
     counts = torch.zeros(2, dtype=torch.float64)
-    for batch in tqdm(loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process):
+    for batch in tqdm(
+        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
+    ):
         logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         predictions = restrict_to_subset(logits, indices) if indices is not None else logits.argmax(dim=1)
-        counts += torch.tensor([(predictions.cpu() == batch["labels"].cpu()).sum().item(), len(predictions)], dtype=torch.float64)
+        counts += torch.tensor(
+            [(predictions.cpu() == batch["labels"].cpu()).sum().item(), len(predictions)], dtype=torch.float64
+        )
     if accelerator is not None and accelerator.num_processes > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
     return {"accuracy": float(counts[0] / max(counts[1], 1)), "samples": int(counts[1])}
@@ -325,7 +367,12 @@ def plot_occlusion(curves: dict[str, dict[float, float]], path: str, title: str 
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for name, curve in curves.items():
         fractions = sorted(curve)
-        axis.plot([100 * fraction for fraction in fractions], [curve[fraction] for fraction in fractions], marker="o", label=name)
+        axis.plot(
+            [100 * fraction for fraction in fractions],
+            [curve[fraction] for fraction in fractions],
+            marker="o",
+            label=name,
+        )
     axis.set_xlabel("patches dropped (%)")
     axis.set_ylabel("top-1 accuracy")
     axis.set_title(title)
@@ -337,7 +384,9 @@ def plot_occlusion(curves: dict[str, dict[float, float]], path: str, title: str 
     plt.close(figure)
 
 
-def plot_cka(matrices: dict[str, np.ndarray], path: str, xlabel: str = "teacher layer", ylabel: str = "student layer") -> None:
+def plot_cka(
+    matrices: dict[str, np.ndarray], path: str, xlabel: str = "teacher layer", ylabel: str = "student layer"
+) -> None:
     """One heat map per `(name, matrix)`, rows = the first model's layers (0 = embeddings), written as a PNG."""
     import matplotlib
 

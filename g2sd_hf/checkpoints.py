@@ -31,7 +31,11 @@ def readable_weights(name_or_path: str) -> Iterator[None]:
     try:
         yield
     except SafetensorError as error:
-        files = [name for name in sorted(os.listdir(name_or_path)) if name.endswith(".safetensors")] if os.path.isdir(name_or_path) else []
+        files = (
+            [name for name in sorted(os.listdir(name_or_path)) if name.endswith(".safetensors")]
+            if os.path.isdir(name_or_path)
+            else []
+        )
         where = ", ".join(os.path.join(name_or_path, name) for name in files) or name_or_path
         raise ValueError(
             f"The weights in {where} cannot be read ({error}): the file is damaged, most often cut short by an "
@@ -95,7 +99,9 @@ def load_image_classifier(
             "(run_specific.py --student_name_or_path ...) and use that checkpoint."
         )
     if new:
-        logger.warning(f"The classification head of {name_or_path} is new (initialized, to be trained): {', '.join(new)}.")
+        logger.warning(
+            f"The classification head of {name_or_path} is new (initialized, to be trained): {', '.join(new)}."
+        )
     return model
 
 

@@ -16,8 +16,15 @@ except ImportError:
 # The student architectures of the G2SD release (`models_mae.py` of the authors' code), named timm-style:
 # encoder width / depth / heads, then the light MAE-style decoder used during generic distillation.
 # Every preset uses MLP ratio 4, qkv bias, LayerNorm eps 1e-6 and fixed 2-D sin-cos position embeddings.
-def _preset(hidden_size, num_attention_heads, decoder_hidden_size, decoder_num_hidden_layers,
-            decoder_num_attention_heads, num_hidden_layers=12, patch_size=16):
+def _preset(
+    hidden_size,
+    num_attention_heads,
+    decoder_hidden_size,
+    decoder_num_hidden_layers,
+    decoder_num_attention_heads,
+    num_hidden_layers=12,
+    patch_size=16,
+):
     return {
         "patch_size": patch_size,
         "hidden_size": hidden_size,
@@ -232,9 +239,13 @@ class G2SDConfig(PretrainedConfig):
             width = getattr(self, f"{prefix}hidden_size")
             heads = getattr(self, f"{prefix}num_attention_heads")
             if width % heads != 0:
-                raise ValueError(f"{prefix}hidden_size ({width}) must be divisible by {prefix}num_attention_heads ({heads}).")
+                raise ValueError(
+                    f"{prefix}hidden_size ({width}) must be divisible by {prefix}num_attention_heads ({heads})."
+                )
             if width % 4 != 0:
-                raise ValueError(f"{prefix}hidden_size ({width}) must be divisible by 4 for 2-D sin-cos position embeddings.")
+                raise ValueError(
+                    f"{prefix}hidden_size ({width}) must be divisible by 4 for 2-D sin-cos position embeddings."
+                )
         if self.use_distillation_token and self.use_mean_pooling:
             raise ValueError(
                 "use_distillation_token and use_mean_pooling cannot both be set: the distillation head reads the "
@@ -272,8 +283,15 @@ class G2SDBackboneConfig(BackboneConfigMixin, G2SDConfig):
 
     model_type = "g2sd_backbone"
 
-    def __init__(self, fpn_hidden_size=256, window_size=0, global_attention_layers=None, out_features=None,
-                 out_indices=None, **kwargs):
+    def __init__(
+        self,
+        fpn_hidden_size=256,
+        window_size=0,
+        global_attention_layers=None,
+        out_features=None,
+        out_indices=None,
+        **kwargs,
+    ):
         self.fpn_hidden_size = fpn_hidden_size
         self.window_size = window_size
         kwargs["use_distillation_token"] = False
@@ -281,7 +299,9 @@ class G2SDBackboneConfig(BackboneConfigMixin, G2SDConfig):
         super().__init__(**kwargs)
         if global_attention_layers is None:
             quarter = max(1, self.num_hidden_layers // 4)
-            global_attention_layers = sorted({min(self.num_hidden_layers, quarter * (index + 1)) - 1 for index in range(4)})
+            global_attention_layers = sorted(
+                {min(self.num_hidden_layers, quarter * (index + 1)) - 1 for index in range(4)}
+            )
         self.global_attention_layers = list(global_attention_layers)
         if any(not 0 <= index < self.num_hidden_layers for index in self.global_attention_layers):
             raise ValueError(

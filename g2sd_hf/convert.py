@@ -43,18 +43,33 @@ logger = logging.get_logger(__name__)
 KINDS = ("generic-student", "classifier", "mae-teacher")
 
 MAE_PRESETS = {
-    "mae_vit_base_patch16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16),
-    "mae_vit_large_patch16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16),
-    "mae_vit_huge_patch14": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14),
+    "mae_vit_base_patch16": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16
+    ),
+    "mae_vit_large_patch16": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16
+    ),
+    "mae_vit_huge_patch14": dict(
+        hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14
+    ),
 }
 # Every released MAE has the same decoder: 512-d, 8 blocks, 16 heads.
-MAE_DECODER = dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16, decoder_intermediate_size=2048)
+MAE_DECODER = dict(
+    decoder_hidden_size=512,
+    decoder_num_hidden_layers=8,
+    decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048,
+)
 
 # The official student's unused heads: the pixel head and its norm, and the encoder-feature head (weight 0 in the loss).
 _UNUSED_STUDENT_KEYS = re.compile(r"^(decoder_norm|decoder_pred|encoderfeature_pred)\.")
 _BLOCK_PARTS = {
-    "norm1": "norm1", "attn.qkv": "attention.qkv", "attn.proj": "attention.projection",
-    "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "norm1": "norm1",
+    "attn.qkv": "attention.qkv",
+    "attn.proj": "attention.projection",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
 }
 
 
@@ -73,7 +88,11 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
         ) from error
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         state_dict = checkpoint["model"]
-    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+    elif (
+        isinstance(checkpoint, dict)
+        and checkpoint
+        and all(isinstance(value, torch.Tensor) for value in checkpoint.values())
+    ):
         state_dict = checkpoint  # a bare state dict
     else:
         keys = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -89,7 +108,9 @@ def _count_blocks(state_dict: dict, prefix: str) -> int:
 def _encoder_shape(state_dict: dict) -> dict:
     """Image/patch size, width and depth of the encoder, read from the tensors."""
     if "pos_embed" not in state_dict or "patch_embed.proj.weight" not in state_dict:
-        raise ValueError("The checkpoint has no `pos_embed` / `patch_embed.proj.weight`: not a ViT checkpoint of the release.")
+        raise ValueError(
+            "The checkpoint has no `pos_embed` / `patch_embed.proj.weight`: not a ViT checkpoint of the release."
+        )
     hidden_size, num_channels, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
     return {
@@ -98,7 +119,9 @@ def _encoder_shape(state_dict: dict) -> dict:
         "patch_size": patch_size,
         "image_size": grid * patch_size,
         "num_hidden_layers": _count_blocks(state_dict, "blocks"),
-        "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state_dict else 4 * hidden_size,
+        "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        if "blocks.0.mlp.fc1.weight" in state_dict
+        else 4 * hidden_size,
     }
 
 
@@ -118,7 +141,11 @@ def _student_config(state_dict: dict, kind: str, preset: str | None, overrides: 
     inferred = _encoder_shape(state_dict)
     values = {**G2SD_PRESETS[resolve_preset_name(preset)]} if preset else {}
     values.update({key: value for key, value in inferred.items() if key in ("image_size", "num_channels")})
-    heads = ("num_attention_heads", "decoder_num_attention_heads") if kind == "generic-student" else ("num_attention_heads",)
+    heads = (
+        ("num_attention_heads", "decoder_num_attention_heads")
+        if kind == "generic-student"
+        else ("num_attention_heads",)
+    )
     _require_heads(preset, overrides, heads, G2SD_PRESETS)
     if not preset:  # widths and depths from the tensors, heads from the overrides
         values.update(inferred)
@@ -150,8 +177,11 @@ def _mae_config(state_dict: dict, preset: str | None, overrides: dict) -> ViTMAE
     values.update(image_size=inferred["image_size"], num_channels=inferred["num_channels"], **MAE_DECODER)
     if "decoder_embed.weight" in state_dict and not preset:
         decoder_width = state_dict["decoder_embed.weight"].shape[0]
-        values.update(decoder_hidden_size=decoder_width, decoder_intermediate_size=4 * decoder_width,
-                      decoder_num_hidden_layers=_count_blocks(state_dict, "decoder_blocks"))
+        values.update(
+            decoder_hidden_size=decoder_width,
+            decoder_intermediate_size=4 * decoder_width,
+            decoder_num_hidden_layers=_count_blocks(state_dict, "decoder_blocks"),
+        )
     values.update(overrides)
     return ViTMAEConfig(layer_norm_eps=1e-6, norm_pix_loss=True, **values)
 
@@ -181,22 +211,30 @@ def _g2sd_targets(model, kind: str) -> dict:
     targets.update({f"{norm_name}.weight": norm.weight, f"{norm_name}.bias": norm.bias})
     if kind == "generic-student":
         decoder = model.decoder
-        targets.update({
-            "decoder_embed.weight": decoder.decoder_embed.weight, "decoder_embed.bias": decoder.decoder_embed.bias,
-            "mask_token": decoder.mask_token, "decoder_pos_embed": decoder.position_embeddings,
-            "decoderfeature_pred.fc1.weight": model.feature_head.fc1.weight, "decoderfeature_pred.fc1.bias": model.feature_head.fc1.bias,
-            "decoderfeature_pred.fc2.weight": model.feature_head.fc2.weight, "decoderfeature_pred.fc2.bias": model.feature_head.fc2.bias,
-        })
+        targets.update(
+            {
+                "decoder_embed.weight": decoder.decoder_embed.weight,
+                "decoder_embed.bias": decoder.decoder_embed.bias,
+                "mask_token": decoder.mask_token,
+                "decoder_pos_embed": decoder.position_embeddings,
+                "decoderfeature_pred.fc1.weight": model.feature_head.fc1.weight,
+                "decoderfeature_pred.fc1.bias": model.feature_head.fc1.bias,
+                "decoderfeature_pred.fc2.weight": model.feature_head.fc2.weight,
+                "decoderfeature_pred.fc2.bias": model.feature_head.fc2.bias,
+            }
+        )
         for index, layer in enumerate(decoder.layers):
             targets.update(_g2sd_block_map(f"decoder_blocks.{index}", layer))
     else:
         targets.update({"head.weight": model.classifier.weight, "head.bias": model.classifier.bias})
         if model.config.use_distillation_token:
-            targets.update({
-                "dist_token": encoder.embeddings.distillation_token,
-                "head_dist.weight": model.distillation_classifier.weight,
-                "head_dist.bias": model.distillation_classifier.bias,
-            })
+            targets.update(
+                {
+                    "dist_token": encoder.embeddings.distillation_token,
+                    "head_dist.weight": model.distillation_classifier.weight,
+                    "head_dist.bias": model.distillation_classifier.bias,
+                }
+            )
     return targets
 
 
@@ -204,14 +242,20 @@ def _mae_values(model: ViTMAEForPreTraining, state_dict: dict) -> tuple[dict, se
     """{parameter: tensor} for a ViTMAEForPreTraining, and the official keys it reads (fused qkv split here)."""
     vit, decoder = model.vit, model.decoder
     simple = {
-        "cls_token": vit.embeddings.cls_token, "pos_embed": vit.embeddings.position_embeddings,
+        "cls_token": vit.embeddings.cls_token,
+        "pos_embed": vit.embeddings.position_embeddings,
         "patch_embed.proj.weight": vit.embeddings.patch_embeddings.projection.weight,
         "patch_embed.proj.bias": vit.embeddings.patch_embeddings.projection.bias,
-        "norm.weight": vit.layernorm.weight, "norm.bias": vit.layernorm.bias,
-        "decoder_embed.weight": decoder.decoder_embed.weight, "decoder_embed.bias": decoder.decoder_embed.bias,
-        "mask_token": decoder.mask_token, "decoder_pos_embed": decoder.decoder_pos_embed,
-        "decoder_norm.weight": decoder.decoder_norm.weight, "decoder_norm.bias": decoder.decoder_norm.bias,
-        "decoder_pred.weight": decoder.decoder_pred.weight, "decoder_pred.bias": decoder.decoder_pred.bias,
+        "norm.weight": vit.layernorm.weight,
+        "norm.bias": vit.layernorm.bias,
+        "decoder_embed.weight": decoder.decoder_embed.weight,
+        "decoder_embed.bias": decoder.decoder_embed.bias,
+        "mask_token": decoder.mask_token,
+        "decoder_pos_embed": decoder.decoder_pos_embed,
+        "decoder_norm.weight": decoder.decoder_norm.weight,
+        "decoder_norm.bias": decoder.decoder_norm.bias,
+        "decoder_pred.weight": decoder.decoder_pred.weight,
+        "decoder_pred.bias": decoder.decoder_pred.bias,
     }
     values = {parameter: state_dict[key] for key, parameter in simple.items() if key in state_dict}
     used = set(simple)
@@ -226,7 +270,9 @@ def _mae_values(model: ViTMAEForPreTraining, state_dict: dict) -> tuple[dict, se
             def pair(part, block=f"{prefix}.{index}"):
                 return state_dict[f"{block}.{part}.weight"], state_dict[f"{block}.{part}.bias"]
 
-            sources = fused_layer_tensors(*pair("attn.qkv"), *pair("attn.proj"), pair("mlp.fc1"), pair("mlp.fc2"), pair("norm1"), pair("norm2"))
+            sources = fused_layer_tensors(
+                *pair("attn.qkv"), *pair("attn.proj"), pair("mlp.fc1"), pair("mlp.fc2"), pair("norm1"), pair("norm2")
+            )
             targets = stock_vit_layer_parameters(layer)
             values.update({targets[name]: sources[name] for name in targets})
     return values, used
@@ -239,12 +285,16 @@ def _refuse_mismatch(path, kind, expected: set, present: set, ignored: set, mism
         if missing:
             parts.append(f"missing {len(missing)}: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+            parts.append(
+                f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
+            )
         if mismatched:
             parts.append(f"shape mismatches {len(mismatched)}: {'; '.join(mismatched[:10])}")
-        hint = (" An MAE teacher needs its decoder: use the *_full.pth pre-training checkpoints, not the encoder-only ones."
-                if kind == "mae-teacher" and any(key.startswith("decoder") for key in missing) else
-                " Check --kind, and --preset (or overrides) against the checkpoint's architecture.")
+        hint = (
+            " An MAE teacher needs its decoder: use the *_full.pth pre-training checkpoints, not the encoder-only ones."
+            if kind == "mae-teacher" and any(key.startswith("decoder") for key in missing)
+            else " Check --kind, and --preset (or overrides) against the checkpoint's architecture."
+        )
         raise ValueError(f"{path} does not match kind {kind!r}: {'; '.join(parts)}.{hint} Nothing was written.")
 
 
@@ -264,7 +314,9 @@ def convert_state_dict(state_dict: dict, kind: str, preset: str | None = None, p
         model = (G2SDForGenericDistillation if kind == "generic-student" else G2SDForImageClassification)(config)
         targets = _g2sd_targets(model, kind)
         expected = set(targets)
-        ignored = {key for key in state_dict if _UNUSED_STUDENT_KEYS.match(key)} if kind == "generic-student" else set()
+        ignored = (
+            {key for key in state_dict if _UNUSED_STUDENT_KEYS.match(key)} if kind == "generic-student" else set()
+        )
         mismatched = [
             f"{key} {tuple(state_dict[key].shape)} vs {tuple(parameter.shape)}"
             for key, parameter in targets.items()
@@ -318,7 +370,9 @@ def convert_official_checkpoint(
         processor.save_pretrained(staging)
         if kind != "mae-teacher":
             stage = "generic-distillation" if kind == "generic-student" else "specific-distillation"
-            card = build_model_card(model, stage, dataset="imagenet-1k", model_name=Path(output_dir).name, tags=["converted"])
+            card = build_model_card(
+                model, stage, dataset="imagenet-1k", model_name=Path(output_dir).name, tags=["converted"]
+            )
             card.save(staging / "README.md")
     logger.info(f"Converted {path} ({kind}) to {output_dir}.")
     return model
@@ -330,13 +384,21 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--preset", help=f"G2SD presets {sorted(G2SD_PRESETS)} or MAE presets {sorted(MAE_PRESETS)}")
     parser.add_argument("--output", required=True, help="Folder to write")
-    parser.add_argument("--config_overrides", help="Configuration overrides, e.g. 'num_attention_heads=6,image_size=384'")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Write into a folder that holds other files (same-named files are replaced, others kept)")
+    parser.add_argument(
+        "--config_overrides", help="Configuration overrides, e.g. 'num_attention_heads=6,image_size=384'"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a folder that holds other files (same-named files are replaced, others kept)",
+    )
     options = parser.parse_args(args)
-    overrides = parse_overrides(options.config_overrides, ViTMAEConfig if options.kind == "mae-teacher" else G2SDConfig)
-    convert_official_checkpoint(options.checkpoint, options.kind, options.output, options.preset,
-                                overwrite=options.overwrite, **overrides)
+    overrides = parse_overrides(
+        options.config_overrides, ViTMAEConfig if options.kind == "mae-teacher" else G2SDConfig
+    )
+    convert_official_checkpoint(
+        options.checkpoint, options.kind, options.output, options.preset, overwrite=options.overwrite, **overrides
+    )
     print(f"Converted {options.checkpoint} ({options.kind}) -> {options.output}")
 
 

@@ -162,7 +162,11 @@ def load_image_dataset(
                 break
     _check_class_sets(raw, train_dir, validation_dir)
     if "validation" not in raw:
-        stratify = "label" if "label" in raw["train"].column_names and isinstance(raw["train"].features["label"], datasets.ClassLabel) else None
+        stratify = (
+            "label"
+            if "label" in raw["train"].column_names and isinstance(raw["train"].features["label"], datasets.ClassLabel)
+            else None
+        )
         split = raw["train"].train_test_split(test_size=validation_split, stratify_by_column=stratify, seed=seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
     return datasets.DatasetDict(train=raw["train"], validation=raw["validation"])
@@ -191,16 +195,27 @@ def _check_class_sets(raw: datasets.DatasetDict, train_dir: str | None, validati
     feature = raw["train"].features["label"]
     if not isinstance(feature, datasets.ClassLabel):
         return
-    present = {name: {feature.int2str(int(value)) for value in raw[name].unique("label")} for name in ("train", "validation")}
+    present = {
+        name: {feature.int2str(int(value)) for value in raw[name].unique("label")} for name in ("train", "validation")
+    }
     unseen = sorted(present["validation"] - present["train"])
     missing = sorted(present["train"] - present["validation"]) if validation_dir is not None else []
     if unseen or missing:
-        where = (f"--train_dir {train_dir} and --validation_dir {validation_dir}" if validation_dir is not None
-                 else "the training and validation splits")
+        where = (
+            f"--train_dir {train_dir} and --validation_dir {validation_dir}"
+            if validation_dir is not None
+            else "the training and validation splits"
+        )
         raise ValueError(
-            f"{where} hold different classes: " + "; ".join(
-                text for text in (f"{unseen} only in validation (never trained on)" if unseen else "",
-                                  f"{missing} only in training (never evaluated)" if missing else "") if text)
+            f"{where} hold different classes: "
+            + "; ".join(
+                text
+                for text in (
+                    f"{unseen} only in validation (never trained on)" if unseen else "",
+                    f"{missing} only in training (never evaluated)" if missing else "",
+                )
+                if text
+            )
             + ". Give both splits the same class folders (or move the images of those classes)."
         )
 
@@ -234,7 +249,9 @@ def class_names(dataset: datasets.Dataset) -> list[str]:
             "--label_column_name with the data set's class column, or use an image folder with one sub-folder per class."
         )
     if len(feature.names) < 2:
-        raise ValueError(f"The data has a single class ({feature.names}): there is nothing to classify. Give at least two.")
+        raise ValueError(
+            f"The data has a single class ({feature.names}): there is nothing to classify. Give at least two."
+        )
     check_class_names(feature.names)
     return list(feature.names)
 
@@ -283,7 +300,9 @@ def _is_readable(example: dict) -> bool:
         return False
 
 
-def drop_unreadable_images(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple[datasets.Dataset, list[str]]:
+def drop_unreadable_images(
+    dataset: datasets.Dataset, num_proc: int | None = None
+) -> tuple[datasets.Dataset, list[str]]:
     """Decode every image once and drop those that cannot be read, naming each in a warning.
 
     Returns:
@@ -309,13 +328,17 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv'. Without it and without --train_dir, the "
-                  "embedded ELPV solar-cell images are used."},
+        metadata={
+            "help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv'. Without it and without --train_dir, the "
+            "embedded ELPV solar-cell images are used."
+        },
     )
     dataset_config_name: str | None = field(
         default=None,
-        metadata={"help": "The Hub data set's configuration; for 'elpv', the task: 'defect-probability' (4 classes, "
-                  "default) or 'defective' (functional vs defective)."},
+        metadata={
+            "help": "The Hub data set's configuration; for 'elpv', the task: 'defect-probability' (4 classes, "
+            "default) or 'defective' (functional vs defective)."
+        },
     )
     train_dir: str | None = field(default=None, metadata={"help": "A local image folder (one sub-folder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "A local validation image folder."})
@@ -328,13 +351,17 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
     drop_unreadable_images: bool = field(
         default=True,
-        metadata={"help": "Decode every image once and skip unreadable ones with a warning naming each file. With "
-                  "false, an unreadable image stops training with an error naming the file."},
+        metadata={
+            "help": "Decode every image once and skip unreadable ones with a warning naming each file. With "
+            "false, an unreadable image stops training with an error naming the file."
+        },
     )
     max_image_side: int | None = field(
         default=None,
-        metadata={"help": "Re-encode the images once (cached) so their longer side is at most this: faster decoding "
-                  "of large images at every epoch."},
+        metadata={
+            "help": "Re-encode the images once (cached) so their longer side is at most this: faster decoding "
+            "of large images at every epoch."
+        },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the preparation."})
 
@@ -353,8 +380,10 @@ class MaskedImageAugmentationArguments:
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
     eval_crop_ratio: float | None = field(
         default=None,
-        metadata={"help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
-                  "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."},
+        metadata={
+            "help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
+            "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."
+        },
     )
 
     def __post_init__(self):
@@ -362,7 +391,9 @@ class MaskedImageAugmentationArguments:
             raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
 
     def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
-        return generic_distillation_transform(image_size, image_mean, image_std, self.min_crop_scale, self.horizontal_flip)
+        return generic_distillation_transform(
+            image_size, image_mean, image_std, self.min_crop_scale, self.horizontal_flip
+        )
 
     def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
         return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
@@ -377,24 +408,33 @@ class ClassificationAugmentationArguments:
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
     auto_augment: str = field(
         default=RELEASE_AUTO_AUGMENT,
-        metadata={"help": "timm's RandAugment / AutoAugment policy (the release's 'rand-m9-mstd0.5-inc1': 2 ops, "
-                  "magnitude 9 with std 0.5, increasing ops); 'none' disables it."},
+        metadata={
+            "help": "timm's RandAugment / AutoAugment policy (the release's 'rand-m9-mstd0.5-inc1': 2 ops, "
+            "magnitude 9 with std 0.5, increasing ops); 'none' disables it."
+        },
     )
     random_erasing: float = field(default=0.25, metadata={"help": "Random-erasing probability (0 disables it)."})
     random_erasing_mode: str = field(
         default="pixel",
-        metadata={"help": "What fills an erased box: 'pixel' (per-pixel Gaussian noise, the release's), 'rand' "
-                  "(one random color per channel) or 'const' (zeros).", "choices": ["pixel", "rand", "const"]},
+        metadata={
+            "help": "What fills an erased box: 'pixel' (per-pixel Gaussian noise, the release's), 'rand' "
+            "(one random color per channel) or 'const' (zeros).",
+            "choices": ["pixel", "rand", "const"],
+        },
     )
     eval_crop_ratio: float | None = field(
         default=None,
-        metadata={"help": "Evaluation: resize the shorter side to image_size / ratio, then center-crop image_size. "
-                  "Default: the release's 224/256 up to 224 px, 1.0 above."},
+        metadata={
+            "help": "Evaluation: resize the shorter side to image_size / ratio, then center-crop image_size. "
+            "Default: the release's 224/256 up to 224 px, 1.0 above."
+        },
     )
     positive_classes: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated class names counted as positive for a binary accuracy (ELPV default: "
-                  "'2/3,1', the defective cells)."},
+        metadata={
+            "help": "Comma-separated class names counted as positive for a binary accuracy (ELPV default: "
+            "'2/3,1', the defective cells)."
+        },
     )
 
     def __post_init__(self):
@@ -617,11 +657,17 @@ def processor_transform(processor) -> v2.Compose:
     return v2.Compose([resize] + _to_normalized_tensor(mean, std))
 
 
-def dense_image_processor(image_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> ViTImageProcessor:
+def dense_image_processor(
+    image_size: int, image_mean: Sequence[float], image_std: Sequence[float]
+) -> ViTImageProcessor:
     """The image processor of detection and segmentation checkpoints: the whole image resized to `image_size` x
     `image_size` (bicubic) and normalized -- nothing cropped away, since every pixel or box counts."""
-    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=list(image_mean),
-                             image_std=list(image_std), resample=PILImageResampling.BICUBIC)
+    return ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        resample=PILImageResampling.BICUBIC,
+    )
 
 
 class ImageTransform:
@@ -649,8 +695,10 @@ class ImageTransform:
 
 def collate_classification(examples: list[dict]) -> dict:
     """Stack `pixel_values` and `labels` of `ImageTransform(..., with_labels=True)` examples into a batch."""
-    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "labels": torch.tensor([example["labels"] for example in examples])}
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
 
 
 def resize_images(dataset: datasets.Dataset, max_side: int, num_proc: int | None = None) -> datasets.Dataset:

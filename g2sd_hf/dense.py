@@ -68,14 +68,26 @@ logger = logging.get_logger(__name__)
 # The release's dense recipes, per kind of head; `None` fields of `DenseDistillationConfig` take these.
 DENSE_DISTILLATION_DEFAULTS = {
     # tools/plain_distill_net.py + projects/ViTDet/configs/COCO/distillation/mask_rcnn_vitdet_b2s_100ep.py
-    "detection": {"feature_distillation_weight": 0.001, "score_distillation_weight": 0.1, "distillation_warmup_steps": 500,
-                  "feature_adapter": True},
+    "detection": {
+        "feature_distillation_weight": 0.001,
+        "score_distillation_weight": 0.1,
+        "distillation_warmup_steps": 500,
+        "feature_adapter": True,
+    },
     # G2SD_seg_dis/src/configs/distill/distill_cwd.py: CWD on decode_head.conv_seg, tau 1.0, weight 10.
-    "segmentation": {"feature_distillation_weight": 0.0, "score_distillation_weight": 10.0, "distillation_warmup_steps": 0,
-                     "feature_adapter": False},
+    "segmentation": {
+        "feature_distillation_weight": 0.0,
+        "score_distillation_weight": 10.0,
+        "distillation_warmup_steps": 0,
+        "feature_adapter": False,
+    },
     # No release recipe (Mask2Former): the package's adaptation.
-    "universal": {"feature_distillation_weight": 1.0, "score_distillation_weight": 1.0, "distillation_warmup_steps": 0.1,
-                  "feature_adapter": False},
+    "universal": {
+        "feature_distillation_weight": 1.0,
+        "score_distillation_weight": 1.0,
+        "distillation_warmup_steps": 0.1,
+        "feature_adapter": False,
+    },
 }
 
 
@@ -89,7 +101,9 @@ class DenseDistillationConfig(RecipeConfig):
 
     feature_distillation_weight: float | None = field(
         default=None,
-        metadata={"help": "Weight of the pyramid-feature loss (default: detection 0.001, segmentation 0, Mask2Former 1)."},
+        metadata={
+            "help": "Weight of the pyramid-feature loss (default: detection 0.001, segmentation 0, Mask2Former 1)."
+        },
     )
     score_distillation_weight: float | None = field(
         default=None,
@@ -97,25 +111,35 @@ class DenseDistillationConfig(RecipeConfig):
     )
     segmentation_distillation: str = field(
         default="channel-wise",
-        metadata={"help": "Segmentation logits: 'channel-wise' (CWD of the decode head's logits, the release's) or "
-                  "'pixel-kl' (per-pixel KL over classes of the upsampled logits).", "choices": ["channel-wise", "pixel-kl"]},
+        metadata={
+            "help": "Segmentation logits: 'channel-wise' (CWD of the decode head's logits, the release's) or "
+            "'pixel-kl' (per-pixel KL over classes of the upsampled logits).",
+            "choices": ["channel-wise", "pixel-kl"],
+        },
     )
     feature_loss_reduction: str | None = field(
         default=None,
-        metadata={"help": "'release' (per level: sum over channels and locations / sum of the weights; summed over "
-                  "levels) or 'mean' (per level: channel mean, weighted location mean; averaged over levels). Default: "
-                  "'release', 'mean' for Mask2Former.", "choices": ["release", "mean"]},
+        metadata={
+            "help": "'release' (per level: sum over channels and locations / sum of the weights; summed over "
+            "levels) or 'mean' (per level: channel mean, weighted location mean; averaged over levels). Default: "
+            "'release', 'mean' for Mask2Former.",
+            "choices": ["release", "mean"],
+        },
     )
     feature_adapter: bool | None = field(
         default=None,
-        metadata={"help": "Pass the student's pyramid through a 3x3 convolution per level before the feature loss "
-                  "(trained with the student, not saved with it). Default: on for detection, as in the release."},
+        metadata={
+            "help": "Pass the student's pyramid through a 3x3 convolution per level before the feature loss "
+            "(trained with the student, not saved with it). Default: on for detection, as in the release."
+        },
     )
     distillation_temperature: float = field(default=1.0, metadata={"help": "Temperature of CWD and of the pixel KL."})
     distillation_warmup_steps: float | None = field(
         default=None,
-        metadata={"help": "Steps (or fraction of the steps, < 1) over which the distillation weights rise linearly "
-                  "from 0 (default: detection 500, as the release; segmentation 0)."},
+        metadata={
+            "help": "Steps (or fraction of the steps, < 1) over which the distillation weights rise linearly "
+            "from 0 (default: detection 500, as the release; segmentation 0)."
+        },
     )
     detection_top_queries: int = field(
         default=50, metadata={"help": "Detection: the best queries (by score) projected onto the score maps."}
@@ -258,8 +282,14 @@ class DenseTeacher(_FrozenTeacher):
             maps = self._capture.pop()
             head_logits = self._head.pop() if self._head.available else None
         # Inference tensors cannot be saved for backward: clone into normal tensors.
-        outputs = type(outputs)(**{key: value.clone() if torch.is_tensor(value) else value for key, value in outputs.items()})
-        return outputs, [feature_map.clone() for feature_map in maps], None if head_logits is None else head_logits.clone()
+        outputs = type(outputs)(
+            **{key: value.clone() if torch.is_tensor(value) else value for key, value in outputs.items()}
+        )
+        return (
+            outputs,
+            [feature_map.clone() for feature_map in maps],
+            None if head_logits is None else head_logits.clone(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,23 +299,35 @@ class DenseTeacher(_FrozenTeacher):
 class DenseModelArguments:
     """The student (a head on a G2SD backbone), its initialization, and the teacher (shared by the dense scripts)."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Continue from a saved student (head + backbone)."})
-    backbone_name_or_path: str | None = field(
-        default=None, metadata={"help": "Initialize the backbone from a G2SD checkpoint (generic or specific distillation)."}
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved student (head + backbone)."}
     )
-    backbone_preset: str = field(default="g2sd-small", metadata={"help": "Backbone architecture without a checkpoint."})
-    backbone_overrides: str | None = field(default=None, metadata={"help": "Backbone config overrides, 'name=value,...'."})
+    backbone_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Initialize the backbone from a G2SD checkpoint (generic or specific distillation)."},
+    )
+    backbone_preset: str = field(
+        default="g2sd-small", metadata={"help": "Backbone architecture without a checkpoint."}
+    )
+    backbone_overrides: str | None = field(
+        default=None, metadata={"help": "Backbone config overrides, 'name=value,...'."}
+    )
     fpn_hidden_size: int = field(default=256, metadata={"help": "Channels of the simple feature pyramid."})
     window_size: int = field(default=0, metadata={"help": "Windowed attention (ViTDet: 14); 0 = global everywhere."})
     head_hidden_size: int | None = field(default=None, metadata={"help": "Width of the head (its default if unset)."})
-    teacher_name_or_path: str | None = field(default=None, metadata={"help": "The teacher: the same head on a larger backbone."})
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher: the same head on a larger backbone."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
 
 
 def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2SDBackboneConfig:
     """The backbone config: from the checkpoint (weights loaded later) or a preset, plus the pyramid options."""
-    options = {"fpn_hidden_size": arguments.fpn_hidden_size, "window_size": arguments.window_size,
-               **parse_overrides(arguments.backbone_overrides, G2SDBackboneConfig)}
+    options = {
+        "fpn_hidden_size": arguments.fpn_hidden_size,
+        "window_size": arguments.window_size,
+        **parse_overrides(arguments.backbone_overrides, G2SDBackboneConfig),
+    }
     if arguments.backbone_name_or_path is not None:
         return G2SDBackboneConfig.from_pretrained(arguments.backbone_name_or_path, **options)
     return G2SDBackboneConfig.from_preset(arguments.backbone_preset, **{"image_size": image_size, **options})
@@ -294,19 +336,29 @@ def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2
 def load_backbone_weights(model: PreTrainedModel, name_or_path: str) -> None:
     """Copy a G2SD checkpoint's encoder into `model`'s G2SD backbone (the pyramid keeps its initialization)."""
     backbone = find_backbone(model)
-    source = G2SDBackbone.from_pretrained(name_or_path, **{key: getattr(backbone.config, key) for key in ("fpn_hidden_size", "window_size")})
+    source = G2SDBackbone.from_pretrained(
+        name_or_path, **{key: getattr(backbone.config, key) for key in ("fpn_hidden_size", "window_size")}
+    )
     backbone.g2sd.load_state_dict(source.g2sd.state_dict(), strict=True)
 
 
-def semantic_segmentation_model(backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int | None = None,
-                                **kwargs) -> UperNetForSemanticSegmentation:
+def semantic_segmentation_model(
+    backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int | None = None, **kwargs
+) -> UperNetForSemanticSegmentation:
     """UperNet on a G2SD backbone (all four pyramid levels)."""
     extra = {"hidden_size": hidden_size} if hidden_size else {}
-    return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, **extra, **kwargs))
+    return UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, **extra, **kwargs)
+    )
 
 
-def object_detection_model(backbone_config: G2SDBackboneConfig, num_labels: int, detector: str = "deformable-detr",
-                           hidden_size: int | None = None, **kwargs) -> PreTrainedModel:
+def object_detection_model(
+    backbone_config: G2SDBackboneConfig,
+    num_labels: int,
+    detector: str = "deformable-detr",
+    hidden_size: int | None = None,
+    **kwargs,
+) -> PreTrainedModel:
     """A DETR-family detector on a G2SD backbone (pyramid strides 8, 16 and 32): `"deformable-detr"` (which adds a
     stride-64 level) or `"rt-detr"`."""
     if detector == "deformable-detr":
@@ -315,28 +367,49 @@ def object_detection_model(backbone_config: G2SDBackboneConfig, num_labels: int,
         backbone_config = copy.deepcopy(backbone_config)  # the caller's config stays as it was
         backbone_config.out_features = ["stage2", "stage3", "stage4"]
         config = DeformableDetrConfig(
-            backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
-            num_feature_levels=4, **({"d_model": hidden_size} if hidden_size else {}), **kwargs,
+            backbone_config=backbone_config,
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            num_labels=num_labels,
+            num_feature_levels=4,
+            **({"d_model": hidden_size} if hidden_size else {}),
+            **kwargs,
         )
         return DeformableDetrForObjectDetection(config)
     if detector == "rt-detr":
         backbone_config = copy.deepcopy(backbone_config)  # the caller's config stays as it was
         backbone_config.out_features = ["stage2", "stage3", "stage4"]
         config = RTDetrConfig(
-            backbone_config=backbone_config, use_timm_backbone=False, use_pretrained_backbone=False, num_labels=num_labels,
-            encoder_in_channels=[backbone_config.fpn_hidden_size] * 3, feat_strides=[8, 16, 32],
-            **({"d_model": hidden_size, "encoder_hidden_dim": hidden_size, "decoder_in_channels": [hidden_size] * 3} if hidden_size else {}),
+            backbone_config=backbone_config,
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            num_labels=num_labels,
+            encoder_in_channels=[backbone_config.fpn_hidden_size] * 3,
+            feat_strides=[8, 16, 32],
+            **(
+                {"d_model": hidden_size, "encoder_hidden_dim": hidden_size, "decoder_in_channels": [hidden_size] * 3}
+                if hidden_size
+                else {}
+            ),
             **kwargs,
         )
         return RTDetrForObjectDetection(config)
     raise ValueError(f"detector must be 'deformable-detr' or 'rt-detr', got {detector!r}.")
 
 
-def universal_segmentation_model(backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int = 256,
-                                 **kwargs) -> Mask2FormerForUniversalSegmentation:
+def universal_segmentation_model(
+    backbone_config: G2SDBackboneConfig, num_labels: int, hidden_size: int = 256, **kwargs
+) -> Mask2FormerForUniversalSegmentation:
     """Mask2Former (instance / panoptic / semantic masks) on a G2SD backbone."""
-    config = Mask2FormerConfig(backbone_config=backbone_config, num_labels=num_labels, hidden_dim=hidden_size,
-                               mask_feature_size=hidden_size, feature_size=hidden_size, use_timm_backbone=False, **kwargs)
+    config = Mask2FormerConfig(
+        backbone_config=backbone_config,
+        num_labels=num_labels,
+        hidden_dim=hidden_size,
+        mask_feature_size=hidden_size,
+        feature_size=hidden_size,
+        use_timm_backbone=False,
+        **kwargs,
+    )
     return Mask2FormerForUniversalSegmentation(config)
 
 
@@ -352,7 +425,9 @@ def output_kind(outputs) -> str:
     logits = getattr(outputs, "logits", None)
     if logits is not None and logits.ndim == 4:
         return "semantic"
-    raise ValueError(f"Unsupported outputs {type(outputs).__name__}: expected per-pixel logits, Mask2Former or DETR outputs.")
+    raise ValueError(
+        f"Unsupported outputs {type(outputs).__name__}: expected per-pixel logits, Mask2Former or DETR outputs."
+    )
 
 
 def detector_queries(outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +447,9 @@ def query_class_probabilities(logits: torch.Tensor, num_labels: int) -> torch.Te
     return logits.float().sigmoid()
 
 
-def box_score_maps(probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], top_queries: int) -> torch.Tensor:
+def box_score_maps(
+    probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], top_queries: int
+) -> torch.Tensor:
     """Project query class scores onto a grid: at each location and class, the best score among the `top_queries`
     queries whose box covers the location.
 
@@ -393,8 +470,12 @@ def box_score_maps(probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple
     ys = (torch.arange(height, device=boxes.device) + 0.5) / height
     xs = (torch.arange(width, device=boxes.device) + 0.5) / width
     center_x, center_y, box_width, box_height = boxes.unbind(-1)  # (batch, keep)
-    inside_x = (xs[None, None] >= (center_x - box_width / 2)[..., None]) & (xs[None, None] <= (center_x + box_width / 2)[..., None])
-    inside_y = (ys[None, None] >= (center_y - box_height / 2)[..., None]) & (ys[None, None] <= (center_y + box_height / 2)[..., None])
+    inside_x = (xs[None, None] >= (center_x - box_width / 2)[..., None]) & (
+        xs[None, None] <= (center_x + box_width / 2)[..., None]
+    )
+    inside_y = (ys[None, None] >= (center_y - box_height / 2)[..., None]) & (
+        ys[None, None] <= (center_y + box_height / 2)[..., None]
+    )
     covers = (inside_y[..., :, None] & inside_x[..., None, :]).to(probabilities.dtype)  # (batch, keep, height, width)
     scores = probabilities.new_zeros(probabilities.shape[0], probabilities.shape[-1], height, width)
     for start in range(0, keep, 16):  # a running maximum over query chunks bounds the memory
@@ -406,7 +487,9 @@ def box_score_maps(probabilities: torch.Tensor, boxes: torch.Tensor, size: tuple
 def universal_pixel_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
     """Mask2Former's per-pixel class distribution `(batch, classes, height, width)` from its queries."""
     classes = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]  # (batch, queries, classes)
-    masks = F.interpolate(outputs.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False).sigmoid()
+    masks = F.interpolate(
+        outputs.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False
+    ).sigmoid()
     semantic = torch.einsum("bqc,bqhw->bchw", classes, masks)
     return semantic / semantic.sum(dim=1, keepdim=True).clamp(min=1e-6)
 
@@ -451,7 +534,9 @@ class DenseDistillationTrainer(DistillationTrainer):
     _progress_loss_name = "The task loss"
     ADAPTER_FILE = "distillation_adapter.safetensors"
 
-    def __init__(self, model: PreTrainedModel, teacher: DenseTeacher | PreTrainedModel | None = None, args=None, **kwargs):
+    def __init__(
+        self, model: PreTrainedModel, teacher: DenseTeacher | PreTrainedModel | None = None, args=None, **kwargs
+    ):
         if args is None:
             args = DenseDistillationConfig(output_dir="g2sd-dense")
         if isinstance(teacher, PreTrainedModel):
@@ -459,7 +544,9 @@ class DenseDistillationTrainer(DistillationTrainer):
         student_backbone = find_backbone(model)
         if teacher is not None:
             if not isinstance(teacher, DenseTeacher):
-                raise TypeError(f"The teacher must be a DenseTeacher or a PreTrainedModel, got {type(teacher).__name__}.")
+                raise TypeError(
+                    f"The teacher must be a DenseTeacher or a PreTrainedModel, got {type(teacher).__name__}."
+                )
             if list(student_backbone.channels) != list(teacher.backbone.channels):
                 raise ValueError(
                     f"Student pyramid channels {student_backbone.channels} differ from the teacher's "
@@ -499,7 +586,8 @@ class DenseDistillationTrainer(DistillationTrainer):
         if self.teacher is not None:
             settings = self.settings
             score = {"detection": "box-projected score BCE", "universal": "per-pixel class KL"}.get(
-                settings.task, "channel-wise (CWD)" if settings.segmentation_distillation == "channel-wise" else "per-pixel KL"
+                settings.task,
+                "channel-wise (CWD)" if settings.segmentation_distillation == "channel-wise" else "per-pixel KL",
             )
             values["distillation"] = (
                 f"features x {settings.feature_weight:g} ({settings.feature_loss_reduction} reduction"
@@ -511,9 +599,18 @@ class DenseDistillationTrainer(DistillationTrainer):
     # -- the adapter: optimized with the student, saved with the checkpoints ------------------------------------------
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.feature_adapter is not None and not any(group.get("feature_adapter") for group in optimizer.param_groups):
-            optimizer.add_param_group({"params": list(self.feature_adapter.parameters()), "lr": self.peak_learning_rate,
-                                       "lr_scale": 1.0, "weight_decay": self.args.weight_decay, "feature_adapter": True})
+        if self.feature_adapter is not None and not any(
+            group.get("feature_adapter") for group in optimizer.param_groups
+        ):
+            optimizer.add_param_group(
+                {
+                    "params": list(self.feature_adapter.parameters()),
+                    "lr": self.peak_learning_rate,
+                    "lr_scale": 1.0,
+                    "weight_decay": self.args.weight_decay,
+                    "feature_adapter": True,
+                }
+            )
         return optimizer
 
     def _adapter(self) -> nn.Module:
@@ -530,8 +627,10 @@ class DenseDistillationTrainer(DistillationTrainer):
 
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             adapter = self.accelerator.unwrap_model(self.feature_adapter)
-            save_file({name: value.detach().cpu().contiguous() for name, value in adapter.state_dict().items()},
-                      os.path.join(folder, self.ADAPTER_FILE))
+            save_file(
+                {name: value.detach().cpu().contiguous() for name, value in adapter.state_dict().items()},
+                os.path.join(folder, self.ADAPTER_FILE),
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -565,10 +664,14 @@ class DenseDistillationTrainer(DistillationTrainer):
             self._check_and_record(task_loss, {"task_loss": task_loss})
             return (task_loss, outputs) if return_outputs else task_loss
 
-        teacher_outputs, teacher_maps, teacher_head_logits = self._run_teacher(inputs["pixel_values"], inputs.get("pixel_mask"))
+        teacher_outputs, teacher_maps, teacher_head_logits = self._run_teacher(
+            inputs["pixel_values"], inputs.get("pixel_mask")
+        )
         settings = self.settings
         if settings.task == "detection":
-            feature_loss, score_loss = self._detection_terms(model, outputs, teacher_outputs, student_maps, teacher_maps)
+            feature_loss, score_loss = self._detection_terms(
+                model, outputs, teacher_outputs, student_maps, teacher_maps
+            )
         elif settings.task == "universal":
             size = student_maps[0].shape[-2:]
             teacher_scores = universal_pixel_probabilities(teacher_outputs, size)
@@ -582,7 +685,9 @@ class DenseDistillationTrainer(DistillationTrainer):
                         f"Channel-wise distillation reads the decode head's logits, and {type(model).__name__} has no "
                         "`decode_head`: use segmentation_distillation='pixel-kl'."
                     )
-                score_loss = channel_wise_distillation_loss(student_head_logits, teacher_head_logits, settings.temperature)
+                score_loss = channel_wise_distillation_loss(
+                    student_head_logits, teacher_head_logits, settings.temperature
+                )
             else:
                 score_loss = pixel_distillation_loss(outputs.logits, teacher_outputs.logits, settings.temperature)
             feature_loss = self._feature_term(student_maps, teacher_maps, confidence)
@@ -614,7 +719,10 @@ class DenseDistillationTrainer(DistillationTrainer):
         """Per pyramid level: box-projected score maps of both models, weighted by the teacher's best score."""
         num_labels = self.accelerator.unwrap_model(model).config.num_labels
         top = self.args.detection_top_queries
-        (student_logits, student_boxes), (teacher_logits, teacher_boxes) = detector_queries(outputs), detector_queries(teacher_outputs)
+        (student_logits, student_boxes), (teacher_logits, teacher_boxes) = (
+            detector_queries(outputs),
+            detector_queries(teacher_outputs),
+        )
         student_probabilities = query_class_probabilities(student_logits, num_labels)
         teacher_probabilities = query_class_probabilities(teacher_logits, num_labels)
         student_scores, teacher_scores, confidences, score_weights = [], [], [], []
@@ -630,14 +738,24 @@ class DenseDistillationTrainer(DistillationTrainer):
             confidences.append(confidence)
             score_weights.append(confidence * covered)
         if self.settings.feature_loss_reduction == "mean":
-            score_loss = torch.stack([weighted_score_distillation_loss(s, t, w) for s, t, w in zip(student_scores, teacher_scores, score_weights)]).mean()
+            score_loss = torch.stack(
+                [
+                    weighted_score_distillation_loss(s, t, w)
+                    for s, t, w in zip(student_scores, teacher_scores, score_weights)
+                ]
+            ).mean()
         else:
             score_loss = release_score_distillation_loss(student_scores, teacher_scores, score_weights)
         feature_loss = None
         if self.settings.feature_weight > 0:
             adapted = self._adapted(student_maps)
             if self.settings.feature_loss_reduction == "mean":
-                feature_loss = torch.stack([weighted_feature_distillation_loss([s], [t], w) for s, t, w in zip(adapted, teacher_maps, confidences)]).mean()
+                feature_loss = torch.stack(
+                    [
+                        weighted_feature_distillation_loss([s], [t], w)
+                        for s, t, w in zip(adapted, teacher_maps, confidences)
+                    ]
+                ).mean()
             else:
                 feature_loss = release_feature_distillation_loss(adapted, teacher_maps, confidences)
         return feature_loss, score_loss
@@ -679,7 +797,9 @@ def head_task(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Detection outputs -> boxes
 # --------------------------------------------------------------------------------------------------------------------
-def detections_from_outputs(outputs, image_sizes: list[tuple[int, int]], num_labels: int, top_k: int = 100) -> list[dict]:
+def detections_from_outputs(
+    outputs, image_sizes: list[tuple[int, int]], num_labels: int, top_k: int = 100
+) -> list[dict]:
     """Boxes of a DETR-family output for COCO evaluation: the `top_k` (query, class) pairs by score, per image.
 
     Returns:
@@ -694,13 +814,25 @@ def detections_from_outputs(outputs, image_sizes: list[tuple[int, int]], num_lab
     results = []
     for index, (height, width) in enumerate(image_sizes):
         center_x, center_y, box_width, box_height = boxes[index].unbind(-1)
-        xywh = torch.stack([(center_x - box_width / 2) * width, (center_y - box_height / 2) * height, box_width * width, box_height * height], dim=-1)
-        results.append({"boxes": xywh.cpu().numpy(), "labels": labels[index].cpu().numpy(), "scores": scores[index].cpu().numpy()})
+        xywh = torch.stack(
+            [
+                (center_x - box_width / 2) * width,
+                (center_y - box_height / 2) * height,
+                box_width * width,
+                box_height * height,
+            ],
+            dim=-1,
+        )
+        results.append(
+            {"boxes": xywh.cpu().numpy(), "labels": labels[index].cpu().numpy(), "scores": scores[index].cpu().numpy()}
+        )
     return results
 
 
 @torch.no_grad()
-def evaluate_detection(model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100) -> dict:
+def evaluate_detection(
+    model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100
+) -> dict:
     """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset` (one
     process: run it on the main one)."""
     from .dense_data import image_size_of

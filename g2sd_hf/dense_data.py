@@ -33,16 +33,26 @@ class DenseDataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
-                  f"Without it and without --train_dir: {SYNTHETIC_NAME!r}, generated shapes."},
+        metadata={
+            "help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
+            f"Without it and without --train_dir: {SYNTHETIC_NAME!r}, generated shapes."
+        },
     )
-    train_dir: str | None = field(default=None, metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."},
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "The validation folder, same layout."})
     image_size: int = field(default=512, metadata={"help": "Images are resized to image_size x image_size."})
     reduce_labels: bool = field(
-        default=False, metadata={"help": "Segmentation: label 0 means 'other' (ADE20k / scene_parse_150): ignore it, shift the rest down."}
+        default=False,
+        metadata={
+            "help": "Segmentation: label 0 means 'other' (ADE20k / scene_parse_150): ignore it, shift the rest down."
+        },
     )
-    num_labels: int | None = field(default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."})
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."}
+    )
     synthetic_train_size: int = field(default=512, metadata={"help": "Generated training images."})
     synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
@@ -75,7 +85,11 @@ def _describe(value) -> str:
 def _mask(value) -> Image.Image:
     """A label mask as a 32-bit integer image: indices kept as they are (palette, 8- and 16-bit masks), never
     through RGB. Other modes are refused: the colors of an RGB mask are not class indices."""
-    image = value if isinstance(value, Image.Image) else Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    image = (
+        value
+        if isinstance(value, Image.Image)
+        else Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    )
     if image.mode not in MASK_MODES:
         raise ValueError(
             f"Segmentation mask {_describe(value)} has mode {image.mode}; masks must hold one class index per pixel "
@@ -101,13 +115,18 @@ def image_size_of(value) -> tuple[int, int]:
 
 def _synthetic_splits(sizes: tuple[int, int], image_size: int) -> datasets.DatasetDict:
     return datasets.DatasetDict(
-        train=make_shapes_dataset(sizes[0], image_size, seed=0), validation=make_shapes_dataset(sizes[1], image_size, seed=1)
+        train=make_shapes_dataset(sizes[0], image_size, seed=0),
+        validation=make_shapes_dataset(sizes[1], image_size, seed=1),
     )
 
 
 def load_segmentation_dataset(
-    dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
-    synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
+    dataset_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    synthetic_sizes: tuple[int, int] = (512, 128),
+    image_size: int = 64,
+    cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """`train`/`validation` splits with `image` and `mask` columns, and the class names (empty when the data set does
     not name them)."""
@@ -127,7 +146,9 @@ def load_segmentation_dataset(
         masks = {path.stem: path for path in Path(folder, "masks").iterdir()}
         missing = [path.name for path in images if path.stem not in masks]
         if missing:
-            raise ValueError(f"No mask in {Path(folder, 'masks')} for {missing[:5]}: each image needs a mask of the same name.")
+            raise ValueError(
+                f"No mask in {Path(folder, 'masks')} for {missing[:5]}: each image needs a mask of the same name."
+            )
         splits[split] = datasets.Dataset.from_dict(
             {"image": [str(path) for path in images], "mask": [str(masks[path.stem]) for path in images]},
             features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(decode=False)}),
@@ -136,8 +157,12 @@ def load_segmentation_dataset(
 
 
 def load_detection_dataset(
-    dataset_name: str | None = None, train_dir: str | None = None, validation_dir: str | None = None,
-    synthetic_sizes: tuple[int, int] = (512, 128), image_size: int = 64, cache_dir: str | None = None,
+    dataset_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    synthetic_sizes: tuple[int, int] = (512, 128),
+    image_size: int = 64,
+    cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """`train`/`validation` splits with `image` and COCO-style `objects` columns (`bbox`, `category`; `area` and
     `iscrowd` when the data has them), and the class names."""
@@ -164,13 +189,21 @@ def load_detection_dataset(
             entry["area"].append(float(annotation.get("area", annotation["bbox"][2] * annotation["bbox"][3])))
             entry["iscrowd"].append(int(annotation.get("iscrowd", 0)))
         splits[split] = datasets.Dataset.from_dict(
-            {"image": [str(Path(folder, "images", image["file_name"])) for image in coco["images"]],
-             "objects": [objects[image["id"]] for image in coco["images"]]},
-            features=datasets.Features({"image": datasets.Image(), "objects": {
-                "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
-                "category": datasets.Sequence(datasets.Value("int64")),
-                "area": datasets.Sequence(datasets.Value("float32")),
-                "iscrowd": datasets.Sequence(datasets.Value("int64"))}}),
+            {
+                "image": [str(Path(folder, "images", image["file_name"])) for image in coco["images"]],
+                "objects": [objects[image["id"]] for image in coco["images"]],
+            },
+            features=datasets.Features(
+                {
+                    "image": datasets.Image(),
+                    "objects": {
+                        "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4)),
+                        "category": datasets.Sequence(datasets.Value("int64")),
+                        "area": datasets.Sequence(datasets.Value("float32")),
+                        "iscrowd": datasets.Sequence(datasets.Value("int64")),
+                    },
+                }
+            ),
         )
     return datasets.DatasetDict(splits), names
 
@@ -188,8 +221,15 @@ class SegmentationTransform:
     ignored and the others shift down by one (transformers' rule: 0 -> 255, l -> l - 1, 255 stays 255). With
     `num_labels`, a label outside `[0, num_labels)` other than 255 raises a `ValueError` naming the mask."""
 
-    def __init__(self, image_size: int, image_mean, image_std, train: bool, reduce_labels: bool = False,
-                 num_labels: int | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        image_mean,
+        image_std,
+        train: bool,
+        reduce_labels: bool = False,
+        num_labels: int | None = None,
+    ):
         self.image_size, self.train, self.reduce_labels, self.num_labels = image_size, train, reduce_labels, num_labels
         self.normalize = _normalize(image_mean, image_std)
 
@@ -197,7 +237,9 @@ class SegmentationTransform:
         pixel_values, labels = [], []
         for image, mask in zip(batch["image"], batch["mask"]):
             image = _rgb(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            mask = np.asarray(_mask(mask).resize((self.image_size, self.image_size), Image.Resampling.NEAREST), dtype=np.int64)
+            mask = np.asarray(
+                _mask(mask).resize((self.image_size, self.image_size), Image.Resampling.NEAREST), dtype=np.int64
+            )
             if self.reduce_labels:
                 mask = np.where(mask == 0, IGNORE_INDEX + 1, mask) - 1
                 mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX
@@ -237,18 +279,36 @@ class DetectionTransform:
             classes = torch.tensor(objects["category"], dtype=torch.int64)
             keep = [not (self.train and crowd) for crowd in objects.get("iscrowd") or [0] * len(classes)]
             selected = torch.tensor(keep, dtype=torch.bool)
-            boxes, classes = boxes[selected], classes[selected]  # crowd regions are not objects to train on (COCO's rule)
-            boxes = torch.stack([(boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
-                                 boxes[:, 2] / width, boxes[:, 3] / height], dim=-1)
+            boxes, classes = (
+                boxes[selected],
+                classes[selected],
+            )  # crowd regions are not objects to train on (COCO's rule)
+            boxes = torch.stack(
+                [
+                    (boxes[:, 0] + boxes[:, 2] / 2) / width,
+                    (boxes[:, 1] + boxes[:, 3] / 2) / height,
+                    boxes[:, 2] / width,
+                    boxes[:, 3] / height,
+                ],
+                dim=-1,
+            )
             flip = self.train and bool(torch.rand(()) < 0.5)
             if flip:
                 pixels, boxes[:, 0] = pixels.flip(-1), 1 - boxes[:, 0]
             output["pixel_values"].append(pixels)
             output["labels"].append({"class_labels": classes, "boxes": boxes})
             if self.with_instance_masks:
-                instance = np.asarray(_mask(batch["instance_mask"][index]).resize((self.image_size, self.image_size), Image.Resampling.NEAREST))
+                instance = np.asarray(
+                    _mask(batch["instance_mask"][index]).resize(
+                        (self.image_size, self.image_size), Image.Resampling.NEAREST
+                    )
+                )
                 identities = [identity for identity, kept in zip(objects["id"], keep) if kept]
-                masks = torch.from_numpy(np.stack([instance == identity for identity in identities]).astype(np.float32)) if identities else torch.zeros(0, self.image_size, self.image_size)
+                masks = (
+                    torch.from_numpy(np.stack([instance == identity for identity in identities]).astype(np.float32))
+                    if identities
+                    else torch.zeros(0, self.image_size, self.image_size)
+                )
                 output["mask_labels"].append(masks.flip(-1) if flip else masks)
                 output["class_labels"].append(classes)
         if not self.with_instance_masks:
@@ -257,22 +317,29 @@ class DetectionTransform:
 
 
 def collate_segmentation(examples: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "labels": torch.stack([example["labels"] for example in examples])}
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.stack([example["labels"] for example in examples]),
+    }
 
 
 def collate_detection(examples: list[dict]) -> dict:
     """`pixel_values`, an all-ones `pixel_mask` (the images share one size) and the list of `labels`."""
     pixel_values = torch.stack([example["pixel_values"] for example in examples])
-    return {"pixel_values": pixel_values, "pixel_mask": torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long),
-            "labels": [example["labels"] for example in examples]}
+    return {
+        "pixel_values": pixel_values,
+        "pixel_mask": torch.ones(pixel_values.shape[0], *pixel_values.shape[-2:], dtype=torch.long),
+        "labels": [example["labels"] for example in examples],
+    }
 
 
 def collate_instances(examples: list[dict]) -> dict:
     """Mask2Former's inputs: `pixel_values` and the lists of `mask_labels` and `class_labels`."""
-    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-            "mask_labels": [example["mask_labels"] for example in examples],
-            "class_labels": [example["class_labels"] for example in examples]}
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "mask_labels": [example["mask_labels"] for example in examples],
+        "class_labels": [example["class_labels"] for example in examples],
+    }
 
 
 __all__ = [

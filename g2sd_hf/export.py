@@ -43,7 +43,12 @@ def stock_vit_layer_parameters(layer: nn.Module) -> dict[str, nn.Parameter]:
     """
     attention = layer.attention
     if hasattr(attention, "q_proj"):
-        projections = {"query": attention.q_proj, "key": attention.k_proj, "value": attention.v_proj, "output": attention.o_proj}
+        projections = {
+            "query": attention.q_proj,
+            "key": attention.k_proj,
+            "value": attention.v_proj,
+            "output": attention.o_proj,
+        }
     else:
         inner = attention.attention
         projections = {"query": inner.query, "key": inner.key, "value": inner.value, "output": attention.output.dense}
@@ -60,12 +65,22 @@ def fused_layer_tensors(qkv_weight, qkv_bias, projection_weight, projection_bias
     query_weight, key_weight, value_weight = qkv_weight.chunk(3, dim=0)
     query_bias, key_bias, value_bias = qkv_bias.chunk(3, dim=0)
     return {
-        "query.weight": query_weight, "query.bias": query_bias,
-        "key.weight": key_weight, "key.bias": key_bias,
-        "value.weight": value_weight, "value.bias": value_bias,
-        "output.weight": projection_weight, "output.bias": projection_bias,
-        "fc1.weight": fc1[0], "fc1.bias": fc1[1], "fc2.weight": fc2[0], "fc2.bias": fc2[1],
-        "norm1.weight": norm1[0], "norm1.bias": norm1[1], "norm2.weight": norm2[0], "norm2.bias": norm2[1],
+        "query.weight": query_weight,
+        "query.bias": query_bias,
+        "key.weight": key_weight,
+        "key.bias": key_bias,
+        "value.weight": value_weight,
+        "value.bias": value_bias,
+        "output.weight": projection_weight,
+        "output.bias": projection_bias,
+        "fc1.weight": fc1[0],
+        "fc1.bias": fc1[1],
+        "fc2.weight": fc2[0],
+        "fc2.bias": fc2[1],
+        "norm1.weight": norm1[0],
+        "norm1.bias": norm1[1],
+        "norm2.weight": norm2[0],
+        "norm2.bias": norm2[1],
     }
 
 
@@ -83,8 +98,19 @@ def _stock_config(model: G2SDForImageClassification):
     config = model.config
     shared = {
         name: getattr(config, name)
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "initializer_range")
+        for name in (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "qkv_bias",
+            "initializer_range",
+        )
     }
     labels = {"id2label": dict(config.id2label), "label2id": dict(config.label2id)} if config.id2label else {}
     config_class = DeiTConfig if config.use_distillation_token else ViTConfig
@@ -120,9 +146,14 @@ def to_stock_model(model: G2SDForImageClassification) -> PreTrainedModel:
         zero = torch.zeros_like(position_embeddings[:, :1])
         position_embeddings = torch.cat([position_embeddings[:, :1], zero, position_embeddings[:, 1:]], dim=1)
         values[encoder.embeddings.distillation_token] = embeddings.distillation_token
-        values.update({stock.cls_classifier.weight: model.classifier.weight, stock.cls_classifier.bias: model.classifier.bias,
-                       stock.distillation_classifier.weight: model.distillation_classifier.weight,
-                       stock.distillation_classifier.bias: model.distillation_classifier.bias})
+        values.update(
+            {
+                stock.cls_classifier.weight: model.classifier.weight,
+                stock.cls_classifier.bias: model.classifier.bias,
+                stock.distillation_classifier.weight: model.distillation_classifier.weight,
+                stock.distillation_classifier.bias: model.distillation_classifier.bias,
+            }
+        )
     else:
         values.update({stock.classifier.weight: model.classifier.weight, stock.classifier.bias: model.classifier.bias})
     values[encoder.embeddings.position_embeddings] = position_embeddings
@@ -130,9 +161,13 @@ def to_stock_model(model: G2SDForImageClassification) -> PreTrainedModel:
     for stock_layer, layer in zip(stock_layers, ours.layers):
         targets = stock_vit_layer_parameters(stock_layer)
         sources = fused_layer_tensors(
-            layer.attention.qkv.weight, layer.attention.qkv.bias, layer.attention.projection.weight,
-            layer.attention.projection.bias, (layer.mlp.fc1.weight, layer.mlp.fc1.bias),
-            (layer.mlp.fc2.weight, layer.mlp.fc2.bias), (layer.norm1.weight, layer.norm1.bias),
+            layer.attention.qkv.weight,
+            layer.attention.qkv.bias,
+            layer.attention.projection.weight,
+            layer.attention.projection.bias,
+            (layer.mlp.fc1.weight, layer.mlp.fc1.bias),
+            (layer.mlp.fc2.weight, layer.mlp.fc2.bias),
+            (layer.norm1.weight, layer.norm1.bias),
             (layer.norm2.weight, layer.norm2.bias),
         )
         values.update({targets[name]: sources[name] for name in targets})
@@ -143,10 +178,14 @@ def to_stock_model(model: G2SDForImageClassification) -> PreTrainedModel:
 @torch.no_grad()
 def check_same_logits(reference: nn.Module, exported: nn.Module, image_size: int, tolerance: float = 1e-5) -> float:
     """The largest logit difference on random images; raises when it exceeds `tolerance`."""
-    pixel_values = torch.randn(2, reference.config.num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    pixel_values = torch.randn(
+        2, reference.config.num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
     difference = (reference.eval()(pixel_values).logits - exported.eval()(pixel_values).logits).abs().max().item()
     if difference > tolerance:
-        raise RuntimeError(f"The exported model's logits differ from the G2SD model's by {difference:.2e} (> {tolerance}).")
+        raise RuntimeError(
+            f"The exported model's logits differ from the G2SD model's by {difference:.2e} (> {tolerance})."
+        )
     return difference
 
 
@@ -199,8 +238,15 @@ def export_to_transformers(
         if processor is not None:
             processor.save_pretrained(staging)
         stage = "specific-distillation" if model.config.use_distillation_token else "fine-tuning"
-        card = build_model_card(stock, stage=stage, dataset=dataset or "unknown", teacher=teacher,
-                                model_name=output_dir.name, tags=["exported"], stock=True)
+        card = build_model_card(
+            stock,
+            stage=stage,
+            dataset=dataset or "unknown",
+            teacher=teacher,
+            model_name=output_dir.name,
+            tags=["exported"],
+            stock=True,
+        )
         card.save(staging / "README.md")
     logger.info(f"Exported {type(stock).__name__} to {output_dir} (largest logit difference {difference:.1e}).")
     return output_dir
@@ -210,8 +256,11 @@ def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="G2SD classifier folder or Hub id")
     parser.add_argument("--output", required=True, help="Folder to write the stock transformers model to")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Write into a folder that holds other files (same-named files are replaced, others kept)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a folder that holds other files (same-named files are replaced, others kept)",
+    )
     options = parser.parse_args(args)
     print(export_to_transformers(options.model, options.output, overwrite=options.overwrite))
 

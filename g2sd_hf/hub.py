@@ -276,27 +276,42 @@ def build_model_card(
     )
     image_size = getattr(config, "image_size", "?")
     details = [
-        ("Architecture", f"ViT, {config.hidden_size}-d, {config.num_hidden_layers} layers, {config.num_attention_heads} heads"),
+        (
+            "Architecture",
+            f"ViT, {config.hidden_size}-d, {config.num_hidden_layers} layers, {config.num_attention_heads} heads",
+        ),
         ("Patch / image size", f"{config.patch_size} / {image_size}"),
         ("Parameters", f"{model.num_parameters() / 1e6:.2f}M"),
         ("Stage", info["title"]),
     ]
     if getattr(config, "use_distillation_token", False):
-        details.append(("Distillation token", "yes: the prediction averages the classification and distillation heads"))
+        details.append(
+            ("Distillation token", "yes: the prediction averages the classification and distillation heads")
+        )
     if stage == "generic-distillation":
-        details.append(("Decoder", f"{config.decoder_hidden_size}-d, {config.decoder_num_hidden_layers} blocks, predicting {config.target_hidden_size}-d teacher features"))
+        details.append(
+            (
+                "Decoder",
+                f"{config.decoder_hidden_size}-d, {config.decoder_num_hidden_layers} blocks, predicting {config.target_hidden_size}-d teacher features",
+            )
+        )
     if dense:
         details.append(("Head", f"{type(model).__name__}, feature pyramid of {config.fpn_hidden_size} channels"))
     labels = getattr(model.config, "id2label", None)
-    named = labels and any(str(label) != f"LABEL_{index}" for index, label in labels.items())  # not transformers' placeholders
+    named = labels and any(
+        str(label) != f"LABEL_{index}" for index, label in labels.items()
+    )  # not transformers' placeholders
     if named and info["pipeline_tag"] != "image-feature-extraction":
         details.append(("Classes", ", ".join(str(label) for label in labels.values())))
 
     limitations = (
         "The student inherits the teacher's and the training data's biases. It was trained and evaluated on "
         f"**{dataset}** only; check it on your own data before relying on it. "
-        + ("As a generic-distillation checkpoint it is not a classifier: fine-tune it first." if stage == "generic-distillation" else
-           "Its performance outside the training distribution is unknown.")
+        + (
+            "As a generic-distillation checkpoint it is not a classifier: fine-tune it first."
+            if stage == "generic-distillation"
+            else "Its performance outside the training distribution is unknown."
+        )
     )
     return ModelCard.from_template(
         card_data,
@@ -323,7 +338,9 @@ def build_model_card(
     )
 
 
-WRITTEN_FILES = ".g2sd_hf_written.json"  # the files a staged folder was written with (so a rewrite can tell them apart)
+WRITTEN_FILES = (
+    ".g2sd_hf_written.json"  # the files a staged folder was written with (so a rewrite can tell them apart)
+)
 
 
 def _written_by_us(folder: Path) -> set[str] | None:
@@ -395,7 +412,9 @@ def staged_folder(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
         check_output_folder(output_dir, overwrite)  # again: the folder may have changed while the block ran
         if not output_dir.exists():
             staging.rename(output_dir)
-        elif _written_by_us(output_dir) is not None and _files(output_dir) <= _written_by_us(output_dir) | {WRITTEN_FILES}:
+        elif _written_by_us(output_dir) is not None and _files(output_dir) <= _written_by_us(output_dir) | {
+            WRITTEN_FILES
+        }:
             # Only what this package wrote before: swap the folders, then remove the old one (its files are ours).
             previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.previous-", dir=output_dir.parent))
             previous.rmdir()
@@ -409,7 +428,9 @@ def staged_folder(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / name, target)
             if kept:
-                logger.warning(f"Wrote into {output_dir}, which also holds files not written by this package, kept: {kept}")
+                logger.warning(
+                    f"Wrote into {output_dir}, which also holds files not written by this package, kept: {kept}"
+                )
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -85,7 +85,9 @@ def classification_training_warnings(
     ]
 
 
-def classification_evaluation_warnings(metrics: dict, num_labels: int, prefix: str = "eval_", causes: str = "") -> list[str]:
+def classification_evaluation_warnings(
+    metrics: dict, num_labels: int, prefix: str = "eval_", causes: str = ""
+) -> list[str]:
     """Warn when an evaluation is at chance: balanced accuracy within 0.02 of `1 / num_labels` or, without it, a
     cross-entropy at `ln(num_labels)` or above.
 
@@ -104,8 +106,10 @@ def classification_evaluation_warnings(metrics: dict, num_labels: int, prefix: s
             return []
         accuracy = metrics.get(f"{prefix}accuracy")
         shown = f" (accuracy {accuracy:.3f})" if accuracy is not None else ""
-        finding = (f"balanced accuracy {balanced:.3f}{shown}, against {1 / num_labels:.3f} for answering one class "
-                   "or guessing")
+        finding = (
+            f"balanced accuracy {balanced:.3f}{shown}, against {1 / num_labels:.3f} for answering one class "
+            "or guessing"
+        )
     else:
         loss = metrics.get(f"{prefix}loss")
         if loss is None or loss < CHANCE_LOSS_FRACTION * chance_cross_entropy(num_labels):
@@ -114,7 +118,9 @@ def classification_evaluation_warnings(metrics: dict, num_labels: int, prefix: s
     return [f"The evaluation is at chance: {finding}. {causes}".strip()]
 
 
-def regression_training_warnings(log_history: Sequence[dict], loss_key: str = "loss", what: str = "The training loss") -> list[str]:
+def regression_training_warnings(
+    log_history: Sequence[dict], loss_key: str = "loss", what: str = "The training loss"
+) -> list[str]:
     """Warn when a loss with no chance level (L_GD, MAE's pixel loss) ended no lower than 95% of its first value.
 
     Example:

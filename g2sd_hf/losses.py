@@ -34,7 +34,9 @@ def normalize_teacher_features(hidden_states: torch.Tensor, eps: float = 1e-6) -
     return F.layer_norm(hidden_states, hidden_states.shape[-1:], eps=eps)
 
 
-def feature_loss_per_token(predicted_features: torch.Tensor, teacher_targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+def feature_loss_per_token(
+    predicted_features: torch.Tensor, teacher_targets: torch.Tensor, beta: float = 2.0
+) -> torch.Tensor:
     """Smooth-L1 (with `beta`) between predicted and target features, averaged over channels: one value per token.
 
     Args:
@@ -56,7 +58,9 @@ def feature_loss_per_token(predicted_features: torch.Tensor, teacher_targets: to
     return per_element.mean(dim=-1)
 
 
-def reduce_token_losses(per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens: str = "all") -> torch.Tensor:
+def reduce_token_losses(
+    per_token: torch.Tensor, mask: torch.Tensor | None = None, tokens: str = "all"
+) -> torch.Tensor:
     """Average per-token losses `(batch, 1 + num_patches)` over `"all"` tokens, or the `"masked"` / `"visible"` patches.
 
     Args:
@@ -222,7 +226,9 @@ def nkd_loss(
     return target_term + gamma * temperature**2 * non_target_term
 
 
-def specific_distillation_loss(task_loss: torch.Tensor, distillation_loss: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def specific_distillation_loss(
+    task_loss: torch.Tensor, distillation_loss: torch.Tensor, beta: float = 1.0
+) -> torch.Tensor:
     """L_SD = L_task + beta * L_KD, divided by (1 + beta).
 
     The division keeps the loss scale fixed as beta changes, and with beta = 1 gives the official
@@ -296,7 +302,9 @@ def release_feature_distillation_loss(
         `torch.Tensor`: the scalar loss.
     """
     if not len(student_maps) == len(teacher_maps) == len(weights):
-        raise ValueError(f"{len(student_maps)} student maps, {len(teacher_maps)} teacher maps, {len(weights)} weight maps.")
+        raise ValueError(
+            f"{len(student_maps)} student maps, {len(teacher_maps)} teacher maps, {len(weights)} weight maps."
+        )
     total = 0.0
     for student, teacher, level_weights in zip(student_maps, teacher_maps, weights):
         if student.shape != teacher.shape:
@@ -333,7 +341,9 @@ def release_score_distillation_loss(
     return total
 
 
-def channel_wise_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def channel_wise_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Channel-wise distillation (Shu et al., ICCV 2021), the release's segmentation distillation (`distill_cwd.py`):
     each class channel's map is softmax-normalized over the locations with temperature `T`, and
     `T^2 * KL(teacher || student)` is summed over locations and averaged over images and channels.
@@ -360,7 +370,9 @@ def channel_wise_distillation_loss(student_logits: torch.Tensor, teacher_logits:
     return (teacher.exp() * (teacher - student)).sum() * temperature**2 / (batch * channels)
 
 
-def pixel_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def pixel_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Per-pixel soft distillation of class distributions: `T^2 * KL(softmax(t / T) || softmax(s / T))`, summed over
     classes and averaged over pixels.
 
@@ -377,7 +389,9 @@ def pixel_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     return (teacher.exp() * (teacher - student)).sum(dim=1).mean() * temperature**2
 
 
-def probability_distillation_loss(student_probabilities: torch.Tensor, teacher_probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def probability_distillation_loss(
+    student_probabilities: torch.Tensor, teacher_probabilities: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """`KL(teacher || student)` between per-pixel class distributions given as probabilities `(batch, classes, h, w)`
     (e.g. Mask2Former's semantic maps), summed over classes and averaged over pixels."""
     student = student_probabilities.float().clamp(min=eps)
@@ -385,7 +399,9 @@ def probability_distillation_loss(student_probabilities: torch.Tensor, teacher_p
     return (teacher * (teacher.log() - student.log())).sum(dim=1).mean()
 
 
-def weighted_score_distillation_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_score_distillation_loss(
+    student_scores: torch.Tensor, teacher_scores: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Score distillation: binary cross-entropy between the student's and the teacher's class scores (probabilities)
     at each location, averaged over classes, and over locations weighted by `weights`.
 

@@ -35,7 +35,9 @@ def classification_metrics(
     """
     logits, labels = np.asarray(logits), np.asarray(labels).astype(np.int64)
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"Expected logits (num_samples, num_classes) and labels (num_samples,), got {logits.shape} and {labels.shape}.")
+        raise ValueError(
+            f"Expected logits (num_samples, num_classes) and labels (num_samples,), got {logits.shape} and {labels.shape}."
+        )
     predictions = logits.argmax(axis=-1)
     metrics = {"accuracy": float((predictions == labels).mean())}
     if class_names is not None:
@@ -112,10 +114,15 @@ class SegmentationMetrics:
         self.running = np.zeros((num_labels, num_labels), dtype=np.int64)
 
     def confusion_matrix(self, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        predictions, labels = _numpy(predictions).reshape(-1).astype(np.int64), _numpy(labels).reshape(-1).astype(np.int64)
+        predictions, labels = (
+            _numpy(predictions).reshape(-1).astype(np.int64),
+            _numpy(labels).reshape(-1).astype(np.int64),
+        )
         if predictions.shape != labels.shape:
-            raise ValueError(f"Predictions ({predictions.size} pixels) and labels ({labels.size}) differ in size: "
-                             "pass class-index maps at the labels' resolution (`segmentation_predictions`).")
+            raise ValueError(
+                f"Predictions ({predictions.size} pixels) and labels ({labels.size}) differ in size: "
+                "pass class-index maps at the labels' resolution (`segmentation_predictions`)."
+            )
         valid = (labels >= 0) & (labels < self.num_labels)
         index = labels[valid] * self.num_labels + predictions[valid]
         return np.bincount(index, minlength=self.num_labels**2).reshape(self.num_labels, self.num_labels)
@@ -125,15 +132,19 @@ class SegmentationMetrics:
         union = confusion.sum(0) + confusion.sum(1) - true_positives
         present = union > 0
         iou = np.where(present, true_positives / np.maximum(union, 1), np.nan)
-        metrics = {"mean_iou": float(np.nanmean(iou)) if present.any() else 0.0,
-                   "pixel_accuracy": float(true_positives.sum() / max(confusion.sum(), 1))}
+        metrics = {
+            "mean_iou": float(np.nanmean(iou)) if present.any() else 0.0,
+            "pixel_accuracy": float(true_positives.sum() / max(confusion.sum(), 1)),
+        }
         for index, name in enumerate(self.class_names or []):
             if present[index]:
                 metrics[f"iou_{metric_name(name)}"] = float(iou[index])
         return metrics
 
     def __call__(self, prediction: EvalPrediction, compute_result: bool | None = None) -> dict[str, float]:
-        predictions = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predictions = (
+            prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        )
         confusion = self.confusion_matrix(predictions, prediction.label_ids)
         if compute_result is None:  # whole evaluation set at once
             return self.from_confusion_matrix(confusion)
@@ -192,22 +203,45 @@ def coco_detection_metrics(
     for image_id, (truth, prediction) in enumerate(zip(ground_truth, predictions)):
         height, width = (int(value) for value in truth["size"])
         images.append({"id": image_id, "height": height, "width": width})
-        for index, (box, label) in enumerate(zip(np.asarray(truth["boxes"]).reshape(-1, 4), np.asarray(truth["labels"]).reshape(-1))):
-            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box],
-                          "area": float(box[2] * box[3]), "iscrowd": int(truth["iscrowd"][index]) if "iscrowd" in truth else 0}
+        for index, (box, label) in enumerate(
+            zip(np.asarray(truth["boxes"]).reshape(-1, 4), np.asarray(truth["labels"]).reshape(-1))
+        ):
+            annotation = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [float(v) for v in box],
+                "area": float(box[2] * box[3]),
+                "iscrowd": int(truth["iscrowd"][index]) if "iscrowd" in truth else 0,
+            }
             if "masks" in truth:
                 annotation["segmentation"] = encode(truth["masks"][index])
                 annotation["area"] = float(np.asarray(truth["masks"][index]).sum())
             if "area" in truth:  # the data set's own areas (COCO: the segment's), which decide small/medium/large
                 annotation["area"] = float(truth["area"][index])
             annotations.append(annotation)
-        for index, (box, label, score) in enumerate(zip(np.asarray(prediction["boxes"]).reshape(-1, 4), np.asarray(prediction["labels"]).reshape(-1), np.asarray(prediction["scores"]).reshape(-1))):
-            detection = {"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box], "score": float(score)}
+        for index, (box, label, score) in enumerate(
+            zip(
+                np.asarray(prediction["boxes"]).reshape(-1, 4),
+                np.asarray(prediction["labels"]).reshape(-1),
+                np.asarray(prediction["scores"]).reshape(-1),
+            )
+        ):
+            detection = {
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [float(v) for v in box],
+                "score": float(score),
+            }
             if "masks" in prediction:
                 detection["segmentation"] = encode(prediction["masks"][index])
             detections.append(detection)
     truth_api = COCO()
-    truth_api.dataset = {"images": images, "annotations": annotations, "categories": [{"id": index} for index in range(num_labels)]}
+    truth_api.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": index} for index in range(num_labels)],
+    }
     metrics = {}
     with contextlib.redirect_stdout(io.StringIO()):
         truth_api.createIndex()

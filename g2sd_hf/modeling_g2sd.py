@@ -31,6 +31,7 @@ try:  # transformers >= 5.x moved the backbone utilities to the top level
 except ImportError:
     from transformers.utils.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
+
 from .losses import generic_distillation_loss, smooth_targets, soft_target_cross_entropy
 
 
@@ -110,7 +111,9 @@ class G2SDImageClassifierOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------------------------
 # Position embeddings and masking
 # --------------------------------------------------------------------------------------------------------------------
-def get_2d_sincos_position_embeddings(embed_dim: int, grid_size: tuple[int, int], add_cls_token: bool = True) -> torch.Tensor:
+def get_2d_sincos_position_embeddings(
+    embed_dim: int, grid_size: tuple[int, int], add_cls_token: bool = True
+) -> torch.Tensor:
     """The fixed 2-D sin-cos position embeddings of MAE, in its exact layout.
 
     The first half of the channels encodes the column of a patch and the second half its row (MAE's
@@ -151,7 +154,9 @@ def interpolate_position_embeddings(
     cls_position, patch_positions = position_embeddings[:, :1], position_embeddings[:, 1:]
     dim = position_embeddings.shape[-1]
     patch_positions = patch_positions.reshape(1, *grid_size, dim).permute(0, 3, 1, 2)
-    patch_positions = F.interpolate(patch_positions.float(), size=tuple(new_grid_size), mode="bicubic", align_corners=False)
+    patch_positions = F.interpolate(
+        patch_positions.float(), size=tuple(new_grid_size), mode="bicubic", align_corners=False
+    )
     patch_positions = patch_positions.to(position_embeddings.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([cls_position, patch_positions], dim=1)
 
@@ -190,7 +195,9 @@ def random_masking(
     return visible, mask, ids_restore
 
 
-def restore_with_mask_tokens(tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+def restore_with_mask_tokens(
+    tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor
+) -> torch.Tensor:
     """Append mask tokens for the dropped patches and put every patch back in image order (MAE's decoder input).
 
     Args:
@@ -270,7 +277,9 @@ class G2SDEmbeddings(nn.Module):
             )
         embeddings = self.patch_embeddings(pixel_values)  # (batch, num_patches, hidden)
 
-        position_embeddings = interpolate_position_embeddings(self.position_embeddings, self.config.grid_size, grid_size)
+        position_embeddings = interpolate_position_embeddings(
+            self.position_embeddings, self.config.grid_size, grid_size
+        )
         # The float32 position embeddings promote the residual stream to float32 under autocast, as in MAE and timm.
         embeddings = embeddings + position_embeddings[:, 1:]
 
@@ -301,7 +310,9 @@ def eager_attention_forward(
         attention_scores = attention_scores + attention_mask
     attention_probs = F.softmax(attention_scores, dim=-1, dtype=torch.float32).to(query.dtype)
     attention_probs = F.dropout(attention_probs, p=dropout, training=module.training)
-    attention_output = torch.matmul(attention_probs, value).transpose(1, 2).contiguous()  # (batch, tokens, heads, head_dim)
+    attention_output = (
+        torch.matmul(attention_probs, value).transpose(1, 2).contiguous()
+    )  # (batch, tokens, heads, head_dim)
     return attention_output, attention_probs
 
 
@@ -318,7 +329,9 @@ class G2SDAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.projection = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_attention_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, head_dim)
@@ -365,8 +378,14 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
 class G2SDLayer(GradientCheckpointingLayer):
     """A pre-norm transformer block: `x + attention(norm1(x))`, then `x + mlp(norm2(x))`, with stochastic depth."""
 
-    def __init__(self, config: G2SDConfig, hidden_size: int, num_attention_heads: int, intermediate_size: int,
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        config: G2SDConfig,
+        hidden_size: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.attention = G2SDAttention(config, hidden_size, num_attention_heads)
@@ -392,7 +411,9 @@ class G2SDLayer(GradientCheckpointingLayer):
             attention_output, attention_probs = self.attention(windows, attention_mask)
             attention_output = window_unpartition(attention_output, size, padded, grid).view(batch_size, -1, dim)
         hidden_states = hidden_states + drop_path(attention_output, self.drop_path_rate, self.training)
-        hidden_states = hidden_states + drop_path(self.mlp(self.norm2(hidden_states)), self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(
+            self.mlp(self.norm2(hidden_states)), self.drop_path_rate, self.training
+        )
         return hidden_states, attention_probs
 
 
@@ -553,7 +574,9 @@ class G2SDModel(G2SDPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         embeddings, mask, ids_restore = self.embeddings(pixel_values, mask_ratio, noise, interpolate_pos_encoding)
-        sequence, hidden_states, attentions = _run_layers(self.layers, embeddings, output_hidden_states, output_attentions)
+        sequence, hidden_states, attentions = _run_layers(
+            self.layers, embeddings, output_hidden_states, output_attentions
+        )
 
         if self.config.use_mean_pooling:
             pooled = self.fc_norm(sequence[:, self.embeddings.num_prefix_tokens :].mean(dim=1))
@@ -583,15 +606,23 @@ class G2SDDecoder(nn.Module):
             torch.zeros(1, config.num_patches + 1, config.decoder_hidden_size), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            G2SDLayer(config, config.decoder_hidden_size, config.decoder_num_attention_heads,
-                      config.decoder_intermediate_size)
+            G2SDLayer(
+                config,
+                config.decoder_hidden_size,
+                config.decoder_num_attention_heads,
+                config.decoder_intermediate_size,
+            )
             for _ in range(config.decoder_num_hidden_layers)
         )
 
-    def forward(self, encoder_output: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, encoder_output: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]
+    ) -> torch.Tensor:
         hidden_states = self.decoder_embed(encoder_output)  # (batch, 1 + num_visible, decoder_hidden)
         hidden_states = restore_with_mask_tokens(hidden_states, self.mask_token, ids_restore)
-        position_embeddings = interpolate_position_embeddings(self.position_embeddings, self.config.grid_size, grid_size)
+        position_embeddings = interpolate_position_embeddings(
+            self.position_embeddings, self.config.grid_size, grid_size
+        )
         hidden_states = hidden_states + position_embeddings  # (batch, 1 + num_patches, decoder_hidden)
         hidden_states, _, _ = _run_layers(self.layers, hidden_states, False, False)
         return hidden_states
@@ -669,7 +700,10 @@ class G2SDForGenericDistillation(G2SDPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        grid_size = tuple(size // patch for size, patch in zip(pixel_values.shape[-2:], self.g2sd.embeddings.patch_embeddings.patch_size))
+        grid_size = tuple(
+            size // patch
+            for size, patch in zip(pixel_values.shape[-2:], self.g2sd.embeddings.patch_embeddings.patch_size)
+        )
         decoded = self.decoder(encoder_outputs.last_hidden_state, encoder_outputs.ids_restore, grid_size)
         predicted_features = self.feature_head(decoded)  # (batch, 1 + num_patches, target_hidden)
 
@@ -822,17 +856,23 @@ def window_partition(hidden_states: torch.Tensor, window_size: int) -> tuple[tor
     pad_height, pad_width = (-height) % window_size, (-width) % window_size
     hidden_states = F.pad(hidden_states, (0, 0, 0, pad_width, 0, pad_height))
     padded_height, padded_width = height + pad_height, width + pad_width
-    windows = hidden_states.view(batch_size, padded_height // window_size, window_size, padded_width // window_size, window_size, dim)
+    windows = hidden_states.view(
+        batch_size, padded_height // window_size, window_size, padded_width // window_size, window_size, dim
+    )
     windows = windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, dim)
     return windows, (padded_height, padded_width)
 
 
-def window_unpartition(windows: torch.Tensor, window_size: int, padded_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, padded_size: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
     """Undo `window_partition`: back to `(batch, height, width, dim)` without the padding."""
     padded_height, padded_width = padded_size
     dim = windows.shape[-1]
     batch_size = windows.shape[0] // ((padded_height // window_size) * (padded_width // window_size))
-    hidden_states = windows.view(batch_size, padded_height // window_size, padded_width // window_size, window_size, window_size, dim)
+    hidden_states = windows.view(
+        batch_size, padded_height // window_size, padded_width // window_size, window_size, window_size, dim
+    )
     hidden_states = hidden_states.permute(0, 1, 3, 2, 4, 5).reshape(batch_size, padded_height, padded_width, dim)
     return hidden_states[:, : size[0], : size[1]].contiguous()
 

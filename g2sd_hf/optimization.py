@@ -93,7 +93,12 @@ def parameter_groups(
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay not in (None, 1.0) else 1.0
         group = groups.setdefault(
             (layer, no_decay),
-            {"params": [], "lr": learning_rate * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay},
+            {
+                "params": [],
+                "lr": learning_rate * scale,
+                "lr_scale": scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            },
         )
         group["params"].append(parameter)
     return sorted(groups.values(), key=lambda group: -group["lr_scale"])

@@ -22,7 +22,13 @@ SHAPE_CLASSES = ("circle", "square", "triangle")
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """A textured RGB background: smooth noise + stripes + a gradient, in a random palette."""
     coarse = rng.random((size // 8 + 2, size // 8 + 2, 3))
-    noise = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    noise = (
+        np.asarray(
+            Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC),
+            dtype=np.float32,
+        )
+        / 255
+    )
     y, x = np.mgrid[0:size, 0:size] / size
     angle, frequency = rng.uniform(0, np.pi), rng.uniform(3, 10)
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)))
@@ -82,7 +88,14 @@ def make_shape_example(index: int, image_size: int = 64, max_objects: int = 3, s
             continue
         semantic[visible] = category + 1
         rows, columns = np.nonzero(visible)
-        objects["bbox"].append([float(columns.min()), float(rows.min()), float(columns.max() - columns.min() + 1), float(rows.max() - rows.min() + 1)])
+        objects["bbox"].append(
+            [
+                float(columns.min()),
+                float(rows.min()),
+                float(columns.max() - columns.min() + 1),
+                float(rows.max() - rows.min() + 1),
+            ]
+        )
         objects["category"].append(category)
         objects["area"].append(float(visible.sum()))
         objects["id"].append(instance_id)
@@ -90,7 +103,9 @@ def make_shape_example(index: int, image_size: int = 64, max_objects: int = 3, s
     return {"image": image, "semantic_mask": Image.fromarray(semantic), "instance_mask": instance, "objects": objects}
 
 
-def make_shapes_dataset(num_images: int, image_size: int = 64, max_objects: int = 3, seed: int = 0) -> datasets.Dataset:
+def make_shapes_dataset(
+    num_images: int, image_size: int = 64, max_objects: int = 3, seed: int = 0
+) -> datasets.Dataset:
     """`num_images` generated images (see the module docstring), as a `datasets.Dataset`.
 
     Example:

@@ -18,7 +18,10 @@ from transformers import (
     ViTMAEForPreTraining,
     ViTMAEModel,
 )
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # every MAE checkpoint's normalization
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+)  # every MAE checkpoint's normalization
 from transformers.utils import logging
 
 from .checkpoints import readable_weights
@@ -28,7 +31,6 @@ from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embedding
 
 
 logger = logging.get_logger(__name__)
-
 
 
 def _as_tuple(values: Sequence[float] | float, num_channels: int) -> tuple[float, ...]:
@@ -46,7 +48,9 @@ class _FrozenTeacher(nn.Module):
         self.model = model
         config = model.config
         # A detection / segmentation head keeps the channels in its backbone's config.
-        num_channels = getattr(config, "num_channels", None) or getattr(getattr(config, "backbone_config", None), "num_channels", 3)
+        num_channels = getattr(config, "num_channels", None) or getattr(
+            getattr(config, "backbone_config", None), "num_channels", 3
+        )
         self.image_mean = _as_tuple(image_mean, num_channels)
         self.image_std = _as_tuple(image_std, num_channels)
         self.input_mean, self.input_std = self.image_mean, self.image_std
@@ -110,7 +114,8 @@ class _FrozenTeacher(nn.Module):
             return image_mean, image_std
         try:
             processor = AutoImageProcessor.from_pretrained(
-                name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
+                name_or_path,
+                **{k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")},
             )
         except (OSError, ValueError) as error:
             raise ValueError(
@@ -159,8 +164,19 @@ def classifier_from_mae(
     ```
     """
     encoder = mae.vit if isinstance(mae, ViTMAEForPreTraining) else mae
-    fields = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "initializer_range")
+    fields = (
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "qkv_bias",
+        "initializer_range",
+    )
     config = ViTConfig(**{name: getattr(mae.config, name) for name in fields}, num_labels=num_labels)
     if id2label is not None:
         config.id2label = dict(id2label)
@@ -250,7 +266,9 @@ class MAETeacher(_FrozenTeacher):
         Other keyword arguments (`dtype`, `revision`, ...) go to `ViTMAEForPreTraining.from_pretrained`.
         """
         with readable_weights(name_or_path):
-            model, loading_info = ViTMAEForPreTraining.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+            model, loading_info = ViTMAEForPreTraining.from_pretrained(
+                name_or_path, output_loading_info=True, **kwargs
+            )
         missing = sorted(loading_info.get("missing_keys", []))
         if missing:
             decoder_missing = [key for key in missing if key.startswith("decoder.")]
@@ -329,7 +347,11 @@ class ClassificationTeacher(_FrozenTeacher):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None, **kwargs
+        cls,
+        name_or_path: str,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs,
     ) -> "ClassificationTeacher":
         """Load with `AutoModelForImageClassification`, refusing a checkpoint whose classifier was not trained."""
         with readable_weights(name_or_path):
@@ -366,7 +388,9 @@ class ClassificationTeacher(_FrozenTeacher):
                 "the same label set, or build the student with the teacher's num_labels / id2label."
             )
         if any(_placeholder_labels(names) for names in (teacher, student)):
-            logger.warning("The teacher's or the student's classes have no names (LABEL_0, ...): they are matched by index.")
+            logger.warning(
+                "The teacher's or the student's classes have no names (LABEL_0, ...): they are matched by index."
+            )
             return
         if sorted(teacher.values()) != sorted(student.values()):
             only_teacher = sorted(set(teacher.values()) - set(student.values()))

@@ -17,6 +17,12 @@ from transformers.utils import logging
 
 from .configuration_g2sd import to_pair
 from .hub import build_model_card
+from .learning_check import (
+    classification_evaluation_warnings,
+    classification_training_warnings,
+    no_step_warning,
+    regression_training_warnings,
+)
 from .losses import (
     feature_loss_per_token,
     hard_distillation_loss,
@@ -28,12 +34,6 @@ from .losses import (
     specific_distillation_loss,
 )
 from .modeling_g2sd import G2SDForGenericDistillation
-from .learning_check import (
-    classification_evaluation_warnings,
-    classification_training_warnings,
-    no_step_warning,
-    regression_training_warnings,
-)
 from .optimization import FINE_TUNING_NO_DECAY_NAMES, parameter_groups
 from .recipes import DEFAULT_RECIPE, RECIPES, SMALL_RUN_STEPS
 from .teacher import ClassificationTeacher, MAETeacher
@@ -71,37 +71,49 @@ class RecipeConfig(TrainingArguments):
             "linear scaling rule). Set False to use learning_rate as is."
         },
     )
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."}
+    )
     lr_scheduler_type: str = field(
         default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule (cosine down to min_learning_rate)."}
     )
     min_learning_rate: float = field(
         default=0.0,
-        metadata={"help": "Where the cosine schedule ends (lr_scheduler_type cosine_with_min_lr); layer-decayed groups "
-                  "end at this times their scale, as in the release."},
+        metadata={
+            "help": "Where the cosine schedule ends (lr_scheduler_type cosine_with_min_lr); layer-decayed groups "
+            "end at this times their scale, as in the release."
+        },
     )
     max_grad_norm: float = field(
-        default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables clipping (the release never clips)."}
+        default=0.0,
+        metadata={"help": "Clip the gradient norm to this; 0 disables clipping (the release never clips)."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the raw image column: the data transforms turn it into pixel_values."}
     )
     recipe: str = field(
         default=DEFAULT_RECIPE,
-        metadata={"help": "Named defaults for the arguments not given explicitly: 'release' (the authors' ImageNet "
-                  "recipe) or 'small-data' (a few thousand images: plain augmentation, unscaled lr 1e-3). See "
-                  "g2sd_hf.recipes.", "choices": sorted(RECIPES)},
+        metadata={
+            "help": "Named defaults for the arguments not given explicitly: 'release' (the authors' ImageNet "
+            "recipe) or 'small-data' (a few thousand images: plain augmentation, unscaled lr 1e-3). See "
+            "g2sd_hf.recipes.",
+            "choices": sorted(RECIPES),
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start a new run in an output_dir that holds another run's checkpoints or finished model (its "
-                  "checkpoints are not resumed; same-named files are replaced, nothing else is removed). Without it, "
-                  "the example scripts resume only a run started with the same arguments and refuse anything else."},
+        metadata={
+            "help": "Start a new run in an output_dir that holds another run's checkpoints or finished model (its "
+            "checkpoints are not resumed; same-named files are replaced, nothing else is removed). Without it, "
+            "the example scripts resume only a run started with the same arguments and refuse anything else."
+        },
     )
     dataloader_num_workers: int = field(
         default_factory=default_dataloader_workers,
-        metadata={"help": "Data-loader worker processes per training process (default: the CPUs available to each "
-                  "local process, at most 8). Decoding and augmenting images in the main process starves the model."},
+        metadata={
+            "help": "Data-loader worker processes per training process (default: the CPUs available to each "
+            "local process, at most 8). Decoding and augmenting images in the main process starves the model."
+        },
     )
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep the data-loader workers between epochs (ignored without workers)."}
@@ -123,7 +135,10 @@ class RecipeConfig(TrainingArguments):
         if _value(self.lr_scheduler_type) == "cosine_with_min_lr" and not (
             isinstance(kwargs, dict) and {"min_lr", "min_lr_rate"} & kwargs.keys()
         ):
-            self.lr_scheduler_kwargs = {**(kwargs if isinstance(kwargs, dict) else {}), "min_lr": self.min_learning_rate}
+            self.lr_scheduler_kwargs = {
+                **(kwargs if isinstance(kwargs, dict) else {}),
+                "min_lr": self.min_learning_rate,
+            }
 
 
 @dataclass
@@ -142,8 +157,12 @@ class GenericDistillationConfig(RecipeConfig):
         default=1.5e-4, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 in MAE and G2SD)."})
-    min_learning_rate: float = field(default=2.5e-6, metadata={"help": "Where the cosine schedule ends (2.5e-6 in G2SD)."})
-    warmup_steps: float = field(default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
+    min_learning_rate: float = field(
+        default=2.5e-6, metadata={"help": "Where the cosine schedule ends (2.5e-6 in G2SD)."}
+    )
+    warmup_steps: float = field(
+        default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."}
+    )
     num_train_epochs: float = field(default=300.0, metadata={"help": "Training epochs (300 in G2SD)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
 
@@ -184,9 +203,7 @@ class SpecificDistillationConfig(RecipeConfig):
 
     def __post_init__(self):
         if self.distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(
-                f"distillation_type must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}."
-            )
+            raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}.")
         if self.distillation_beta < 0 or self.distillation_temperature <= 0:
             raise ValueError(
                 "distillation_beta must be >= 0 and distillation_temperature > 0, got "
@@ -245,19 +262,29 @@ class RecipeTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
-        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+            self.args, model
+        )
         if {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys():
             # Optimizers that build their own parameter groups (GaLore, LOMO, ...): the Trainer's way, no recipe groups.
-            logger.warning(f"{self.args.optim} builds its own parameter groups: the recipe's weight-decay and "
-                           "layer-decay groups are not applied.")
+            logger.warning(
+                f"{self.args.optim} builds its own parameter groups: the recipe's weight-decay and "
+                "layer-decay groups are not applied."
+            )
             return super().create_optimizer(model)
-        groups = parameter_groups(model, self.peak_learning_rate, self.args.weight_decay, self._layer_decay(), self._no_decay_names)
+        groups = parameter_groups(
+            model, self.peak_learning_rate, self.args.weight_decay, self._layer_decay(), self._no_decay_names
+        )
         self.optimizer = optimizer_cls(groups, **{**optimizer_kwargs, "lr": self.peak_learning_rate})
         logger.info(f"Peak learning rate {self.peak_learning_rate:.3g} over {len(groups)} parameter groups.")
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        min_learning_rate = (self.args.lr_scheduler_kwargs or {}).get("min_lr") if isinstance(self.args.lr_scheduler_kwargs, dict) else None
+        min_learning_rate = (
+            (self.args.lr_scheduler_kwargs or {}).get("min_lr")
+            if isinstance(self.args.lr_scheduler_kwargs, dict)
+            else None
+        )
         if min_learning_rate is not None and min_learning_rate >= self.peak_learning_rate:
             raise ValueError(
                 f"The schedule would end at min_learning_rate={min_learning_rate:g}, above the peak learning rate "
@@ -277,9 +304,15 @@ class RecipeTrainer(Trainer):
     def _learning_causes(self) -> str:
         causes = []
         if getattr(self.args, "recipe", None) == "release":
-            causes.append("a recipe too regularized for this many steps (the release's mixup/cutmix, RandAugment, random "
-                          "erasing and label smoothing are made for hundreds of epochs; --recipe small-data turns them off)")
-        scaled = " after the batch-size scaling (learning_rate x total batch / 256)" if getattr(self.args, "scale_lr_with_batch_size", False) else ""
+            causes.append(
+                "a recipe too regularized for this many steps (the release's mixup/cutmix, RandAugment, random "
+                "erasing and label smoothing are made for hundreds of epochs; --recipe small-data turns them off)"
+            )
+        scaled = (
+            " after the batch-size scaling (learning_rate x total batch / 256)"
+            if getattr(self.args, "scale_lr_with_batch_size", False)
+            else ""
+        )
         causes.append(f"a learning rate too low or too high{scaled}: peak {self.peak_learning_rate:.3g}")
         causes.append(f"too few steps ({self.state.global_step})")
         return "Likely causes: " + "; ".join(causes) + "."
@@ -287,7 +320,9 @@ class RecipeTrainer(Trainer):
     def _check_training(self) -> list[str]:
         warnings = no_step_warning(self.state.global_step)
         if not warnings and self._progress_loss_key is not None:
-            warnings = regression_training_warnings(self.state.log_history, self._progress_loss_key, self._progress_loss_name)
+            warnings = regression_training_warnings(
+                self.state.log_history, self._progress_loss_key, self._progress_loss_name
+            )
         return warnings
 
     def _check_evaluation(self, metrics: dict, metric_key_prefix: str) -> list[str]:
@@ -307,10 +342,17 @@ class RecipeTrainer(Trainer):
         """
         model = self.model if model is None else model
         weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if not isinstance(model, PreTrainedModel) or not os.path.isfile(weights) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if (
+            not isinstance(model, PreTrainedModel)
+            or not os.path.isfile(weights)
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         loaded, info = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype, output_loading_info=True)
-        problems = {kind: keys for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))}
+        problems = {
+            kind: keys for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))
+        }
         if problems:
             raise ValueError(
                 f"The checkpoint {resume_from_checkpoint} does not hold this model's weights ({problems}). Resume from a "
@@ -318,7 +360,9 @@ class RecipeTrainer(Trainer):
             )
         model.load_state_dict(loaded.state_dict(), strict=True)
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+    def _get_dataloader(
+        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
+    ):
         # `dataloader_drop_last` is for training (every step a full batch); evaluation scores every image.
         drop_last = self.args.dataloader_drop_last
         if not is_training:
@@ -426,20 +470,38 @@ class DistillationTrainer(RecipeTrainer):
         values = {
             "peak learning rate": self.peak_learning_rate,
             "total batch size": self.total_train_batch_size,
-            "epochs" if args.max_steps <= 0 else "steps": args.num_train_epochs if args.max_steps <= 0 else args.max_steps,
+            "epochs" if args.max_steps <= 0 else "steps": args.num_train_epochs
+            if args.max_steps <= 0
+            else args.max_steps,
             "optimizer": f"{_value(args.optim)} (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
             "schedule": f"{_value(args.lr_scheduler_type)}, warm-up {args.warmup_steps:.3g}"
             + (" of the steps" if 0 < args.warmup_steps < 1 else " steps")
-            + (f", down to {args.lr_scheduler_kwargs['min_lr']:g}" if isinstance(args.lr_scheduler_kwargs, dict) and "min_lr" in args.lr_scheduler_kwargs else ""),
-            "gradient clipping": f"max norm {args.max_grad_norm:g}" if args.max_grad_norm and args.max_grad_norm > 0 else "none",
+            + (
+                f", down to {args.lr_scheduler_kwargs['min_lr']:g}"
+                if isinstance(args.lr_scheduler_kwargs, dict) and "min_lr" in args.lr_scheduler_kwargs
+                else ""
+            ),
+            "gradient clipping": f"max norm {args.max_grad_norm:g}"
+            if args.max_grad_norm and args.max_grad_norm > 0
+            else "none",
             "recipe": getattr(args, "recipe", None) or "-",
             "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "seed": args.seed,
         }
         return values
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
         """Write the G2SD model card (`README.md`) into `output_dir`; `push_to_hub` calls this before uploading."""
         if not self.is_world_process_zero():
             return
@@ -509,13 +571,17 @@ class GenericDistillationTrainer(DistillationTrainer):
     model_card_stage = "generic-distillation"
     _progress_loss_name = "L_GD, the generic-distillation loss,"
 
-    def __init__(self, model: G2SDForGenericDistillation, teacher: MAETeacher | ViTMAEForPreTraining, args=None, **kwargs):
+    def __init__(
+        self, model: G2SDForGenericDistillation, teacher: MAETeacher | ViTMAEForPreTraining, args=None, **kwargs
+    ):
         if not isinstance(model, G2SDForGenericDistillation):
             raise TypeError(f"The student must be a G2SDForGenericDistillation, got {type(model).__name__}.")
         if isinstance(teacher, PreTrainedModel):
             teacher = MAETeacher(teacher)
         if not isinstance(teacher, MAETeacher):
-            raise TypeError(f"The teacher must be an MAETeacher or a ViTMAEForPreTraining, got {type(teacher).__name__}.")
+            raise TypeError(
+                f"The teacher must be an MAETeacher or a ViTMAEForPreTraining, got {type(teacher).__name__}."
+            )
         check_generic_distillation_pair(model, teacher)
         if teacher.mask_ratio != model.config.mask_ratio:
             logger.info(f"Teacher mask ratio set to the student's ({model.config.mask_ratio}).")
@@ -658,7 +724,13 @@ class SpecificDistillationTrainer(DistillationTrainer):
     _no_decay_names = FINE_TUNING_NO_DECAY_NAMES
     _progress_loss_key = None  # the task loss is checked against the chance level instead
 
-    def __init__(self, model: PreTrainedModel, teacher: ClassificationTeacher | PreTrainedModel | None = None, args=None, **kwargs):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        teacher: ClassificationTeacher | PreTrainedModel | None = None,
+        args=None,
+        **kwargs,
+    ):
         if args is None:
             args = SpecificDistillationConfig(output_dir="g2sd-specific-distillation")
         distillation_type = getattr(args, "distillation_type", "none")
@@ -671,7 +743,9 @@ class SpecificDistillationTrainer(DistillationTrainer):
             )
         if teacher is not None:
             if not isinstance(teacher, ClassificationTeacher):
-                raise TypeError(f"The teacher must be a ClassificationTeacher or a PreTrainedModel, got {type(teacher).__name__}.")
+                raise TypeError(
+                    f"The teacher must be a ClassificationTeacher or a PreTrainedModel, got {type(teacher).__name__}."
+                )
             check_specific_distillation_pair(model, teacher)
             self._accept_student_normalization(teacher, kwargs.get("processing_class"))
         super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
@@ -691,11 +765,15 @@ class SpecificDistillationTrainer(DistillationTrainer):
     def _check_training(self) -> list[str]:
         warnings = super()._check_training()
         if not warnings:
-            warnings = classification_training_warnings(self.state.log_history, self._num_labels, "task_loss", self._learning_causes())
+            warnings = classification_training_warnings(
+                self.state.log_history, self._num_labels, "task_loss", self._learning_causes()
+            )
         return warnings
 
     def _check_evaluation(self, metrics: dict, metric_key_prefix: str) -> list[str]:
-        return classification_evaluation_warnings(metrics, self._num_labels, f"{metric_key_prefix}_", self._learning_causes())
+        return classification_evaluation_warnings(
+            metrics, self._num_labels, f"{metric_key_prefix}_", self._learning_causes()
+        )
 
     def _card_hyperparameters(self) -> dict:
         args = self.args
@@ -756,7 +834,9 @@ class SpecificDistillationTrainer(DistillationTrainer):
             return hard_distillation_loss(student_logits, teacher_logits)
         if kind == "soft":
             return soft_distillation_loss(student_logits, teacher_logits, self.args.distillation_temperature)
-        return nkd_loss(student_logits, teacher_logits, labels, self.args.distillation_temperature, self.args.nkd_gamma)
+        return nkd_loss(
+            student_logits, teacher_logits, labels, self.args.distillation_temperature, self.args.nkd_gamma
+        )
 
 
 def check_specific_distillation_pair(student: PreTrainedModel, teacher: ClassificationTeacher) -> None:

@@ -21,7 +21,10 @@ def saved(tmp_path):
 
 
 def test_an_mae_checkpoint_is_not_a_student(saved):
-    with pytest.raises(ValueError, match=r"mae does not hold the weights of a G2SDForImageClassification: \d+ of its encoder's weights are missing"):
+    with pytest.raises(
+        ValueError,
+        match=r"mae does not hold the weights of a G2SDForImageClassification: \d+ of its encoder's weights are missing",
+    ):
         load_image_classifier(str(saved / "mae"), G2SDForImageClassification, new_head="warn")
 
 
@@ -32,8 +35,14 @@ def test_a_generic_checkpoint_has_no_head_to_score_or_export(saved, caplog):
         export_to_transformers(str(saved / "generic"), str(saved / "exported"))
     assert not (saved / "exported").exists()
     with caplog.at_level(logging.WARNING):
-        model = load_image_classifier(str(saved / "generic"), G2SDForImageClassification, new_head="warn", num_labels=3)
-    assert isinstance(model, G2SDForImageClassification) and "classification head" in caplog.text and "is new" in caplog.text
+        model = load_image_classifier(
+            str(saved / "generic"), G2SDForImageClassification, new_head="warn", num_labels=3
+        )
+    assert (
+        isinstance(model, G2SDForImageClassification)
+        and "classification head" in caplog.text
+        and "is new" in caplog.text
+    )
 
 
 def test_a_fine_tuned_classifier_loads_as_is(saved):
@@ -46,12 +55,16 @@ def test_a_truncated_weights_file_is_named(saved):
 
     weights = saved / "classifier" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
-    for load in (lambda: load_image_classifier(str(saved / "classifier")),
-                 lambda: ClassificationTeacher.from_pretrained(str(saved / "classifier"))):
+    for load in (
+        lambda: load_image_classifier(str(saved / "classifier")),
+        lambda: ClassificationTeacher.from_pretrained(str(saved / "classifier")),
+    ):
         with pytest.raises(ValueError, match=rf"The weights in {weights} cannot be read .*damaged.*again"):
             load()
 
 
 def test_a_checkpoint_at_another_resolution_is_refused_with_the_sizes(saved):
-    with pytest.raises(ValueError, match=r"image_size 32 in the checkpoint, 64 asked\): its position embeddings do not fit"):
+    with pytest.raises(
+        ValueError, match=r"image_size 32 in the checkpoint, 64 asked\): its position embeddings do not fit"
+    ):
         load_image_classifier(str(saved / "classifier"), G2SDForImageClassification, new_head="warn", image_size=64)

@@ -34,9 +34,17 @@ def test_a_rerun_with_the_same_arguments_resumes_its_last_checkpoint(tmp_path):
 def test_a_run_with_other_arguments_is_refused_and_names_the_difference(tmp_path, change):
     interrupted_run(tmp_path, arguments(tmp_path), DataArguments(dataset_name="elpv"))
     training_args = arguments(tmp_path, learning_rate=5e-4) if change == "training" else arguments(tmp_path)
-    data = DataArguments(dataset_name="elpv", max_train_samples=100) if change == "data" else DataArguments(dataset_name="elpv")
-    expected = "learning_rate: 0.001 then, 0.0005 now" if change == "training" else "max_train_samples: None then, 100 now"
-    with pytest.raises(ValueError, match=rf"other arguments \({expected}\).*--overwrite_output_dir.*--resume_from_checkpoint"):
+    data = (
+        DataArguments(dataset_name="elpv", max_train_samples=100)
+        if change == "data"
+        else DataArguments(dataset_name="elpv")
+    )
+    expected = (
+        "learning_rate: 0.001 then, 0.0005 now" if change == "training" else "max_train_samples: None then, 100 now"
+    )
+    with pytest.raises(
+        ValueError, match=rf"other arguments \({expected}\).*--overwrite_output_dir.*--resume_from_checkpoint"
+    ):
         checkpoint_to_resume(training_args, data)
 
 
@@ -68,9 +76,19 @@ def test_config_overrides_are_parsed_and_unknown_names_refused():
     from g2sd_hf.cli import parse_overrides
 
     assert parse_overrides("hidden_size=96, qkv_bias=false,drop_path_rate=0.1,hidden_act=gelu", G2SDConfig) == {
-        "hidden_size": 96, "qkv_bias": False, "drop_path_rate": 0.1, "hidden_act": "gelu"}
-    assert parse_overrides("num_labels=3,decoder_hidden_size=64,norm_pix_loss=true", ViTMAEConfig)["norm_pix_loss"] is True
-    with pytest.raises(ValueError, match="Unknown config override 'hiden_size': G2SDConfig has no such setting. Did you mean hidden_size"):
+        "hidden_size": 96,
+        "qkv_bias": False,
+        "drop_path_rate": 0.1,
+        "hidden_act": "gelu",
+    }
+    assert (
+        parse_overrides("num_labels=3,decoder_hidden_size=64,norm_pix_loss=true", ViTMAEConfig)["norm_pix_loss"]
+        is True
+    )
+    with pytest.raises(
+        ValueError,
+        match="Unknown config override 'hiden_size': G2SDConfig has no such setting. Did you mean hidden_size",
+    ):
         parse_overrides("hiden_size=8", G2SDConfig)
     with pytest.raises(ValueError, match="'decoder_depth'.*ViTMAEConfig"):
         parse_overrides("decoder_depth=4", ViTMAEConfig)
@@ -90,7 +108,9 @@ def test_a_second_main_process_on_one_output_dir_is_refused(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename, "world_size": 1}))
-        with pytest.raises(RuntimeError, match=rf"process {other.pid}, 1 process\(es\)\) is writing .*ACCELERATE_USE_CPU=true"):
+        with pytest.raises(
+            RuntimeError, match=rf"process {other.pid}, 1 process\(es\)\) is writing .*ACCELERATE_USE_CPU=true"
+        ):
             checkpoint_to_resume(arguments(tmp_path))
         assert not (tmp_path / RUN_ARGUMENTS).exists()
     finally:

@@ -4,14 +4,13 @@ independent implementation (timm's modules and the release's forward written out
 import argparse
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import timm
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
-from functools import partial
-
 from torch import nn
 
 from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification, MAETeacher
@@ -27,8 +26,16 @@ LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 def timm_vit(num_classes=5, global_pool="token", depth=2, width=32, heads=2, seed=0):
     torch.manual_seed(seed)
     model = VisionTransformer(
-        img_size=IMAGE_SIZE, patch_size=PATCH_SIZE, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4,
-        qkv_bias=True, num_classes=num_classes, global_pool=global_pool, fc_norm=global_pool == "avg",
+        img_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4,
+        qkv_bias=True,
+        num_classes=num_classes,
+        global_pool=global_pool,
+        fc_norm=global_pool == "avg",
         norm_layer=LAYER_NORM,
     )
     with torch.no_grad():  # no zero-initialized tensor may hide a mapping error
@@ -39,8 +46,16 @@ def timm_vit(num_classes=5, global_pool="token", depth=2, width=32, heads=2, see
 
 def save_release_file(path, state_dict):
     """What the release's `misc.save_model` writes: model, optimizer, epoch, scaler and the argparse arguments."""
-    torch.save({"model": state_dict, "optimizer": {"state": {}, "param_groups": []}, "epoch": 199, "scaler": {},
-                "args": argparse.Namespace(model="vit_tiny_patch16", blr=1e-3)}, path)
+    torch.save(
+        {
+            "model": state_dict,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 199,
+            "scaler": {},
+            "args": argparse.Namespace(model="vit_tiny_patch16", blr=1e-3),
+        },
+        path,
+    )
     return path
 
 
@@ -49,7 +64,13 @@ def test_distilled_classifier_matches_the_release_forward(tmp_path):
     state_dict = dict(vit.state_dict())
     torch.manual_seed(1)
     head_dist = nn.Linear(32, 5)
-    state_dict.update({"dist_token": torch.randn(1, 1, 32) * 0.02, "head_dist.weight": head_dist.weight.detach(), "head_dist.bias": head_dist.bias.detach()})
+    state_dict.update(
+        {
+            "dist_token": torch.randn(1, 1, 32) * 0.02,
+            "head_dist.weight": head_dist.weight.detach(),
+            "head_dist.bias": head_dist.bias.detach(),
+        }
+    )
     path = save_release_file(tmp_path / "checkpoint.pth", state_dict)
 
     model = convert_official_checkpoint(path, "classifier", tmp_path / "converted", num_attention_heads=2)
@@ -72,9 +93,17 @@ def test_distilled_classifier_matches_the_release_forward(tmp_path):
 def test_plain_classifier_matches_timm(tmp_path, global_pool):
     vit = timm_vit(global_pool=global_pool)
     path = save_release_file(tmp_path / "checkpoint.pth", vit.state_dict())
-    model = convert_official_checkpoint(path, "classifier", tmp_path / "converted", preset="vit_tiny_patch16",
-                                        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                        patch_size=PATCH_SIZE)
+    model = convert_official_checkpoint(
+        path,
+        "classifier",
+        tmp_path / "converted",
+        preset="vit_tiny_patch16",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        patch_size=PATCH_SIZE,
+    )
     assert model.config.use_mean_pooling == (global_pool == "avg")
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
@@ -85,14 +114,16 @@ def release_student_state_dict(seed=0):
     """A generic-distillation student in the release's `MaskedAutoencoderViT` layout, from timm modules."""
     encoder = timm_vit(num_classes=0, seed=seed)
     torch.manual_seed(seed + 1)
-    decoder = nn.ModuleDict({
-        "decoder_embed": nn.Linear(32, 16),
-        "decoder_blocks": nn.ModuleList(Block(16, 2, 4, qkv_bias=True, norm_layer=LAYER_NORM) for _ in range(2)),
-        "decoder_norm": nn.LayerNorm(16, eps=1e-6),
-        "decoder_pred": nn.Linear(16, PATCH_SIZE**2 * 3),
-        "decoderfeature_pred": Mlp(16, 24, 24),
-        "encoderfeature_pred": Mlp(32, 48, 48),
-    })
+    decoder = nn.ModuleDict(
+        {
+            "decoder_embed": nn.Linear(32, 16),
+            "decoder_blocks": nn.ModuleList(Block(16, 2, 4, qkv_bias=True, norm_layer=LAYER_NORM) for _ in range(2)),
+            "decoder_norm": nn.LayerNorm(16, eps=1e-6),
+            "decoder_pred": nn.Linear(16, PATCH_SIZE**2 * 3),
+            "decoderfeature_pred": Mlp(16, 24, 24),
+            "encoderfeature_pred": Mlp(32, 48, 48),
+        }
+    )
     state_dict = {**encoder.state_dict(), **{key: value.detach() for key, value in decoder.state_dict().items()}}
     state_dict["mask_token"] = torch.randn(1, 1, 16) * 0.02
     state_dict["pos_embed"] = get_2d_sincos_position_embeddings(32, (4, 4))[None]
@@ -124,10 +155,16 @@ def release_forward(state_dict, encoder, decoder, images, noise, mask_ratio=0.75
 def test_generic_student_matches_the_release_forward(tmp_path, pixel_values, noise):
     state_dict, encoder, decoder = release_student_state_dict()
     path = save_release_file(tmp_path / "student.pth", state_dict)
-    model = convert_official_checkpoint(path, "generic-student", tmp_path / "converted", num_attention_heads=2,
-                                        decoder_num_attention_heads=2)
+    model = convert_official_checkpoint(
+        path, "generic-student", tmp_path / "converted", num_attention_heads=2, decoder_num_attention_heads=2
+    )
     config = model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.decoder_hidden_size, config.target_hidden_size) == (32, 2, 16, 24)
+    assert (config.hidden_size, config.num_hidden_layers, config.decoder_hidden_size, config.target_hidden_size) == (
+        32,
+        2,
+        16,
+        24,
+    )
     with torch.no_grad():
         expected = release_forward(state_dict, encoder, decoder, pixel_values, noise)
         torch.testing.assert_close(model(pixel_values, noise=noise).predicted_features, expected, atol=1e-5, rtol=1e-5)
@@ -140,7 +177,12 @@ def test_mae_teacher_matches_the_release_forward(tmp_path, pixel_values, noise):
     for key in [key for key in state_dict if key.startswith(("decoderfeature_pred", "encoderfeature_pred"))]:
         del state_dict[key]
     path = save_release_file(tmp_path / "mae_pretrain_full.pth", state_dict)
-    overrides = dict(decoder_num_attention_heads=2, decoder_hidden_size=16, decoder_intermediate_size=64, decoder_num_hidden_layers=2)
+    overrides = dict(
+        decoder_num_attention_heads=2,
+        decoder_hidden_size=16,
+        decoder_intermediate_size=64,
+        decoder_num_hidden_layers=2,
+    )
     convert_official_checkpoint(path, "mae-teacher", tmp_path / "mae", num_attention_heads=2, **overrides)
     teacher = MAETeacher.from_pretrained(tmp_path / "mae", target_layer=2)  # its processor: ImageNet normalization
     with torch.no_grad():
@@ -150,7 +192,11 @@ def test_mae_teacher_matches_the_release_forward(tmp_path, pixel_values, noise):
 
 def test_encoder_only_mae_checkpoint_is_refused_and_nothing_is_written(tmp_path):
     state_dict, _, _ = release_student_state_dict()
-    encoder_only = {key: value for key, value in state_dict.items() if not key.startswith(("decoder", "mask_token", "encoderfeature"))}
+    encoder_only = {
+        key: value
+        for key, value in state_dict.items()
+        if not key.startswith(("decoder", "mask_token", "encoderfeature"))
+    }
     path = save_release_file(tmp_path / "mae_pretrain_vit.pth", encoder_only)
     with pytest.raises(ValueError, match=r"missing \d+: decoder_blocks\.0\..*needs its decoder"):
         convert_official_checkpoint(path, "mae-teacher", tmp_path / "out", num_attention_heads=2)
@@ -161,11 +207,15 @@ def test_mismatched_keys_and_shapes_are_listed(tmp_path):
     state_dict = dict(timm_vit().state_dict())
     del state_dict["blocks.1.mlp.fc2.bias"]
     state_dict["pre_logits.fc.weight"] = torch.ones(32, 32)
-    with pytest.raises(ValueError, match=r"missing 1: blocks\.1\.mlp\.fc2\.bias; unexpected 1: pre_logits\.fc\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing 1: blocks\.1\.mlp\.fc2\.bias; unexpected 1: pre_logits\.fc\.weight"
+    ):
         convert_state_dict(state_dict, "classifier", num_attention_heads=2)
     with pytest.raises(ValueError, match="Attention heads cannot be read from the weights: pass a preset"):
         convert_state_dict(dict(timm_vit().state_dict()), "classifier")
-    with pytest.raises(ValueError, match=r"shape mismatches .*blocks\.0\.attn\.qkv\.weight \(96, 32\) vs \(576, 192\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatches .*blocks\.0\.attn\.qkv\.weight \(96, 32\) vs \(576, 192\)"
+    ):
         convert_state_dict(dict(timm_vit().state_dict()), "classifier", preset="vit_tiny_patch16")
     with pytest.raises(ValueError, match="kind must be one of"):
         convert_state_dict(state_dict, "detector")
@@ -186,9 +236,21 @@ def test_only_tensors_and_namespaces_are_unpickled(tmp_path):
 def test_command_line(tmp_path):
     path = save_release_file(tmp_path / "checkpoint.pth", timm_vit().state_dict())
     result = subprocess.run(
-        [sys.executable, "-m", "g2sd_hf.convert", "--checkpoint", str(path), "--kind", "classifier", "--output",
-         str(tmp_path / "out"), "--config_overrides", "num_attention_heads=2"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "g2sd_hf.convert",
+            "--checkpoint",
+            str(path),
+            "--kind",
+            "classifier",
+            "--output",
+            str(tmp_path / "out"),
+            "--config_overrides",
+            "num_attention_heads=2",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert G2SDForImageClassification.from_pretrained(tmp_path / "out").config.num_labels == 5

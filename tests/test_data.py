@@ -78,7 +78,9 @@ def make_image_folder(root, corrupt: bool = True):
         folder = root / label
         folder.mkdir(parents=True)
         for index in range(6):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert(mode).save(folder / f"{index}.png")
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert(mode).save(
+                folder / f"{index}.png"
+            )
     if corrupt:
         (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     return root
@@ -93,7 +95,9 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
     assert "broken.png" in caplog.text and "Skipped 1 unreadable image" in caplog.text
     assert len(splits["train"]) + len(splits["validation"]) == 12
     assert splits["train"].features["label"].names == ["cat", "dog"]
-    pixels = splits["train"].with_transform(ImageTransform(evaluation_transform(32, [0.5] * 3, [0.5] * 3), with_labels=True))[0]
+    pixels = splits["train"].with_transform(
+        ImageTransform(evaluation_transform(32, [0.5] * 3, [0.5] * 3), with_labels=True)
+    )[0]
     assert pixels["pixel_values"].shape == (3, 32, 32)
 
 
@@ -116,7 +120,10 @@ def test_splits_with_different_classes_are_refused(tmp_path):
     extra = make_image_folder(tmp_path / "extra", corrupt=False)
     (extra / "bird").mkdir()
     Image.new("RGB", (40, 40)).save(extra / "bird" / "0.png")
-    with pytest.raises(ValueError, match=r"--train_dir .*train and --validation_dir .*extra hold different classes: \['bird'\] only in validation"):
+    with pytest.raises(
+        ValueError,
+        match=r"--train_dir .*train and --validation_dir .*extra hold different classes: \['bird'\] only in validation",
+    ):
         load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(extra))
     fewer = tmp_path / "fewer" / "cat"
     fewer.mkdir(parents=True)
@@ -141,7 +148,9 @@ def test_a_split_of_only_unreadable_images_is_an_error_naming_the_folder(tmp_pat
         (tmp_path / "train" / label).mkdir(parents=True)
         for index in range(3):
             (tmp_path / "train" / label / f"{index}.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=rf"None of the \d+ images of the train split \({tmp_path / 'train'}\) could be read"):
+    with pytest.raises(
+        ValueError, match=rf"None of the \d+ images of the train split \({tmp_path / 'train'}\) could be read"
+    ):
         prepare_splits(DataArguments(train_dir=str(tmp_path / "train"), validation_split=0.34), seed=0)
 
 
@@ -157,7 +166,9 @@ def test_one_class_folder_and_decompression_bomb_are_explained(tmp_path, monkeyp
         class_names(splits["train"])
 
     Image.new("RGB", (64, 64)).save(tmp_path / "large.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then more than twice the limit: refused by Pillow
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1000
+    )  # 64 x 64 is then more than twice the limit: refused by Pillow
     with pytest.raises(ValueError, match=r"large\.png: .*decompression bomb.*MAX_IMAGE_PIXELS"):
         open_rgb_image({"path": str(tmp_path / "large.png"), "bytes": None})
 
@@ -172,8 +183,10 @@ def test_transforms_produce_normalized_tensors(elpv):
     image = open_rgb_image(elpv["train"][3]["image"])
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     evaluated = evaluation_transform(64, mean, std, crop_ratio=1.0)
-    expected = (torch.from_numpy(np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC))).permute(2, 0, 1) / 255.0
-                - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    expected = (
+        torch.from_numpy(np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC))).permute(2, 0, 1) / 255.0
+        - torch.tensor(mean).view(3, 1, 1)
+    ) / torch.tensor(std).view(3, 1, 1)
     evaluated = evaluated(image)
     assert evaluated.shape == (3, 64, 64) and evaluated.dtype == torch.float32
     torch.testing.assert_close(evaluated, expected, atol=2 / 255 / 0.224, rtol=0)
@@ -195,15 +208,25 @@ def test_classification_metrics_by_hand():
     assert metrics["binary_accuracy"] == pytest.approx(4 / 5)
     from transformers import EvalPrediction
 
-    assert ClassificationMetrics(list(ELPV_CLASS_NAMES), [2, 3])(EvalPrediction(predictions=logits, label_ids=labels)) == metrics
+    assert (
+        ClassificationMetrics(list(ELPV_CLASS_NAMES), [2, 3])(EvalPrediction(predictions=logits, label_ids=labels))
+        == metrics
+    )
 
 
-@pytest.mark.parametrize("names,message", [(["a-b", "a_b", "c"], r"\['a-b', 'a_b'\]\] become the same metric key \(a_b"),
-                                           (["ok", "bad\nnews"], "line break or '|'")])
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        (["a-b", "a_b", "c"], r"\['a-b', 'a_b'\]\] become the same metric key \(a_b"),
+        (["ok", "bad\nnews"], "line break or '|'"),
+    ],
+)
 def test_class_names_that_break_metrics_or_the_card_are_refused(names, message):
     from g2sd_hf.data import class_names
 
-    dataset = datasets.Dataset.from_dict({"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=names)}))
+    dataset = datasets.Dataset.from_dict(
+        {"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=names)})
+    )
     with pytest.raises(ValueError, match=message):
         class_names(dataset)
     with pytest.raises(ValueError, match=message):

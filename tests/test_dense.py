@@ -27,7 +27,13 @@ from g2sd_hf.dense import (
     semantic_segmentation_model,
     universal_segmentation_model,
 )
-from g2sd_hf.dense_data import DetectionTransform, SegmentationTransform, collate_detection, collate_instances, collate_segmentation
+from g2sd_hf.dense_data import (
+    DetectionTransform,
+    SegmentationTransform,
+    collate_detection,
+    collate_instances,
+    collate_segmentation,
+)
 from g2sd_hf.losses import (
     channel_wise_distillation_loss,
     pixel_distillation_loss,
@@ -47,15 +53,31 @@ NORMALIZATION = ([0.5] * 3, [0.5] * 3)
 
 
 def tiny_backbone_config(hidden_size=32, **overrides):
-    values = dict(image_size=32, patch_size=8, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=2 * hidden_size, fpn_hidden_size=32)
+    values = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        fpn_hidden_size=32,
+    )
     values.update(overrides)
     return G2SDBackboneConfig(**values)
 
 
 def dense_args(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, report_to=[], use_cpu=True,
-                  save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
     values.update(overrides)
     return DenseDistillationConfig(**values)
 
@@ -66,10 +88,18 @@ def dense_args(tmp_path, **overrides):
 def test_backbone_pyramid_at_any_input_size():
     backbone = G2SDBackbone(tiny_backbone_config()).eval()
     outputs = backbone(torch.randn(2, 3, 70, 50))  # padded to 72 x 56: a 9 x 7 patch grid
-    assert [tuple(feature.shape) for feature in outputs.feature_maps] == [(2, 32, 36, 28), (2, 32, 18, 14), (2, 32, 9, 7), (2, 32, 4, 3)]
+    assert [tuple(feature.shape) for feature in outputs.feature_maps] == [
+        (2, 32, 36, 28),
+        (2, 32, 18, 14),
+        (2, 32, 9, 7),
+        (2, 32, 4, 3),
+    ]
     assert backbone.channels == [32, 32, 32, 32] and backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
     subset = G2SDBackbone(tiny_backbone_config(out_features=["stem", "stage4"])).eval()
-    assert [tuple(feature.shape) for feature in subset(torch.randn(1, 3, 64, 64)).feature_maps] == [(1, 32, 8, 8), (1, 32, 4, 4)]
+    assert [tuple(feature.shape) for feature in subset(torch.randn(1, 3, 64, 64)).feature_maps] == [
+        (1, 32, 8, 8),
+        (1, 32, 4, 4),
+    ]
     assert subset.channels == [32, 32]
     assert isinstance(AutoBackbone.from_config(tiny_backbone_config()), G2SDBackbone)
     with pytest.raises(ValueError, match="global_attention_layers"):
@@ -90,14 +120,20 @@ def test_windows_covering_the_grid_equal_global_attention_and_smaller_ones_diffe
 
 def test_windowed_backbone_gradients_match_under_gradient_checkpointing():
     torch.manual_seed(0)
-    backbone = G2SDBackbone(tiny_backbone_config(window_size=4, global_attention_layers=[1], drop_path_rate=0.3)).train()
+    backbone = G2SDBackbone(
+        tiny_backbone_config(window_size=4, global_attention_layers=[1], drop_path_rate=0.3)
+    ).train()
     pixels = torch.randn(2, 3, 48, 40)  # a 6 x 5 grid: windows of 4 need padding
 
     def gradients():
         backbone.zero_grad()
         torch.manual_seed(1)  # the same stochastic-depth draws in both runs
         sum(feature.square().mean() for feature in backbone(pixels).feature_maps).backward()
-        return {name: parameter.grad.clone() for name, parameter in backbone.named_parameters() if parameter.grad is not None}
+        return {
+            name: parameter.grad.clone()
+            for name, parameter in backbone.named_parameters()
+            if parameter.grad is not None
+        }
 
     plain = gradients()
     backbone.gradient_checkpointing_enable()
@@ -116,26 +152,57 @@ def test_backbone_loads_the_encoder_of_a_generic_checkpoint(tmp_path):
         torch.testing.assert_close(backbone.g2sd.state_dict()[name], value, rtol=0, atol=0)
     model = semantic_segmentation_model(tiny_backbone_config(), num_labels=4, hidden_size=16)
     load_backbone_weights(model, str(tmp_path))
-    torch.testing.assert_close(find_backbone(model).g2sd.layers[1].mlp.fc2.weight, generic.g2sd.layers[1].mlp.fc2.weight)
+    torch.testing.assert_close(
+        find_backbone(model).g2sd.layers[1].mlp.fc2.weight, generic.g2sd.layers[1].mlp.fc2.weight
+    )
 
 
 @pytest.mark.parametrize("head", ["upernet", "deformable-detr", "rt-detr", "mask2former"])
 def test_heads_run_forward_and_backward_on_a_g2sd_backbone(head):
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 64, 64)
-    boxes = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}] * 2
+    boxes = [
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])}
+    ] * 2
     if head == "upernet":
-        model = semantic_segmentation_model(tiny_backbone_config(window_size=2, global_attention_layers=[1]), 4, hidden_size=16)
+        model = semantic_segmentation_model(
+            tiny_backbone_config(window_size=2, global_attention_layers=[1]), 4, hidden_size=16
+        )
         outputs = model(pixel_values=pixels, labels=torch.randint(0, 4, (2, 64, 64)))
         assert outputs.logits.shape == (2, 4, 64, 64)
     elif head == "mask2former":
-        model = universal_segmentation_model(tiny_backbone_config(), 3, hidden_size=32, encoder_layers=1, decoder_layers=2,
-                                             num_queries=5, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
-        outputs = model(pixel_values=pixels, mask_labels=[torch.randint(0, 2, (2, 64, 64)).float()] * 2, class_labels=[torch.tensor([0, 2])] * 2)
+        model = universal_segmentation_model(
+            tiny_backbone_config(),
+            3,
+            hidden_size=32,
+            encoder_layers=1,
+            decoder_layers=2,
+            num_queries=5,
+            encoder_feedforward_dim=32,
+            dim_feedforward=32,
+            num_attention_heads=2,
+        )
+        outputs = model(
+            pixel_values=pixels,
+            mask_labels=[torch.randint(0, 2, (2, 64, 64)).float()] * 2,
+            class_labels=[torch.tensor([0, 2])] * 2,
+        )
         assert outputs.class_queries_logits.shape == (2, 5, 4)
     else:
-        model = object_detection_model(tiny_backbone_config(), 3, head, hidden_size=32, num_queries=10, encoder_layers=1,
-                                       decoder_layers=2, **({"encoder_ffn_dim": 32, "decoder_ffn_dim": 32} if head == "deformable-detr" else {"decoder_ffn_dim": 32, "encoder_ffn_dim": 32}))
+        model = object_detection_model(
+            tiny_backbone_config(),
+            3,
+            head,
+            hidden_size=32,
+            num_queries=10,
+            encoder_layers=1,
+            decoder_layers=2,
+            **(
+                {"encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
+                if head == "deformable-detr"
+                else {"decoder_ffn_dim": 32, "encoder_ffn_dim": 32}
+            ),
+        )
         outputs = model(pixel_values=pixels, pixel_mask=torch.ones(2, 64, 64, dtype=torch.long), labels=boxes)
         logits, boxes = detector_queries(outputs)  # RT-DETR adds denoising queries in training
         assert logits.shape[:2] == (2, 10) and boxes.shape == (2, 10, 4)
@@ -152,7 +219,9 @@ def test_layer_decay_reaches_the_backbone_inside_a_head(tmp_path):
     optimizer = trainer.create_optimizer()
     group_of = {id(parameter): group for group in optimizer.param_groups for parameter in group["params"]}
     named = dict(model.named_parameters())
-    assert group_of[id(named["backbone.g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert group_of[id(named["backbone.g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(
+        1e-3 * 0.5**3
+    )
     assert group_of[id(named["backbone.g2sd.layers.1.mlp.fc1.weight"])]["lr"] == pytest.approx(1e-3 * 0.5)
     assert group_of[id(named["backbone.pyramid.output_layers.0.0.weight"])]["lr"] == pytest.approx(1e-3)
     assert group_of[id(named["decode_head.classifier.weight"])]["lr"] == pytest.approx(1e-3)
@@ -187,10 +256,14 @@ def test_pixel_kl_and_weighted_bce_by_hand():
             for x in range(5):
                 p, q = F.softmax(teacher[b, :, y, x] / 2, 0), F.softmax(student[b, :, y, x] / 2, 0)
                 expected += float((p * (p / q).log()).sum())
-    assert pixel_distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(expected / 40 * 4, rel=1e-4)
+    assert pixel_distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(
+        expected / 40 * 4, rel=1e-4
+    )
     scores_s, scores_t = torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[[[0.5]], [[1.0]]]])
     bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9)) / 2
-    assert weighted_score_distillation_loss(scores_s, scores_t, torch.ones(1, 1, 1)).item() == pytest.approx(bce, rel=1e-5)
+    assert weighted_score_distillation_loss(scores_s, scores_t, torch.ones(1, 1, 1)).item() == pytest.approx(
+        bce, rel=1e-5
+    )
 
 
 def test_box_score_maps_project_query_scores_onto_covered_locations():
@@ -203,14 +276,20 @@ def test_box_score_maps_project_query_scores_onto_covered_locations():
     # More queries than one chunk: the running maximum equals the maximum over all queries at once.
     generator = torch.Generator().manual_seed(0)
     probabilities = torch.rand(2, 40, 3, generator=generator)
-    boxes = torch.cat([torch.rand(2, 40, 2, generator=generator), torch.rand(2, 40, 2, generator=generator) * 0.6], dim=-1)
+    boxes = torch.cat(
+        [torch.rand(2, 40, 2, generator=generator), torch.rand(2, 40, 2, generator=generator) * 0.6], dim=-1
+    )
     maps = box_score_maps(probabilities, boxes, (5, 6), top_queries=37)
     top = probabilities.amax(-1).topk(37, dim=1).indices
     kept_probabilities = probabilities.gather(1, top[..., None].expand(-1, -1, 3))
     kept_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
     ys, xs = (torch.arange(5) + 0.5) / 5, (torch.arange(6) + 0.5) / 6
-    inside_x = (xs >= kept_boxes[..., :1] - kept_boxes[..., 2:3] / 2) & (xs <= kept_boxes[..., :1] + kept_boxes[..., 2:3] / 2)
-    inside_y = (ys >= kept_boxes[..., 1:2] - kept_boxes[..., 3:4] / 2) & (ys <= kept_boxes[..., 1:2] + kept_boxes[..., 3:4] / 2)
+    inside_x = (xs >= kept_boxes[..., :1] - kept_boxes[..., 2:3] / 2) & (
+        xs <= kept_boxes[..., :1] + kept_boxes[..., 2:3] / 2
+    )
+    inside_y = (ys >= kept_boxes[..., 1:2] - kept_boxes[..., 3:4] / 2) & (
+        ys <= kept_boxes[..., 1:2] + kept_boxes[..., 3:4] / 2
+    )
     covers = (inside_y[..., :, None] & inside_x[..., None, :]).float()
     reference = (kept_probabilities[..., None, None] * covers[:, :, None]).amax(dim=1)
     torch.testing.assert_close(maps, reference)
@@ -224,7 +303,9 @@ def test_release_feature_and_score_losses_by_hand():
     assert release_feature_distillation_loss(student, teacher, weights).item() == pytest.approx(4 / 1.5 + 18)
     scores_s, scores_t = [torch.tensor([[[[0.2]], [[0.9]]]])], [torch.tensor([[[[0.5]], [[1.0]]]])]
     bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9))  # summed over the two classes
-    assert release_score_distillation_loss(scores_s, scores_t, [torch.full((1, 1, 1), 0.7)]).item() == pytest.approx(bce, rel=1e-5)
+    assert release_score_distillation_loss(scores_s, scores_t, [torch.full((1, 1, 1), 0.7)]).item() == pytest.approx(
+        bce, rel=1e-5
+    )
 
 
 def test_channel_wise_distillation_has_the_gradient_of_the_release_cross_entropy():
@@ -252,7 +333,11 @@ def segmentation_pair(tmp_path, **overrides):
     torch.manual_seed(0)
     teacher = semantic_segmentation_model(tiny_backbone_config(hidden_size=64), 4, hidden_size=16).eval()
     student = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
-    dataset = make_shapes_dataset(8, 32).rename_column("semantic_mask", "mask").with_transform(SegmentationTransform(32, *NORMALIZATION, False))
+    dataset = (
+        make_shapes_dataset(8, 32)
+        .rename_column("semantic_mask", "mask")
+        .with_transform(SegmentationTransform(32, *NORMALIZATION, False))
+    )
     trainer = DenseDistillationTrainer(model=student, teacher=teacher, args=dense_args(tmp_path, **overrides))
     batch = collate_segmentation([dataset[index] for index in range(4)])
     return trainer, student, teacher, batch
@@ -261,14 +346,25 @@ def segmentation_pair(tmp_path, **overrides):
 def test_release_dense_defaults_are_pinned():
     # plain_distill_net.py + mask_rcnn_vitdet_b2s_100ep.py: distill_feat_weight 0.001, distill_cls_weight 0.1,
     # distill_warm_step 500, ADAP (3x3); distill_cwd.py: ChannelWiseDivergence tau 1.0, weight 10, nothing else.
-    assert DENSE_DISTILLATION_DEFAULTS["detection"] == {"feature_distillation_weight": 0.001, "score_distillation_weight": 0.1,
-                                                        "distillation_warmup_steps": 500, "feature_adapter": True}
+    assert DENSE_DISTILLATION_DEFAULTS["detection"] == {
+        "feature_distillation_weight": 0.001,
+        "score_distillation_weight": 0.1,
+        "distillation_warmup_steps": 500,
+        "feature_adapter": True,
+    }
     segmentation = resolve_dense_distillation(DenseDistillationConfig("out"), "segmentation")
-    assert (segmentation.feature_weight, segmentation.score_weight, segmentation.warmup_steps, segmentation.temperature) == (0.0, 10.0, 0, 1.0)
+    assert (
+        segmentation.feature_weight,
+        segmentation.score_weight,
+        segmentation.warmup_steps,
+        segmentation.temperature,
+    ) == (0.0, 10.0, 0, 1.0)
     assert segmentation.segmentation_distillation == "channel-wise" and not segmentation.feature_adapter
     detection = resolve_dense_distillation(DenseDistillationConfig("out"), "detection")
     assert detection.feature_loss_reduction == "release" and detection.feature_adapter
-    overridden = resolve_dense_distillation(DenseDistillationConfig("out", score_distillation_weight=2.0, feature_adapter=False), "detection")
+    overridden = resolve_dense_distillation(
+        DenseDistillationConfig("out", score_distillation_weight=2.0, feature_adapter=False), "detection"
+    )
     assert (overridden.score_weight, overridden.feature_weight, overridden.feature_adapter) == (2.0, 0.001, False)
 
 
@@ -278,13 +374,18 @@ def test_segmentation_default_is_channel_wise_distillation_of_the_decode_head(tm
     loss = trainer.compute_loss(student, batch)
     captured = {}
     for name, model in (("student", student), ("teacher", teacher)):
-        handle = model.decode_head.register_forward_hook(lambda module, args, output, name=name: captured.update({name: output}))
+        handle = model.decode_head.register_forward_hook(
+            lambda module, args, output, name=name: captured.update({name: output})
+        )
         with torch.no_grad():
             outputs = model(**batch)
         handle.remove()
         captured[f"{name}_loss"] = outputs.loss
     student_logits, teacher_logits = captured["student"], captured["teacher"]
-    assert student_logits.shape[-2:] == (16, 16)  # the decode head's resolution (the finest level), not the upsampled 32 x 32
+    assert student_logits.shape[-2:] == (
+        16,
+        16,
+    )  # the decode head's resolution (the finest level), not the upsampled 32 x 32
     # CWD by its definition: per image and class, softmax over the 64 locations; KL(teacher || student); mean over N*C.
     expected_cwd = 0.0
     for image in range(4):
@@ -293,15 +394,23 @@ def test_segmentation_default_is_channel_wise_distillation_of_the_decode_head(tm
             q = F.softmax(student_logits[image, channel].flatten(), 0)
             expected_cwd += float((p * (p.log() - q.log())).sum())
     expected_cwd /= 16
-    torch.testing.assert_close(loss, captured["student_loss"] + 10.0 * expected_cwd, atol=1e-5, rtol=1e-5)  # no warm-up
+    torch.testing.assert_close(
+        loss, captured["student_loss"] + 10.0 * expected_cwd, atol=1e-5, rtol=1e-5
+    )  # no warm-up
     trainer._check_and_record(loss, {"x": loss})  # the recorded terms: score only, no feature term
     assert trainer.settings.feature_weight == 0.0 and trainer.feature_adapter is None
 
 
 def test_pixel_kl_variant_with_feature_distillation_and_warm_up(tmp_path):
     trainer, student, teacher, batch = segmentation_pair(
-        tmp_path, segmentation_distillation="pixel-kl", distillation_warmup_steps=4, feature_distillation_weight=0.5,
-        score_distillation_weight=2.0, distillation_temperature=2.0, feature_loss_reduction="mean")
+        tmp_path,
+        segmentation_distillation="pixel-kl",
+        distillation_warmup_steps=4,
+        feature_distillation_weight=0.5,
+        score_distillation_weight=2.0,
+        distillation_temperature=2.0,
+        feature_loss_reduction="mean",
+    )
     student.train()
     trainer.state.global_step = 1
     loss = trainer.compute_loss(student, batch)
@@ -311,15 +420,25 @@ def test_pixel_kl_variant_with_feature_distillation_and_warm_up(tmp_path):
         student_features = find_backbone(student)(batch["pixel_values"]).feature_maps
         outputs = student(**batch)
     confidence = teacher_logits.softmax(dim=1).max(dim=1).values
-    expected = outputs.loss + 0.25 * (0.5 * weighted_feature_distillation_loss(list(student_features), list(teacher_features), confidence)
-                                      + 2.0 * pixel_distillation_loss(outputs.logits, teacher_logits, 2.0))
+    expected = outputs.loss + 0.25 * (
+        0.5 * weighted_feature_distillation_loss(list(student_features), list(teacher_features), confidence)
+        + 2.0 * pixel_distillation_loss(outputs.logits, teacher_logits, 2.0)
+    )
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)  # ramp = step 1 / 4
     assert not any(parameter.requires_grad for parameter in trainer.teacher.parameters())
 
 
 def detector(hidden):
-    return object_detection_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, num_queries=10, encoder_layers=1,
-                                  decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    return object_detection_model(
+        tiny_backbone_config(hidden_size=hidden),
+        3,
+        hidden_size=32,
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+    )
 
 
 def test_detection_default_is_the_release_recipe(tmp_path):
@@ -354,16 +473,30 @@ def test_detection_default_is_the_release_recipe(tmp_path):
         score_loss += (bce * covered[:, None]).sum() / covered.sum()
     torch.testing.assert_close(logged["feature_distillation_loss"], feature_loss.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logged["score_distillation_loss"], score_loss.detach(), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(loss, outputs.loss + 0.5 * (0.001 * feature_loss + 0.1 * score_loss), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        loss, outputs.loss + 0.5 * (0.001 * feature_loss + 0.1 * score_loss), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_the_detection_adapter_is_trained_checkpointed_and_not_saved_with_the_model(tmp_path):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    args = dense_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, distillation_warmup_steps=1, dataloader_num_workers=0)
-    trainer = DenseDistillationTrainer(model=detector(32), teacher=detector(64).eval(), args=args,
-                                       train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)), data_collator=collate_detection)
+    args = dense_args(
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        distillation_warmup_steps=1,
+        dataloader_num_workers=0,
+    )
+    trainer = DenseDistillationTrainer(
+        model=detector(32),
+        teacher=detector(64).eval(),
+        args=args,
+        train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)),
+        data_collator=collate_detection,
+    )
     before = {name: value.clone() for name, value in trainer.feature_adapter.state_dict().items()}
     trainer.train()
     adapter = trainer.accelerator.unwrap_model(trainer.feature_adapter)
@@ -374,8 +507,13 @@ def test_the_detection_adapter_is_trained_checkpointed_and_not_saved_with_the_mo
     trainer.save_model()
     assert not any("adapter" in key for key in load_file(tmp_path / "model.safetensors"))
     # Resuming restores the adapter; a checkpoint without one is refused.
-    resumed = DenseDistillationTrainer(model=detector(32), teacher=detector(64).eval(), args=args,
-                                       train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)), data_collator=collate_detection)
+    resumed = DenseDistillationTrainer(
+        model=detector(32),
+        teacher=detector(64).eval(),
+        args=args,
+        train_dataset=shapes(16, DetectionTransform(32, *NORMALIZATION, True)),
+        data_collator=collate_detection,
+    )
     resumed._load_from_checkpoint(str(tmp_path / "checkpoint-2"))
     assert all(torch.equal(saved[name], value) for name, value in resumed.feature_adapter.state_dict().items())
     (tmp_path / "checkpoint-2" / DenseDistillationTrainer.ADAPTER_FILE).unlink()
@@ -386,10 +524,17 @@ def test_the_detection_adapter_is_trained_checkpointed_and_not_saved_with_the_mo
 def test_dense_trainer_refusals(tmp_path):
     student = semantic_segmentation_model(tiny_backbone_config(), 4, hidden_size=16)
     with pytest.raises(ValueError, match="pyramid channels"):
-        DenseDistillationTrainer(model=student, teacher=semantic_segmentation_model(tiny_backbone_config(fpn_hidden_size=64), 4, hidden_size=16),
-                                 args=dense_args(tmp_path))
+        DenseDistillationTrainer(
+            model=student,
+            teacher=semantic_segmentation_model(tiny_backbone_config(fpn_hidden_size=64), 4, hidden_size=16),
+            args=dense_args(tmp_path),
+        )
     with pytest.raises(ValueError, match="4 classes, the teacher 5"):
-        DenseDistillationTrainer(model=student, teacher=semantic_segmentation_model(tiny_backbone_config(), 5, hidden_size=16), args=dense_args(tmp_path))
+        DenseDistillationTrainer(
+            model=student,
+            teacher=semantic_segmentation_model(tiny_backbone_config(), 5, hidden_size=16),
+            args=dense_args(tmp_path),
+        )
     with pytest.raises(ValueError, match="no transformers backbone"):
         DenseDistillationTrainer(model=G2SDForGenericDistillation(tiny_student_config()), args=dense_args(tmp_path))
 
@@ -398,17 +543,43 @@ def test_dense_trainer_refusals(tmp_path):
 def test_detection_and_mask_distillation_train_with_all_terms(tmp_path, head):
     torch.manual_seed(0)
     if head == "deformable-detr":
+
         def build(hidden):
-            return object_detection_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, num_queries=10, encoder_layers=1,
-                                          decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+            return object_detection_model(
+                tiny_backbone_config(hidden_size=hidden),
+                3,
+                hidden_size=32,
+                num_queries=10,
+                encoder_layers=1,
+                decoder_layers=2,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+            )
+
         transform, collate = DetectionTransform(32, *NORMALIZATION, True), collate_detection
     else:
+
         def build(hidden):
-            return universal_segmentation_model(tiny_backbone_config(hidden_size=hidden), 3, hidden_size=32, encoder_layers=1,
-                                                decoder_layers=2, num_queries=5, encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
+            return universal_segmentation_model(
+                tiny_backbone_config(hidden_size=hidden),
+                3,
+                hidden_size=32,
+                encoder_layers=1,
+                decoder_layers=2,
+                num_queries=5,
+                encoder_feedforward_dim=32,
+                dim_feedforward=32,
+                num_attention_heads=2,
+            )
+
         transform, collate = DetectionTransform(32, *NORMALIZATION, True, with_instance_masks=True), collate_instances
-    trainer = DenseDistillationTrainer(model=build(32), teacher=build(64).eval(), args=dense_args(tmp_path),
-                                       train_dataset=shapes(16, transform), data_collator=collate)
+    trainer = DenseDistillationTrainer(
+        model=build(32),
+        teacher=build(64).eval(),
+        args=dense_args(tmp_path),
+        train_dataset=shapes(16, transform),
+        data_collator=collate,
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
     assert {"task_loss", "feature_distillation_loss", "score_distillation_loss"} <= logged.keys()
@@ -440,7 +611,9 @@ def test_segmentation_masks_keep_indices_and_reduce_labels(tmp_path):
     Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "images" / "a.jpg")
     labels = np.array([[0, 1, 2, 255]] * 4, dtype=np.uint8)
     palette = Image.fromarray(labels, mode="P")
-    palette.putpalette([value for index in range(256) for value in (index * 7 % 256, 0, 0)])  # colors are not the classes
+    palette.putpalette(
+        [value for index in range(256) for value in (index * 7 % 256, 0, 0)]
+    )  # colors are not the classes
     palette.save(tmp_path / "masks" / "a.png")
     splits, names = load_segmentation_dataset(train_dir=str(tmp_path))
     assert names == [] and len(splits["validation"]) == 1
@@ -449,7 +622,10 @@ def test_segmentation_masks_keep_indices_and_reduce_labels(tmp_path):
     assert plain[0].tolist() == [0, 1, 2, 255] and reduced[0].tolist() == [255, 0, 1, 255]
     with pytest.raises(ValueError, match="--reduce_labels"):  # label 2 with 2 classes: a missing --reduce_labels, say
         SegmentationTransform(4, *NORMALIZATION, False, num_labels=2)(splits["train"][:1])
-    assert SegmentationTransform(4, *NORMALIZATION, False, True, num_labels=2)(splits["train"][:1])["labels"][0].max() == 255
+    assert (
+        SegmentationTransform(4, *NORMALIZATION, False, True, num_labels=2)(splits["train"][:1])["labels"][0].max()
+        == 255
+    )
     for mode in ("RGB", "LA"):
         Image.new(mode, (4, 4)).save(tmp_path / "masks" / "a.png")
         with pytest.raises(ValueError, match=r"a\.png has mode " + mode):
@@ -471,28 +647,46 @@ def test_detection_folder_keeps_area_and_crowds_and_images_are_upright(tmp_path)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 40 wide x 20 high, shown rotated: 20 wide x 40 high
     Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "images" / "a.jpg", exif=exif)
-    (tmp_path / "annotations.json").write_text(json.dumps({
-        "images": [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 20}],
-        "categories": [{"id": 3, "name": "cell"}],
-        "annotations": [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 60.0, "iscrowd": 0},
-                        {"image_id": 7, "category_id": 3, "bbox": [0, 20, 20, 20], "area": 400.0, "iscrowd": 1}],
-    }))
+    (tmp_path / "annotations.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 7, "file_name": "a.jpg", "height": 40, "width": 20}],
+                "categories": [{"id": 3, "name": "cell"}],
+                "annotations": [
+                    {"image_id": 7, "category_id": 3, "bbox": [0, 0, 10, 10], "area": 60.0, "iscrowd": 0},
+                    {"image_id": 7, "category_id": 3, "bbox": [0, 20, 20, 20], "area": 400.0, "iscrowd": 1},
+                ],
+            }
+        )
+    )
     splits, names = load_detection_dataset(train_dir=str(tmp_path))
     objects = splits["train"][0]["objects"]
     assert names == ["cell"] and objects["area"] == [60.0, 400.0] and objects["iscrowd"] == [0, 1]
     raw = splits["train"].cast_column("image", datasets.Image(decode=False))[0]["image"]
-    assert image_size_of(raw) == (40, 20) and open_rgb_image(raw).size == (20, 40) and splits["train"][0]["image"].size == (20, 40)
+    assert (
+        image_size_of(raw) == (40, 20)
+        and open_rgb_image(raw).size == (20, 40)
+        and splits["train"][0]["image"].size == (20, 40)
+    )
     train = DetectionTransform(16, *NORMALIZATION, True)(splits["train"][:1])["labels"][0]
     evaluation = DetectionTransform(16, *NORMALIZATION, False)(splits["train"][:1])["labels"][0]
-    assert train["class_labels"].tolist() == [0] and evaluation["class_labels"].tolist() == [0, 0]  # crowds: not trained on
+    assert train["class_labels"].tolist() == [0] and evaluation["class_labels"].tolist() == [
+        0,
+        0,
+    ]  # crowds: not trained on
     torch.testing.assert_close(evaluation["boxes"][0], torch.tensor([0.25, 0.125, 0.5, 0.25]))  # normalized by 20 x 40
 
 
 def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
     torch.manual_seed(0)
-    splits = {name: make_shapes_dataset(size, 32, seed=seed).rename_column("semantic_mask", "mask") for name, size, seed in (("train", 128, 0), ("validation", 32, 1))}
+    splits = {
+        name: make_shapes_dataset(size, 32, seed=seed).rename_column("semantic_mask", "mask")
+        for name, size, seed in (("train", 128, 0), ("validation", 32, 1))
+    }
     trainer = DenseDistillationTrainer(
-        model=semantic_segmentation_model(tiny_backbone_config(hidden_size=48, num_hidden_layers=3), 4, hidden_size=32),
+        model=semantic_segmentation_model(
+            tiny_backbone_config(hidden_size=48, num_hidden_layers=3), 4, hidden_size=32
+        ),
         args=dense_args(tmp_path, max_steps=-1, num_train_epochs=6, learning_rate=1e-3, logging_steps=8),
         train_dataset=splits["train"].with_transform(SegmentationTransform(32, *NORMALIZATION, True)),
         eval_dataset=splits["validation"].with_transform(SegmentationTransform(32, *NORMALIZATION, False)),
@@ -505,7 +699,10 @@ def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
     after = trainer.evaluate()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.7 * losses[0]
-    assert after["eval_pixel_accuracy"] > before["eval_pixel_accuracy"] + 0.3 and after["eval_mean_iou"] > before["eval_mean_iou"]
+    assert (
+        after["eval_pixel_accuracy"] > before["eval_pixel_accuracy"] + 0.3
+        and after["eval_mean_iou"] > before["eval_mean_iou"]
+    )
     background = (np.asarray(splits["validation"]["mask"][0]) == 0).mean()
     assert after["eval_pixel_accuracy"] > 0.5 and background < 1
 
@@ -513,15 +710,37 @@ def test_segmentation_training_lowers_the_loss_and_beats_chance(tmp_path):
 def test_detection_training_lowers_the_loss_and_moves_ap_from_chance(tmp_path):
     torch.manual_seed(0)
     train, validation = make_shapes_dataset(128, 64, seed=0), make_shapes_dataset(32, 64, seed=1)
-    model = object_detection_model(tiny_backbone_config(image_size=64, hidden_size=64, num_hidden_layers=4, fpn_hidden_size=32,
-                                                        out_features=["stage2", "stage3", "stage4"]),
-                                   3, hidden_size=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    model = object_detection_model(
+        tiny_backbone_config(
+            image_size=64,
+            hidden_size=64,
+            num_hidden_layers=4,
+            fpn_hidden_size=32,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        3,
+        hidden_size=32,
+        num_queries=20,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
     transformed = validation.with_transform(DetectionTransform(64, *NORMALIZATION, False))
     before = evaluate_detection(model, transformed, validation, 3, collate_detection)
-    trainer = DenseDistillationTrainer(model=model, args=dense_args(tmp_path, max_steps=-1, num_train_epochs=40, learning_rate=1e-3,
-                                                                   per_device_train_batch_size=16, logging_steps=40),
-                                       train_dataset=train.with_transform(DetectionTransform(64, *NORMALIZATION, True)),
-                                       data_collator=collate_detection)
+    trainer = DenseDistillationTrainer(
+        model=model,
+        args=dense_args(
+            tmp_path,
+            max_steps=-1,
+            num_train_epochs=40,
+            learning_rate=1e-3,
+            per_device_train_batch_size=16,
+            logging_steps=40,
+        ),
+        train_dataset=train.with_transform(DetectionTransform(64, *NORMALIZATION, True)),
+        data_collator=collate_detection,
+    )
     trainer.train()
     after = evaluate_detection(trainer.model, transformed, validation, 3, collate_detection)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -543,12 +762,18 @@ def test_metrics_by_hand():
     batched = metrics(EvalPrediction(np.array([[2, 2, 0, 1]]), np.array([[1, 255, -100, 7]])), compute_result=True)
     assert batched == result and metrics.running.sum() == 0
     truth = [{"boxes": [[10, 10, 20, 20], [40, 40, 10, 12]], "labels": [0, 1], "size": (64, 64)}]
-    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}], 2)["map"] == pytest.approx(1.0)
+    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}], 2)[
+        "map"
+    ] == pytest.approx(1.0)
     assert coco_detection_metrics(truth, [{"boxes": [[0, 50, 5, 5]], "labels": [0], "scores": [0.9]}], 2)["map"] == 0.0
     # A crowd region is not a miss: only the non-crowd box must be found.
     crowd = [{**truth[0], "iscrowd": [0, 1]}]
-    assert coco_detection_metrics(crowd, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)["map"] == pytest.approx(1.0)
-    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)["map"] == pytest.approx(0.5)
+    assert coco_detection_metrics(crowd, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)[
+        "map"
+    ] == pytest.approx(1.0)
+    assert coco_detection_metrics(truth, [{"boxes": truth[0]["boxes"][:1], "labels": [0], "scores": [0.9]}], 2)[
+        "map"
+    ] == pytest.approx(0.5)
     # COCO's size ranges (large: area > 96^2) follow the data set's areas when given; by their boxes both are small.
     exact = [{"boxes": truth[0]["boxes"], "labels": [0, 1], "scores": [0.9, 0.8]}]
     assert "map_large" not in coco_detection_metrics(truth, exact, 2)  # no large objects: no AP, rather than a 0
@@ -561,21 +786,62 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
     import run_semantic_segmentation
 
     tiny = "image_size=32,patch_size=8,hidden_size={},num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
-    common = ["--image_size", "32", "--fpn_hidden_size", "32", "--head_hidden_size", "32", "--synthetic_train_size", "16",
-              "--synthetic_validation_size", "8", "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
-              "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", "--do_train", "--do_eval"]
-    for script, extra in ((run_semantic_segmentation, []), (run_object_detection, ["--num_queries", "10", "--encoder_layers", "1", "--decoder_layers", "2"])):
+    common = [
+        "--image_size",
+        "32",
+        "--fpn_hidden_size",
+        "32",
+        "--head_hidden_size",
+        "32",
+        "--synthetic_train_size",
+        "16",
+        "--synthetic_validation_size",
+        "8",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        "--do_train",
+        "--do_eval",
+    ]
+    for script, extra in (
+        (run_semantic_segmentation, []),
+        (run_object_detection, ["--num_queries", "10", "--encoder_layers", "1", "--decoder_layers", "2"]),
+    ):
         teacher = tmp_path / f"{script.__name__}-teacher"
         metrics = script.main(["--output_dir", str(teacher), "--backbone_overrides", tiny.format(64), *common, *extra])
         assert ("eval_mean_iou" in metrics) or ("eval_map" in metrics)
         student = tmp_path / f"{script.__name__}-student"
-        metrics = script.main(["--output_dir", str(student), "--backbone_overrides", tiny.format(32), "--teacher_name_or_path", str(teacher), *common, *extra])
+        metrics = script.main(
+            [
+                "--output_dir",
+                str(student),
+                "--backbone_overrides",
+                tiny.format(32),
+                "--teacher_name_or_path",
+                str(teacher),
+                *common,
+                *extra,
+            ]
+        )
         assert "score_distillation_loss" in (student / "trainer_state.json").read_text()
     card = (tmp_path / "run_semantic_segmentation-student" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "specific distillation for semantic segmentation" in card
     assert "- type: mean_iou" in card and "| mean_iou |" in card
     detection_card = (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
-    assert "pipeline_tag: object-detection" in detection_card and "| map_50 |" in detection_card and "- type: map" in detection_card
+    assert (
+        "pipeline_tag: object-detection" in detection_card
+        and "| map_50 |" in detection_card
+        and "- type: map" in detection_card
+    )
     reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
     assert isinstance(find_backbone(reloaded), G2SDBackbone)
 
@@ -590,4 +856,7 @@ def test_dense_demo_smoke_scale_writes_its_tables_and_reuses_finished_stages(tmp
     assert all(not row["reused"] for rows in first["tasks"].values() for row in rows.values())
     again = run_dense_demo.main(["--output_dir", str(tmp_path), "--scale", "smoke"])
     assert all(row["reused"] for rows in again["tasks"].values() for row in rows.values())
-    assert again["tasks"]["segmentation"]["distilled"]["mean_iou"] == first["tasks"]["segmentation"]["distilled"]["mean_iou"]
+    assert (
+        again["tasks"]["segmentation"]["distilled"]["mean_iou"]
+        == first["tasks"]["segmentation"]["distilled"]["mean_iou"]
+    )

@@ -48,9 +48,26 @@ def teachers(tmp_path_factory):
 
 def common(output_dir, max_steps=3, **extra):
     arguments = [
-        "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--per_device_train_batch_size", "8",
-        "--max_train_samples", "48", "--max_eval_samples", "16", "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--do_train", "--do_eval",
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_samples",
+        "48",
+        "--max_eval_samples",
+        "16",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--do_train",
+        "--do_eval",
     ]
     for name, value in extra.items():
         arguments += [f"--{name}", str(value)]
@@ -68,12 +85,16 @@ def generic_run(teachers, tmp_path_factory):
 
 def test_run_generic_writes_a_loadable_student(generic_run):
     output_dir, metrics = generic_run
-    assert {"train_loss", "eval_loss", "skipped_train_images"} <= metrics.keys() and metrics["skipped_train_images"] == 0
+    assert {"train_loss", "eval_loss", "skipped_train_images"} <= metrics.keys() and metrics[
+        "skipped_train_images"
+    ] == 0
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "all_results.json"):
         assert (output_dir / name).exists(), name
     student = G2SDForGenericDistillation.from_pretrained(output_dir)
     assert (student.config.image_size, student.config.patch_size, student.config.target_hidden_size) == (32, 8, 24)
-    assert json.loads((output_dir / "preprocessor_config.json").read_text())["image_mean"] == NORMALIZATION["image_mean"]
+    assert (
+        json.loads((output_dir / "preprocessor_config.json").read_text())["image_mean"] == NORMALIZATION["image_mean"]
+    )
     assert not any(key.startswith(("teacher", "model.")) for key in load_file(output_dir / "model.safetensors"))
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert "masked_token_loss" in history[0] and "visible_token_loss" in history[0]
@@ -81,8 +102,13 @@ def test_run_generic_writes_a_loadable_student(generic_run):
 
 def test_tensorboard_logging(teachers, tmp_path):
     pytest.importorskip("tensorboard")
-    arguments = common(tmp_path / "out", max_steps=2, teacher_name_or_path=teachers / "mae", target_layer=2,
-                       config_overrides=TINY_STUDENT)
+    arguments = common(
+        tmp_path / "out",
+        max_steps=2,
+        teacher_name_or_path=teachers / "mae",
+        target_layer=2,
+        config_overrides=TINY_STUDENT,
+    )
     arguments[arguments.index("--report_to") + 1] = "tensorboard"
     run_generic.main(arguments)
     events = list((tmp_path / "out").rglob("events.out.tfevents.*"))  # <output_dir>/runs/<date>_<host>/
@@ -98,9 +124,17 @@ def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
     import yaml
 
     arguments = {
-        "output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 8, "max_train_samples": 48,
-        "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "do_train": True,
-        "teacher_name_or_path": str(teachers / "mae"), "target_layer": 2, "config_overrides": TINY_STUDENT,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 8,
+        "max_train_samples": 48,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "do_train": True,
+        "teacher_name_or_path": str(teachers / "mae"),
+        "target_layer": 2,
+        "config_overrides": TINY_STUDENT,
     }
     (tmp_path / "args.yaml").write_text(yaml.safe_dump(arguments))
     metrics = run_generic.main([str(tmp_path / "args.yaml")])
@@ -109,8 +143,13 @@ def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
 
 def test_run_specific_from_the_generic_checkpoint(generic_run, teachers, tmp_path):
     metrics = run_specific.main(
-        common(tmp_path, student_name_or_path=generic_run[0], teacher_name_or_path=teachers / "classifier",
-               mixup_alpha=0.8, cutmix_alpha=1.0)
+        common(
+            tmp_path,
+            student_name_or_path=generic_run[0],
+            teacher_name_or_path=teachers / "classifier",
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+        )
     )
     assert {"eval_accuracy", "eval_balanced_accuracy", "eval_binary_accuracy", "eval_accuracy_1_3"} <= metrics.keys()
     model = AutoModelForImageClassification.from_pretrained(tmp_path)
@@ -124,7 +163,9 @@ def test_run_specific_from_the_generic_checkpoint(generic_run, teachers, tmp_pat
 
 def test_run_specific_refuses_unknown_positive_classes(generic_run, tmp_path):
     with pytest.raises(ValueError, match=r"\['3/3'\] are not classes"):
-        run_specific.main(common(tmp_path, student_name_or_path=generic_run[0], distillation_type="none", positive_classes="3/3"))
+        run_specific.main(
+            common(tmp_path, student_name_or_path=generic_run[0], distillation_type="none", positive_classes="3/3")
+        )
 
 
 def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
@@ -134,18 +175,26 @@ def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
     for name, row in results["models"].items():
         assert len(row["accuracy"]["values"]) == (1 if name == "teacher" else len(seeds))
         assert 0 <= row["accuracy"]["mean"] <= 1 and row["images_per_second"] > 0
-        assert row["accuracy"]["std"] == pytest.approx(float(np.std(row["accuracy"]["values"], ddof=1)) if name != "teacher" else 0.0)
+        assert row["accuracy"]["std"] == pytest.approx(
+            float(np.std(row["accuracy"]["values"], ddof=1)) if name != "teacher" else 0.0
+        )
     assert results["models"]["g2sd"]["parameters"] < results["models"]["teacher"]["parameters"]
     stages = results["stages"]
-    assert {"mae_teacher", "teacher_classifier", *(f"{name}_seed{seed}" for seed in seeds for name in ("generic", "g2sd", "gd_only", "sd_only", "scratch"))} == set(stages)
+    assert {
+        "mae_teacher",
+        "teacher_classifier",
+        *(f"{name}_seed{seed}" for seed in seeds for name in ("generic", "g2sd", "gd_only", "sd_only", "scratch")),
+    } == set(stages)
     assert not any(stage["reused"] for stage in stages.values()) and not results["teachers_shipped"]
     comparison = results["comparison"]
     primary = run_demo.PRIMARY_METRIC
     assert primary == "balanced_accuracy"  # see PRIMARY_METRIC_REASON: accuracy rewards calling every cell functional
     assert comparison["teacher_over_scratch"] == pytest.approx(
-        results["models"]["teacher"][primary]["mean"] - results["models"]["scratch"][primary]["mean"])
+        results["models"]["teacher"][primary]["mean"] - results["models"]["scratch"][primary]["mean"]
+    )
     assert comparison["baselines"]["scratch"]["difference"] == pytest.approx(
-        results["models"]["g2sd"][primary]["mean"] - results["models"]["scratch"][primary]["mean"])
+        results["models"]["g2sd"][primary]["mean"] - results["models"]["scratch"][primary]["mean"]
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
     assert set(saved["analysis"]["occlusion"]) == {"drop", "fill"}
@@ -173,8 +222,12 @@ def test_teachers_written_as_assets_are_used_as_shipped(tmp_path, monkeypatch):
     run_demo.ASSETS.mkdir(parents=True)
     run_demo.write_teacher_assets(scale, mae, classifier, records)
     shipped = dataclasses.replace(scale, shipped_teachers=True)
-    mae_asset, classifier_asset, shipped_records = run_demo.prepare_teachers(shipped, tmp_path / "other", rebuild=False)
-    assert mae_asset == run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET and all(record["shipped"] for record in shipped_records.values())
+    mae_asset, classifier_asset, shipped_records = run_demo.prepare_teachers(
+        shipped, tmp_path / "other", rebuild=False
+    )
+    assert mae_asset == run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET and all(
+        record["shipped"] for record in shipped_records.values()
+    )
     provenance = json.loads((classifier_asset / "provenance.json").read_text())
     assert flags(provenance["arguments"])["--mae_name_or_path"] == f"examples/assets/{run_demo.MAE_TEACHER_ASSET}"
     assert provenance["metrics"]["eval_accuracy"] == records["teacher_classifier"]["metrics"]["eval_accuracy"]
@@ -189,9 +242,13 @@ def test_teachers_written_as_assets_are_used_as_shipped(tmp_path, monkeypatch):
 def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "stages" / "teacher_classifier").mkdir(parents=True)
     (tmp_path / "stages" / "teacher_classifier" / "notes.txt").write_text("mine")
-    arguments = run_demo.teacher_classifier_arguments(run_demo.SCALES["smoke"], tmp_path / "stages" / "teacher_classifier", tmp_path / "mae")
+    arguments = run_demo.teacher_classifier_arguments(
+        run_demo.SCALES["smoke"], tmp_path / "stages" / "teacher_classifier", tmp_path / "mae"
+    )
     with pytest.raises(FileExistsError, match="was not written by the demo"):
-        run_demo.run_stage("teacher_classifier", run_demo.run_finetune_teacher, arguments, tmp_path / "stages" / "teacher_classifier")
+        run_demo.run_stage(
+            "teacher_classifier", run_demo.run_finetune_teacher, arguments, tmp_path / "stages" / "teacher_classifier"
+        )
     assert (tmp_path / "stages" / "teacher_classifier" / "notes.txt").read_text() == "mine"
 
 
@@ -209,7 +266,10 @@ def test_the_shipped_teachers_are_what_their_recorded_commands_make():
     """The teachers shipped for the cpu scale: loadable, the MAE one pre-trained with the normalized-pixel loss, and
     each made by exactly the command the demo runs to rebuild it."""
     scale = run_demo.SCALES["cpu"]
-    mae_folder, classifier_folder = run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET, run_demo.ASSETS / run_demo.CLASSIFIER_ASSET
+    mae_folder, classifier_folder = (
+        run_demo.ASSETS / run_demo.MAE_TEACHER_ASSET,
+        run_demo.ASSETS / run_demo.CLASSIFIER_ASSET,
+    )
     mae_provenance = json.loads((mae_folder / "provenance.json").read_text())
     recorded = mae_provenance["arguments"]
     expected = run_demo.mae_teacher_arguments(scale, Path(recorded[recorded.index("--output_dir") + 1]))
@@ -217,7 +277,10 @@ def test_the_shipped_teachers_are_what_their_recorded_commands_make():
     classifier_provenance = json.loads((classifier_folder / "provenance.json").read_text())
     recorded = classifier_provenance["arguments"]
     expected = run_demo.teacher_classifier_arguments(
-        scale, Path(recorded[recorded.index("--output_dir") + 1]), Path(recorded[recorded.index("--mae_name_or_path") + 1]))
+        scale,
+        Path(recorded[recorded.index("--output_dir") + 1]),
+        Path(recorded[recorded.index("--mae_name_or_path") + 1]),
+    )
     assert classifier_provenance["script"] == "examples/run_finetune_teacher.py" and flags(recorded) == flags(expected)
     assert flags(recorded)["--mae_name_or_path"] == f"examples/assets/{run_demo.MAE_TEACHER_ASSET}"
 
@@ -240,10 +303,21 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(teachers, tmp
     max_steps, save_steps = 30, 5
 
     def command(output_dir, *extra):
-        arguments = common(output_dir, max_steps=max_steps, teacher_name_or_path=teachers / "mae", target_layer=2,
-                           config_overrides=TINY_STUDENT, save_steps=save_steps, save_strategy="steps",
-                           per_device_train_batch_size=4, max_train_samples=64, min_crop_scale=1.0,
-                           horizontal_flip="false", learning_rate=1e-3, scale_lr_with_batch_size="false")
+        arguments = common(
+            output_dir,
+            max_steps=max_steps,
+            teacher_name_or_path=teachers / "mae",
+            target_layer=2,
+            config_overrides=TINY_STUDENT,
+            save_steps=save_steps,
+            save_strategy="steps",
+            per_device_train_batch_size=4,
+            max_train_samples=64,
+            min_crop_scale=1.0,
+            horizontal_flip="false",
+            learning_rate=1e-3,
+            scale_lr_with_batch_size="false",
+        )
         arguments.remove("--do_eval")
         return [sys.executable, str(EXAMPLES / "run_generic.py"), *arguments, *extra]
 
@@ -251,7 +325,9 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(teachers, tmp
     subprocess.run(command(tmp_path / "uninterrupted"), check=True, env=environment, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(command(interrupted), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(interrupted), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first_checkpoint = interrupted / f"checkpoint-{save_steps}" / "trainer_state.json"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -271,7 +347,9 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(teachers, tmp
     complete = [path for path in checkpoints if (path / "trainer_state.json").exists()]
     last = complete[-1]
     assert int(last.name.split("-")[1]) < max_steps
-    subprocess.run(command(interrupted, "--resume_from_checkpoint", str(last)), check=True, env=environment, capture_output=True)
+    subprocess.run(
+        command(interrupted, "--resume_from_checkpoint", str(last)), check=True, env=environment, capture_output=True
+    )
 
     expected = load_file(tmp_path / "uninterrupted" / "model.safetensors")
     resumed = load_file(interrupted / "model.safetensors")

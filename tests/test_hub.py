@@ -35,10 +35,22 @@ PROCESSOR = dict(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], i
 
 def run_isolated(code: str, tmp_path: Path, block_g2sd: bool) -> dict:
     """Run `code` in a fresh Python process, optionally unable to import g2sd_hf; it prints a JSON result."""
-    prelude = "import sys\nsys.modules['g2sd_hf'] = None  # this process cannot import the package\n" if block_g2sd else ""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                            env=environment, cwd=tmp_path)
+    prelude = (
+        "import sys\nsys.modules['g2sd_hf'] = None  # this process cannot import the package\n" if block_g2sd else ""
+    )
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -47,14 +59,27 @@ def run_isolated(code: str, tmp_path: Path, block_g2sd: bool) -> dict:
 def classifier_checkpoint(tmp_path_factory):
     """A specific-distillation run's output folder, as the trainer writes it (train, evaluate, save, card)."""
     output = tmp_path_factory.mktemp("classifier")
-    config = tiny_student_config(num_labels=4, use_distillation_token=True, id2label=dict(enumerate(LABELS)),
-                                 label2id={label: index for index, label in enumerate(LABELS)})
+    config = tiny_student_config(
+        num_labels=4,
+        use_distillation_token=True,
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: index for index, label in enumerate(LABELS)},
+    )
     torch.manual_seed(0)
     trainer = SpecificDistillationTrainer(
         model=G2SDForImageClassification(config),
         teacher=tiny_classifier_teacher(),
-        args=SpecificDistillationConfig(str(output), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                                        save_strategy="no", disable_tqdm=True, mixup_alpha=0, cutmix_alpha=0),
+        args=SpecificDistillationConfig(
+            str(output),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            mixup_alpha=0,
+            cutmix_alpha=0,
+        ),
         train_dataset=tiny_image_dataset(8, num_labels=4),
         eval_dataset=tiny_image_dataset(8, num_labels=4, seed=1),
         processing_class=ViTImageProcessor(**PROCESSOR),
@@ -86,8 +111,15 @@ def save_images(tmp_path):
 
 def test_checkpoint_folder_is_a_complete_hub_repository(classifier_checkpoint):
     files = {path.name for path in classifier_checkpoint.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-            "modeling_g2sd.py", "configuration_g2sd.py", "losses.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_g2sd.py",
+        "configuration_g2sd.py",
+        "losses.py",
+    } <= files
     config = json.loads((classifier_checkpoint / "config.json").read_text())
     assert config["id2label"] == {str(index): label for index, label in enumerate(LABELS)}
     assert config["label2id"] == {label: index for index, label in enumerate(LABELS)}
@@ -98,7 +130,8 @@ def test_checkpoint_folder_is_a_complete_hub_repository(classifier_checkpoint):
 
 def test_pipeline_and_auto_class_with_the_package(classifier_checkpoint, tmp_path):
     images, paths = save_images(tmp_path)
-    result = run_isolated(f"""
+    result = run_isolated(
+        f"""
         import json, torch, g2sd_hf
         from transformers import AutoModelForImageClassification, AutoImageProcessor, pipeline
         folder = {str(classifier_checkpoint)!r}
@@ -110,7 +143,10 @@ def test_pipeline_and_auto_class_with_the_package(classifier_checkpoint, tmp_pat
             logits = model(**processor(images, return_tensors="pt")).logits
         predictions = pipeline("image-classification", model=folder)({paths!r})
         print(json.dumps({{"class": type(model).__module__, "logits": logits.tolist(), "top": predictions[0][0]["label"]}}))
-    """, tmp_path, block_g2sd=False)
+    """,
+        tmp_path,
+        block_g2sd=False,
+    )
     assert result["class"] == "g2sd_hf.modeling_g2sd"
     expected = reference_logits(classifier_checkpoint, images)
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
@@ -119,7 +155,8 @@ def test_pipeline_and_auto_class_with_the_package(classifier_checkpoint, tmp_pat
 
 def test_remote_code_without_the_package(classifier_checkpoint, tmp_path):
     images, paths = save_images(tmp_path)
-    result = run_isolated(f"""
+    result = run_isolated(
+        f"""
         import json, torch
         try:
             import g2sd_hf
@@ -136,7 +173,10 @@ def test_remote_code_without_the_package(classifier_checkpoint, tmp_path):
             logits = model(**processor(images, return_tensors="pt")).logits
         top = pipeline("image-classification", model=folder, trust_remote_code=True)({paths[0]!r})[0]["label"]
         print(json.dumps({{"module": type(model).__module__, "logits": logits.tolist(), "top": top}}))
-    """, tmp_path, block_g2sd=True)
+    """,
+        tmp_path,
+        block_g2sd=True,
+    )
     assert result["module"].startswith("transformers_modules.")  # the code saved in the folder
     expected = reference_logits(classifier_checkpoint, images)
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=1e-5)
@@ -148,14 +188,18 @@ def test_export_to_stock_transformers(classifier_checkpoint, tmp_path, distillat
     source = classifier_checkpoint
     if not distillation_token:
         source = tmp_path / "plain"
-        plain = G2SDForImageClassification(tiny_student_config(num_labels=4, id2label=dict(enumerate(LABELS)),
-                                                               label2id={label: i for i, label in enumerate(LABELS)}))
+        plain = G2SDForImageClassification(
+            tiny_student_config(
+                num_labels=4, id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)}
+            )
+        )
         plain.save_pretrained(source)
         ViTImageProcessor(**PROCESSOR).save_pretrained(source)
     exported = export_to_transformers(str(source), str(tmp_path / "exported"))
     assert not (exported / "modeling_g2sd.py").exists()
     images, paths = save_images(tmp_path)
-    result = run_isolated(f"""
+    result = run_isolated(
+        f"""
         import json, torch
         from transformers import AutoModelForImageClassification, AutoImageProcessor, pipeline
         folder = {str(exported)!r}
@@ -167,7 +211,10 @@ def test_export_to_stock_transformers(classifier_checkpoint, tmp_path, distillat
             logits = model(**processor(images, return_tensors="pt")).logits
         top = pipeline("image-classification", model=folder)({paths[0]!r})[0]["label"]
         print(json.dumps({{"class": type(model).__name__, "module": type(model).__module__, "logits": logits.tolist(), "top": top}}))
-    """, tmp_path, block_g2sd=True)
+    """,
+        tmp_path,
+        block_g2sd=True,
+    )
     expected_class = "DeiTForImageClassificationWithTeacher" if distillation_token else "ViTForImageClassification"
     assert result["class"] == expected_class and result["module"].startswith("transformers.models.")
     expected = reference_logits(source, images)
@@ -228,13 +275,17 @@ def test_generic_checkpoint_loads_and_extracts_features(tmp_path):
     with torch.no_grad():
         expected = encoder(**ViTImageProcessor(**PROCESSOR)(images[:1], return_tensors="pt")).last_hidden_state[0]
     for block in (False, True):
-        result = run_isolated(f"""
+        result = run_isolated(
+            f"""
             import json
             {"import g2sd_hf" if not block else ""}
             from transformers import pipeline
             extractor = pipeline("image-feature-extraction", model={str(tmp_path / "generic")!r}, trust_remote_code=True)
             print(json.dumps({{"features": extractor({paths[0]!r})[0]}}))
-        """, tmp_path, block_g2sd=block)
+        """,
+            tmp_path,
+            block_g2sd=block,
+        )
         torch.testing.assert_close(torch.tensor(result["features"]), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -247,9 +298,16 @@ def test_model_card_metadata_and_sections(classifier_checkpoint):
     results = {result.metric_name: result.metric_value for result in data.eval_results}
     metrics = json.loads((classifier_checkpoint / "trainer_state.json").read_text())["log_history"][-1]
     assert results["accuracy"] == pytest.approx(metrics["eval_accuracy"]) and "binary_accuracy" in results
-    for section in ("## How to use", "## Model", "## Training", "## Results", "## Intended use and limitations", "## Citation"):
+    for section in (
+        "## How to use",
+        "## Model",
+        "## Training",
+        "## Results",
+        "## Intended use and limitations",
+        "## Citation",
+    ):
         assert section in card.text, section
-    assert "2302.14771" in card.text and "pipeline(\"image-classification\"" in card.text
+    assert "2302.14771" in card.text and 'pipeline("image-classification"' in card.text
     assert "specific distillation" in card.text and "layer-wise lr decay" in card.text
 
 
@@ -262,9 +320,13 @@ def test_push_to_hub_prepares_everything_up_to_the_upload(tmp_path, monkeypatch)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
-        calls["upload"] = {"repo_id": repo_id, "files": sorted(path.name for path in Path(folder_path).iterdir()),
-                           "card": (Path(folder_path) / "README.md").read_text(), "commit_message": commit_message,
-                           "ignore_patterns": kwargs.get("ignore_patterns")}
+        calls["upload"] = {
+            "repo_id": repo_id,
+            "files": sorted(path.name for path in Path(folder_path).iterdir()),
+            "card": (Path(folder_path) / "README.md").read_text(),
+            "commit_message": commit_message,
+            "ignore_patterns": kwargs.get("ignore_patterns"),
+        }
         return None
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -272,9 +334,19 @@ def test_push_to_hub_prepares_everything_up_to_the_upload(tmp_path, monkeypatch)
     trainer = SpecificDistillationTrainer(
         model=G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True)),
         teacher=tiny_classifier_teacher(),
-        args=SpecificDistillationConfig(str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to=[],
-                                        use_cpu=True, save_strategy="no", disable_tqdm=True, push_to_hub=True,
-                                        hub_model_id="g2sd-org/g2sd-tiny-elpv", mixup_alpha=0, cutmix_alpha=0),
+        args=SpecificDistillationConfig(
+            str(tmp_path / "out"),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            push_to_hub=True,
+            hub_model_id="g2sd-org/g2sd-tiny-elpv",
+            mixup_alpha=0,
+            cutmix_alpha=0,
+        ),
         train_dataset=tiny_image_dataset(8, num_labels=4),
         processing_class=ViTImageProcessor(**PROCESSOR),
     )
@@ -283,15 +355,23 @@ def test_push_to_hub_prepares_everything_up_to_the_upload(tmp_path, monkeypatch)
     assert calls["create_repo"] == "g2sd-org/g2sd-tiny-elpv"
     upload = calls["upload"]
     assert upload["repo_id"] == "g2sd-org/g2sd-tiny-elpv"
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_g2sd.py"} <= set(upload["files"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_g2sd.py"} <= set(
+        upload["files"]
+    )
     assert 'model="g2sd-org/g2sd-tiny-elpv"' in upload["card"] and "knowledge-distillation" in upload["card"]
     assert "checkpoint-*" in upload["ignore_patterns"]
 
 
 def test_card_for_a_generic_checkpoint_names_its_teacher():
     model = G2SDForGenericDistillation(tiny_student_config())
-    card = build_model_card(model, "generic-distillation", dataset="imagenet-1k", teacher="facebook/vit-mae-base",
-                            metrics={"eval_loss": 0.31, "eval_runtime": 2.0}, repo_id="org/g2sd-gd")
+    card = build_model_card(
+        model,
+        "generic-distillation",
+        dataset="imagenet-1k",
+        teacher="facebook/vit-mae-base",
+        metrics={"eval_loss": 0.31, "eval_runtime": 2.0},
+        repo_id="org/g2sd-gd",
+    )
     assert card.data.base_model == "facebook/vit-mae-base" and card.data.pipeline_tag == "image-feature-extraction"
     assert [result.metric_name for result in card.data.eval_results] == ["loss"]  # runtime is not a result
     assert "image-feature-extraction" in card.text and "not a classifier" in card.text
@@ -305,5 +385,7 @@ def test_card_for_a_generic_checkpoint_names_its_teacher():
 
 @pytest.mark.parametrize("module", ["g2sd_hf.export", "g2sd_hf.convert"])
 def test_command_line_modules_run_without_a_runpy_warning(module):
-    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "RuntimeWarning" not in result.stderr and "usage" in result.stdout

@@ -30,12 +30,16 @@ from .test_trainer import quick_run
 # The checks, as functions
 # ---------------------------------------------------------------------------------------------------------------------
 def history(key, values):
-    return [{key: value, "step": step} for step, value in enumerate(values)] + [{"train_runtime": 1.0, key: values[-1]}]
+    return [{key: value, "step": step} for step, value in enumerate(values)] + [
+        {"train_runtime": 1.0, key: values[-1]}
+    ]
 
 
 def test_chance_level_is_the_uniform_cross_entropy():
     uniform = torch.zeros(1, 10)
-    assert chance_cross_entropy(10) == pytest.approx(torch.nn.functional.cross_entropy(uniform, torch.tensor([3])).item())
+    assert chance_cross_entropy(10) == pytest.approx(
+        torch.nn.functional.cross_entropy(uniform, torch.tensor([3])).item()
+    )
 
 
 def test_a_task_loss_that_ends_at_chance_is_reported_and_one_that_falls_is_not():
@@ -56,7 +60,9 @@ def test_an_evaluation_at_chance_is_reported():
 
 
 def test_a_loss_that_does_not_decrease_is_reported():
-    assert regression_training_warnings(history("loss", [1.0, 0.99, 1.01, 1.0, 0.98]), "loss", "L_GD")[0].startswith("L_GD did not decrease")
+    assert regression_training_warnings(history("loss", [1.0, 0.99, 1.01, 1.0, 0.98]), "loss", "L_GD")[0].startswith(
+        "L_GD did not decrease"
+    )
     assert regression_training_warnings(history("loss", [1.0, 0.7, 0.5, 0.4]), "loss") == []
     assert no_step_warning(0) and no_step_warning(3) == []
 
@@ -69,17 +75,35 @@ def classifier_trainer(tmp_path, labels, learning_rate, steps, recipe="small-dat
     student = G2SDForImageClassification(tiny_student_config(num_labels=4, hidden_size=32))
     dataset = tiny_image_dataset(num_images=32, num_labels=4)
     dataset = dataset.map(lambda row, index: {"labels": labels(index)}, with_indices=True)
-    args = SpecificDistillationConfig(**quick_run(
-        tmp_path, max_steps=steps, learning_rate=learning_rate, per_device_train_batch_size=8, distillation_type="none",
-        mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing_factor=0.0, lr_scheduler_type="constant", layer_decay=1.0,
-        recipe=recipe, dataloader_num_workers=0,
-    ))
-    return SpecificDistillationTrainer(model=student, args=args, train_dataset=dataset, eval_dataset=dataset,
-                                       compute_metrics=ClassificationMetrics(["a", "b", "c", "d"]))
+    args = SpecificDistillationConfig(
+        **quick_run(
+            tmp_path,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=8,
+            distillation_type="none",
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            label_smoothing_factor=0.0,
+            lr_scheduler_type="constant",
+            layer_decay=1.0,
+            recipe=recipe,
+            dataloader_num_workers=0,
+        )
+    )
+    return SpecificDistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        compute_metrics=ClassificationMetrics(["a", "b", "c", "d"]),
+    )
 
 
 def test_a_run_at_chance_warns_in_the_log_the_trainer_and_the_card(tmp_path, caplog):
-    trainer = classifier_trainer(tmp_path, labels=lambda index: index % 4, learning_rate=1e-9, steps=8, recipe="release")
+    trainer = classifier_trainer(
+        tmp_path, labels=lambda index: index % 4, learning_rate=1e-9, steps=8, recipe="release"
+    )
     hf_logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING, logger="g2sd_hf.trainer"):
@@ -88,7 +112,9 @@ def test_a_run_at_chance_warns_in_the_log_the_trainer_and_the_card(tmp_path, cap
     finally:
         hf_logging.disable_propagation()
     training, evaluation = trainer.learning_warnings
-    assert "stayed at the chance level" in training and "ln(4) = 1.386" in training and "--recipe small-data" in training
+    assert (
+        "stayed at the chance level" in training and "ln(4) = 1.386" in training and "--recipe small-data" in training
+    )
     assert "evaluation is at chance" in evaluation and "peak 1e-09" in evaluation
     assert caplog.text.count("LEARNED NOTHING?") == 2
     trainer.create_model_card(dataset="random pixels")

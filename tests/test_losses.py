@@ -66,7 +66,9 @@ def test_normalize_teacher_features_is_layer_norm_without_affine():
     hidden = torch.randn(2, 7, 12) * 5 + 3
     expected = torch.nn.LayerNorm(12, eps=1e-6, elementwise_affine=False)(hidden)
     torch.testing.assert_close(normalize_teacher_features(hidden), expected)
-    by_hand = (hidden - hidden.mean(-1, keepdim=True)) / torch.sqrt(hidden.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    by_hand = (hidden - hidden.mean(-1, keepdim=True)) / torch.sqrt(
+        hidden.var(-1, unbiased=False, keepdim=True) + 1e-6
+    )
     torch.testing.assert_close(normalize_teacher_features(hidden), by_hand, atol=1e-5, rtol=1e-5)
 
 
@@ -81,13 +83,21 @@ def test_soft_target_cross_entropy_equals_cross_entropy_for_one_hot():
     logits = torch.randn(5, 7)
     labels = torch.tensor([0, 3, 6, 2, 2])
     expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
-    assert soft_target_cross_entropy(logits, smooth_targets(labels, 7, 0.1)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert soft_target_cross_entropy(logits, smooth_targets(labels, 7, 0.1)).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def test_hard_distillation_is_cross_entropy_to_teacher_argmax():
     student = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
     teacher = torch.tensor([[0.1, 3.0, 0.0], [0.0, 0.0, 9.0]])  # teacher classes 1 and 2
-    expected = -(math.log(math.exp(0.0) / sum(map(math.exp, [2.0, 0.0, -1.0]))) + math.log(math.exp(0.5) / sum(map(math.exp, [0.0, 1.0, 0.5])))) / 2
+    expected = (
+        -(
+            math.log(math.exp(0.0) / sum(map(math.exp, [2.0, 0.0, -1.0])))
+            + math.log(math.exp(0.5) / sum(map(math.exp, [0.0, 1.0, 0.5])))
+        )
+        / 2
+    )
     assert hard_distillation_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
 
 

@@ -36,7 +36,9 @@ class G2SDModelTester:
         num_visible = int(NUM_PATCHES * 0.25)
         assert outputs.last_hidden_state.shape == (self.batch_size, 1 + num_visible, self.config.hidden_size)
         assert outputs.mask.shape == (self.batch_size, NUM_PATCHES)
-        torch.testing.assert_close(outputs.mask.sum(1), torch.full((self.batch_size,), float(NUM_PATCHES - num_visible)))
+        torch.testing.assert_close(
+            outputs.mask.sum(1), torch.full((self.batch_size,), float(NUM_PATCHES - num_visible))
+        )
 
     def create_and_check_generic_distillation(self, pixel_values, noise):
         model = G2SDForGenericDistillation(self.config).eval()
@@ -94,7 +96,9 @@ def mae_reference_sincos(embed_dim, grid_size):
         angles = np.einsum("m,d->md", positions.reshape(-1), omega)
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)), axis=0)
+    grid = np.stack(
+        np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)), axis=0
+    )
     embeddings = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
     return np.concatenate([np.zeros([1, embed_dim]), embeddings], axis=0)
 
@@ -103,8 +107,12 @@ def test_sincos_position_embeddings_match_mae():
     ours = get_2d_sincos_position_embeddings(32, (4, 4)).numpy()
     np.testing.assert_allclose(ours, mae_reference_sincos(32, 4), atol=1e-6)
     model = G2SDForGenericDistillation(tiny_student_config())
-    np.testing.assert_allclose(model.g2sd.embeddings.position_embeddings[0].detach().numpy(), mae_reference_sincos(16, 4), atol=1e-6)
-    np.testing.assert_allclose(model.decoder.position_embeddings[0].detach().numpy(), mae_reference_sincos(16, 4), atol=1e-6)
+    np.testing.assert_allclose(
+        model.g2sd.embeddings.position_embeddings[0].detach().numpy(), mae_reference_sincos(16, 4), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        model.decoder.position_embeddings[0].detach().numpy(), mae_reference_sincos(16, 4), atol=1e-6
+    )
 
 
 def test_random_masking_keeps_smallest_noise_and_restores_order(noise):
@@ -168,12 +176,26 @@ def test_paper_parameter_counts(preset, distillation_token, expected_millions):
 
 def test_official_student_architectures():
     tiny = G2SDConfig.from_preset("vit_tiny_patch16_dec128d4b")
-    assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads, tiny.intermediate_size) == (192, 12, 3, 768)
+    assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads, tiny.intermediate_size) == (
+        192,
+        12,
+        3,
+        768,
+    )
     assert (tiny.decoder_hidden_size, tiny.decoder_num_hidden_layers, tiny.decoder_num_attention_heads) == (128, 4, 4)
     small = G2SDConfig.from_preset("g2sd-small")
-    assert (small.hidden_size, small.num_attention_heads, small.decoder_hidden_size, small.decoder_num_attention_heads) == (384, 6, 256, 8)
+    assert (
+        small.hidden_size,
+        small.num_attention_heads,
+        small.decoder_hidden_size,
+        small.decoder_num_attention_heads,
+    ) == (384, 6, 256, 8)
     assert small.layer_norm_eps == 1e-6 and small.qkv_bias and small.target_hidden_size == 512
-    assert set(G2SD_PRESETS) >= {"vit_tiny_patch16_dec128d4b", "vit_small_patch16_dec256d4b", "vit_base_patch16_dec512d8b"}
+    assert set(G2SD_PRESETS) >= {
+        "vit_tiny_patch16_dec128d4b",
+        "vit_small_patch16_dec256d4b",
+        "vit_base_patch16_dec512d8b",
+    }
     with pytest.raises(ValueError, match="Unknown G2SD preset"):
         G2SDConfig.from_preset("vit_gigantic")
 
@@ -260,7 +282,9 @@ def test_classifier_from_generic_checkpoint_keeps_encoder_and_says_so(tmp_path, 
         if key in generic_encoder:
             torch.testing.assert_close(value, generic_encoder[key], rtol=0, atol=0)
     assert classifier.g2sd.embeddings.distillation_token is not None
-    assert not any(name.startswith("decoder") or name.startswith("feature_head") for name, _ in classifier.named_parameters())
+    assert not any(
+        name.startswith("decoder") or name.startswith("feature_head") for name, _ in classifier.named_parameters()
+    )
 
 
 def test_auto_classes_load_g2sd_checkpoints(tmp_path):
@@ -268,7 +292,9 @@ def test_auto_classes_load_g2sd_checkpoints(tmp_path):
     G2SDForImageClassification(config).save_pretrained(tmp_path / "classifier")
     G2SDForGenericDistillation(tiny_student_config()).save_pretrained(tmp_path / "generic")
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "classifier"), G2SDConfig)
-    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path / "classifier"), G2SDForImageClassification)
+    assert isinstance(
+        AutoModelForImageClassification.from_pretrained(tmp_path / "classifier"), G2SDForImageClassification
+    )
     assert isinstance(AutoModel.from_pretrained(tmp_path / "classifier"), G2SDModel)
     assert isinstance(AutoModelForPreTraining.from_pretrained(tmp_path / "generic"), G2SDForGenericDistillation)
 

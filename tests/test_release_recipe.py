@@ -65,8 +65,13 @@ def release_cosine(step: float, total: float, warmup: float, peak: float, min_lr
 
 
 def test_generic_schedule_follows_the_release_cosine_to_its_min_lr(tmp_path):
-    trainer = generic_trainer(tmp_path, learning_rate=1e-3, warmup_steps=10, lr_scheduler_type="cosine_with_min_lr",
-                              lr_scheduler_kwargs={"min_lr": 2.5e-6})
+    trainer = generic_trainer(
+        tmp_path,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": 2.5e-6},
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=110)
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
     learning_rates = []
@@ -85,10 +90,20 @@ def test_layer_decayed_groups_end_at_min_lr_times_their_scale(tmp_path):
     from .conftest import tiny_image_dataset
 
     student = G2SDForImageClassification(tiny_student_config(num_labels=3))
-    args = specific_args(tmp_path, learning_rate=1e-3, warmup_steps=0, lr_scheduler_type="cosine_with_min_lr",
-                         lr_scheduler_kwargs={"min_lr": 1e-6}, layer_decay=0.75)
-    trainer = SpecificDistillationTrainer(model=student, teacher=None, args=SpecificDistillationConfig(
-        **{**args.to_dict(), "distillation_type": "none"}), train_dataset=tiny_image_dataset(num_labels=3))
+    args = specific_args(
+        tmp_path,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": 1e-6},
+        layer_decay=0.75,
+    )
+    trainer = SpecificDistillationTrainer(
+        model=student,
+        teacher=None,
+        args=SpecificDistillationConfig(**{**args.to_dict(), "distillation_type": "none"}),
+        train_dataset=tiny_image_dataset(num_labels=3),
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=20)
     for _ in range(20):
         trainer.optimizer.step()
@@ -98,8 +113,9 @@ def test_layer_decayed_groups_end_at_min_lr_times_their_scale(tmp_path):
 
 
 def test_a_min_lr_above_the_peak_is_refused(tmp_path):
-    trainer = generic_trainer(tmp_path, learning_rate=1e-6, lr_scheduler_type="cosine_with_min_lr",
-                              lr_scheduler_kwargs={"min_lr": 2.5e-6})
+    trainer = generic_trainer(
+        tmp_path, learning_rate=1e-6, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 2.5e-6}
+    )
     with pytest.raises(ValueError, match="min_learning_rate=2.5e-06, above the peak learning rate"):
         trainer.create_optimizer_and_scheduler(num_training_steps=10)
 
@@ -111,12 +127,14 @@ def release_eval_transform(input_size: int):
     """`util/datasets.build_transform(is_train=False)` of the release."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     size = int(input_size / crop_pct)
-    return release_transforms.Compose([
-        release_transforms.Resize(size, interpolation=release_transforms.InterpolationMode.BICUBIC),
-        release_transforms.CenterCrop(input_size),
-        release_transforms.ToTensor(),
-        release_transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    return release_transforms.Compose(
+        [
+            release_transforms.Resize(size, interpolation=release_transforms.InterpolationMode.BICUBIC),
+            release_transforms.CenterCrop(input_size),
+            release_transforms.ToTensor(),
+            release_transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
 @pytest.mark.parametrize("input_size", [96, 224, 256])
@@ -154,9 +172,18 @@ def test_training_augmentation_is_the_release_policy():
     from timm.data import create_transform
 
     # The release's `build_transform(is_train=True)` with its `main_finetune_dis.py` defaults.
-    release = create_transform(input_size=224, is_training=True, color_jitter=None, auto_augment="rand-m9-mstd0.5-inc1",
-                               interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
-                               mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    release = create_transform(
+        input_size=224,
+        is_training=True,
+        color_jitter=None,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
     ours = ClassificationAugmentationArguments().train_transform(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     assert repr(ours) == repr(release)
     names = [type(step).__name__ for step in ours.transforms]
@@ -185,8 +212,9 @@ def test_posterize_at_the_top_magnitude_gives_the_release_black_image():
 def test_pixel_erasing_fills_with_noise():
     from g2sd_hf.data import classification_train_transform
 
-    transform = classification_train_transform(64, [0.5] * 3, [0.5] * 3, min_crop_scale=1.0, horizontal_flip=False,
-                                               auto_augment="none", random_erasing=1.0)
+    transform = classification_train_transform(
+        64, [0.5] * 3, [0.5] * 3, min_crop_scale=1.0, horizontal_flip=False, auto_augment="none", random_erasing=1.0
+    )
     torch.manual_seed(0)
     erased = transform(Image.new("RGB", (64, 64), (128, 128, 128)))
     changed = (erased - erased.flatten()[0]).abs() > 1e-6  # a flat gray image: anything not gray was erased
@@ -204,13 +232,19 @@ def test_head_initialization_from_a_generic_distillation_checkpoint(tmp_path):
     # timm's trunc_normal_ cuts at +-2 (absolute), as torch's: at these scales a plain normal.
     assert classifier.std().item() == pytest.approx(2e-5, rel=0.1)
     assert distillation.std().item() == pytest.approx(0.02, rel=0.1)
-    assert torch.count_nonzero(model.classifier.bias) == 0 and torch.count_nonzero(model.distillation_classifier.bias) == 0
+    assert (
+        torch.count_nonzero(model.classifier.bias) == 0
+        and torch.count_nonzero(model.distillation_classifier.bias) == 0
+    )
 
 
 def test_head_initialization_of_a_new_student_and_of_the_mae_classifier():
     torch.manual_seed(0)
-    student = G2SDForImageClassification(G2SDConfig(**{**tiny_student_config().to_dict(), "num_labels": 100,
-                                                        "hidden_size": 64, "use_distillation_token": True}))
+    student = G2SDForImageClassification(
+        G2SDConfig(
+            **{**tiny_student_config().to_dict(), "num_labels": 100, "hidden_size": 64, "use_distillation_token": True}
+        )
+    )
     assert student.classifier.weight.std().item() == pytest.approx(2e-5, rel=0.1)
     assert student.distillation_classifier.weight.std().item() == pytest.approx(0.02, rel=0.1)
     teacher = classifier_from_mae(tiny_mae_teacher(hidden_size=64), num_labels=100)

@@ -59,7 +59,9 @@ def test_encoder_only_teachers_are_refused(tmp_path):
 def test_from_pretrained_reads_normalization_from_the_image_processor(tmp_path, pixel_values, noise):
     mae = tiny_mae_teacher()
     mae.save_pretrained(tmp_path)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]).save_pretrained(tmp_path)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]
+    ).save_pretrained(tmp_path)
     teacher = MAETeacher.from_pretrained(tmp_path, target_layer=3)
     assert teacher.image_mean == (0.5, 0.4, 0.3) and teacher.image_std == (0.2, 0.2, 0.2)
     torch.testing.assert_close(teacher(pixel_values, noise), MAETeacher(mae, target_layer=3)(pixel_values, noise))
@@ -80,7 +82,10 @@ def test_target_layer_outside_decoder_is_refused(target_layer):
 
 def test_inputs_normalized_differently_are_converted(noise):
     raw = torch.rand(4, 3, 32, 32)  # [0, 1] pixels
-    teacher_mean, teacher_std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    teacher_mean, teacher_std = (
+        torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1),
+    )
     teacher = MAETeacher(tiny_mae_teacher(), target_layer=2)
     expected = teacher((raw - teacher_mean) / teacher_std, noise)
 

@@ -27,8 +27,23 @@ from .conftest import NUM_PATCHES, tiny_classifier_teacher, tiny_image_dataset, 
 
 def quick_run(tmp_path, **overrides) -> dict:
     """A few logged CPU steps at a fixed learning rate, nothing saved."""
-    return dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, scale_lr_with_batch_size=False,
-                warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0) | overrides
+    return (
+        dict(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            learning_rate=1e-3,
+            scale_lr_with_batch_size=False,
+            warmup_steps=0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        | overrides
+    )
 
 
 def generic_args(tmp_path, **overrides):
@@ -44,7 +59,10 @@ def generic_trainer(tmp_path, student_seed=0, dataset=None, **overrides):
     student = G2SDForGenericDistillation(tiny_student_config())
     teacher = MAETeacher(tiny_mae_teacher(), target_layer=2)
     return GenericDistillationTrainer(
-        model=student, teacher=teacher, args=generic_args(tmp_path, **overrides), train_dataset=dataset or tiny_image_dataset()
+        model=student,
+        teacher=teacher,
+        args=generic_args(tmp_path, **overrides),
+        train_dataset=dataset or tiny_image_dataset(),
     )
 
 
@@ -84,16 +102,22 @@ def test_only_student_parameters_receive_gradients(tmp_path):
     for name, value in trainer.teacher.state_dict().items():
         torch.testing.assert_close(value, teacher_before[name], rtol=0, atol=0)
     after = student_state(trainer)
-    assert not torch.equal(after["g2sd.layers.0.attention.qkv.weight"], student_before["g2sd.layers.0.attention.qkv.weight"])
+    assert not torch.equal(
+        after["g2sd.layers.0.attention.qkv.weight"], student_before["g2sd.layers.0.attention.qkv.weight"]
+    )
     # Fixed sin-cos tables are not trained.
-    torch.testing.assert_close(after["g2sd.embeddings.position_embeddings"], student_before["g2sd.embeddings.position_embeddings"])
+    torch.testing.assert_close(
+        after["g2sd.embeddings.position_embeddings"], student_before["g2sd.embeddings.position_embeddings"]
+    )
     history = trainer.state.log_history[0]
     assert {"loss", "masked_token_loss", "visible_token_loss"} <= history.keys()
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # SGD: Adam would turn the float noise of exactly-zero gradients (the key bias) into full-size steps.
-    large = generic_trainer(tmp_path / "large", per_device_train_batch_size=4, gradient_accumulation_steps=1, optim="sgd")
+    large = generic_trainer(
+        tmp_path / "large", per_device_train_batch_size=4, gradient_accumulation_steps=1, optim="sgd"
+    )
     large.train()
     accumulated = generic_trainer(
         tmp_path / "accumulated", per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd"
@@ -132,7 +156,9 @@ def test_resuming_a_transformers_model_restores_its_renamed_weights(tmp_path):
     mae_pretraining_trainer(tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2).train()
     saved = load_file(str(tmp_path / "resumed" / "checkpoint-2" / "model.safetensors"))
     assert not any(".layers." in name for name in saved), "the checkpoint no longer uses the renamed keys"
-    resumed = mae_pretraining_trainer(tmp_path / "resumed", model_seed=123, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed = mae_pretraining_trainer(
+        tmp_path / "resumed", model_seed=123, max_steps=4, save_strategy="steps", save_steps=2
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
     expected, actual = student_state(uninterrupted), student_state(resumed)
     for name in expected:
@@ -157,7 +183,10 @@ def test_evaluation_scores_every_image_and_training_needs_one_full_batch(tmp_pat
     assert sum(len(batch["pixel_values"]) for batch in trainer.get_train_dataloader()) == 16  # 4 full batches of 4
 
     too_few = generic_trainer(tmp_path, dataset=tiny_image_dataset(num_images=3))
-    with pytest.raises(ValueError, match=r"3 images, fewer than one batch \(4 per process x 1 processes = 4\).*--dataloader_drop_last false"):
+    with pytest.raises(
+        ValueError,
+        match=r"3 images, fewer than one batch \(4 per process x 1 processes = 4\).*--dataloader_drop_last false",
+    ):
         too_few.train()
 
 
@@ -186,7 +215,9 @@ def test_generic_optimizer_follows_timm_weight_decay(tmp_path):
 
 
 def test_learning_rate_scales_with_total_batch(tmp_path):
-    trainer = generic_trainer(tmp_path, learning_rate=1.5e-4, scale_lr_with_batch_size=True, gradient_accumulation_steps=2)
+    trainer = generic_trainer(
+        tmp_path, learning_rate=1.5e-4, scale_lr_with_batch_size=True, gradient_accumulation_steps=2
+    )
     assert trainer.peak_learning_rate == pytest.approx(1.5e-4 * 8 / 256)
     assert all(group["lr"] == pytest.approx(1.5e-4 * 8 / 256) for group in trainer.create_optimizer().param_groups)
 
@@ -223,7 +254,9 @@ class RecordSaves(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.digests[folder] = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()}
+        self.digests[folder] = {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()
+        }
 
 
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
@@ -249,23 +282,31 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_
 def test_refuses_mismatched_patch_grids(tmp_path):
     student = G2SDForGenericDistillation(tiny_student_config(patch_size=4, target_hidden_size=24))
     with pytest.raises(ValueError, match="different patch grids"):
-        GenericDistillationTrainer(model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path))
+        GenericDistillationTrainer(
+            model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path)
+        )
 
 
 def test_refuses_feature_head_of_the_wrong_width(tmp_path):
     student = G2SDForGenericDistillation(tiny_student_config(target_hidden_size=32))
     with pytest.raises(ValueError, match="target_hidden_size=24"):
-        GenericDistillationTrainer(model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path))
+        GenericDistillationTrainer(
+            model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path)
+        )
 
 
 def test_refuses_wrong_student_and_teacher_types(tmp_path):
     with pytest.raises(TypeError, match="G2SDForGenericDistillation"):
         GenericDistillationTrainer(
-            model=G2SDForImageClassification(tiny_student_config()), teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path)
+            model=G2SDForImageClassification(tiny_student_config()),
+            teacher=MAETeacher(tiny_mae_teacher(), 2),
+            args=generic_args(tmp_path),
         )
     with pytest.raises(TypeError, match="MAETeacher or a ViTMAEForPreTraining"):
         GenericDistillationTrainer(
-            model=G2SDForGenericDistillation(tiny_student_config()), teacher=torch.nn.Linear(2, 2), args=generic_args(tmp_path)
+            model=G2SDForGenericDistillation(tiny_student_config()),
+            teacher=torch.nn.Linear(2, 2),
+            args=generic_args(tmp_path),
         )
 
 
@@ -280,18 +321,26 @@ def test_student_normalization_is_converted_for_the_teacher(tmp_path, pixel_valu
     processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     student = G2SDForGenericDistillation(tiny_student_config())
     trainer = GenericDistillationTrainer(
-        model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path), processing_class=processor
+        model=student,
+        teacher=MAETeacher(tiny_mae_teacher(), 2),
+        args=generic_args(tmp_path),
+        processing_class=processor,
     )
     assert trainer.teacher.input_mean == (0.5, 0.5, 0.5) and trainer.teacher.needs_conversion
     raw = pixel_values.sigmoid()
     reference = MAETeacher(tiny_mae_teacher(), 2)
     mean, std = torch.tensor(reference.image_mean).view(1, 3, 1, 1), torch.tensor(reference.image_std).view(1, 3, 1, 1)
-    torch.testing.assert_close(trainer.teacher((raw - 0.5) / 0.5, noise), reference((raw - mean) / std, noise), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        trainer.teacher((raw - 0.5) / 0.5, noise), reference((raw - mean) / std, noise), atol=1e-5, rtol=1e-5
+    )
 
     processor.do_normalize = False
     with pytest.raises(ValueError, match="does not normalize"):
         GenericDistillationTrainer(
-            model=student, teacher=MAETeacher(tiny_mae_teacher(), 2), args=generic_args(tmp_path), processing_class=processor
+            model=student,
+            teacher=MAETeacher(tiny_mae_teacher(), 2),
+            args=generic_args(tmp_path),
+            processing_class=processor,
         )
 
 
@@ -313,7 +362,9 @@ def specific_trainer(tmp_path, distillation_token=True, teacher=True, **override
 @pytest.mark.parametrize("distillation_type", ["hard", "soft", "nkd"])
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 def test_specific_loss_equals_formula(tmp_path, distillation_type, beta, pixel_values):
-    trainer = specific_trainer(tmp_path, distillation_type=distillation_type, distillation_beta=beta, distillation_temperature=2.0)
+    trainer = specific_trainer(
+        tmp_path, distillation_type=distillation_type, distillation_beta=beta, distillation_temperature=2.0
+    )
     labels = torch.tensor([0, 3, 1, 1])
     model = trainer.model.train()
     loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels})
@@ -341,7 +392,9 @@ def test_specific_distillation_without_token_distills_the_cls_head(tmp_path, pix
     with torch.no_grad():
         logits = model(pixel_values).logits
         teacher_logits = trainer.teacher.model(pixel_values).logits
-    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1) + F.cross_entropy(logits, teacher_logits.argmax(-1))) / 2
+    expected = (
+        F.cross_entropy(logits, labels, label_smoothing=0.1) + F.cross_entropy(logits, teacher_logits.argmax(-1))
+    ) / 2
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -365,7 +418,9 @@ def test_layer_wise_learning_rate_decay_groups(tmp_path):
     named = dict(trainer.model.named_parameters())
     peak = trainer.peak_learning_rate
     # Two encoder layers: embeddings are layer 0 (scale 0.5^3), block i is layer i + 1, heads are layer 3 (scale 1).
-    assert group_of[id(named["g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(peak * 0.125)
+    assert group_of[id(named["g2sd.embeddings.patch_embeddings.projection.weight"])]["lr"] == pytest.approx(
+        peak * 0.125
+    )
     assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.25)
     assert group_of[id(named["g2sd.layers.1.mlp.fc1.weight"])]["lr"] == pytest.approx(peak * 0.5)
     assert group_of[id(named["classifier.weight"])]["lr"] == pytest.approx(peak)
@@ -373,7 +428,13 @@ def test_layer_wise_learning_rate_decay_groups(tmp_path):
     assert group_of[id(named["g2sd.embeddings.distillation_token"])]["lr"] == pytest.approx(peak)
     # The Trainer logs the first group's learning rate: it is the peak one.
     assert optimizer.param_groups[0]["lr"] == pytest.approx(peak)
-    for name in ("g2sd.embeddings.position_embeddings", "g2sd.embeddings.cls_token", "g2sd.embeddings.distillation_token", "classifier.bias", "g2sd.layernorm.weight"):
+    for name in (
+        "g2sd.embeddings.position_embeddings",
+        "g2sd.embeddings.cls_token",
+        "g2sd.embeddings.distillation_token",
+        "classifier.bias",
+        "g2sd.layernorm.weight",
+    ):
         assert group_of[id(named[name])]["weight_decay"] == 0.0, name
     assert group_of[id(named["g2sd.layers.0.mlp.fc1.weight"])]["weight_decay"] == 0.05
 
@@ -383,7 +444,9 @@ def test_specific_refusals(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         SpecificDistillationTrainer(model=student, teacher=None, args=specific_args(tmp_path))
     with pytest.raises(ValueError, match="predicts 4 classes, the teacher 7"):
-        SpecificDistillationTrainer(model=student, teacher=tiny_classifier_teacher(num_labels=7), args=specific_args(tmp_path))
+        SpecificDistillationTrainer(
+            model=student, teacher=tiny_classifier_teacher(num_labels=7), args=specific_args(tmp_path)
+        )
     with pytest.raises(ValueError, match="distillation_type must be one of"):
         specific_args(tmp_path, distillation_type="feature")
     with pytest.raises(ValueError, match="layer_decay must be in"):
@@ -398,16 +461,24 @@ def test_teacher_classes_are_matched_to_the_students_by_name(tmp_path, pixel_val
     """The same classes in another order: the teacher's logits are reordered so each target is the student's class."""
     teacher_model = tiny_classifier_teacher(num_labels=4)
     teacher_model.config.update(named_classes(["crack", "finger", "ok", "spot"]))
-    student = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True,
-                                                              **named_classes(["ok", "spot", "crack", "finger"])))
+    student = G2SDForImageClassification(
+        tiny_student_config(
+            num_labels=4, use_distillation_token=True, **named_classes(["ok", "spot", "crack", "finger"])
+        )
+    )
     trainer = SpecificDistillationTrainer(model=student, teacher=teacher_model, args=specific_args(tmp_path))
     with torch.no_grad():
         original = teacher_model(pixel_values=pixel_values).logits
     torch.testing.assert_close(trainer.teacher(pixel_values), original[:, [2, 3, 0, 1]])
 
-    other = G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True,
-                                                            **named_classes(["ok", "spot", "crack", "burn"])))
-    with pytest.raises(ValueError, match=r"only the teacher has \['finger'\], only the student \(the data\) has \['burn'\]"):
+    other = G2SDForImageClassification(
+        tiny_student_config(
+            num_labels=4, use_distillation_token=True, **named_classes(["ok", "spot", "crack", "burn"])
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"only the teacher has \['finger'\], only the student \(the data\) has \['burn'\]"
+    ):
         SpecificDistillationTrainer(model=other, teacher=teacher_model, args=specific_args(tmp_path))
 
 
@@ -418,8 +489,10 @@ def test_without_teacher_both_heads_learn_the_task(tmp_path, pixel_values):
     loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": labels})
     with torch.no_grad():
         outputs = model(pixel_values)
-    expected = (F.cross_entropy(outputs.cls_logits, labels, label_smoothing=0.1)
-                + F.cross_entropy(outputs.distillation_logits, labels, label_smoothing=0.1)) / 2
+    expected = (
+        F.cross_entropy(outputs.cls_logits, labels, label_smoothing=0.1)
+        + F.cross_entropy(outputs.distillation_logits, labels, label_smoothing=0.1)
+    ) / 2
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
