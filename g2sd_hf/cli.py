@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,14 +72,43 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 RUN_ARGUMENTS = "run_arguments.json"  # the arguments a script started its run in output_dir with
 # Arguments that do not change what a run computes: a rerun may change them and still resume.
-NON_RESULT_ARGUMENTS = frozenset({
-    "output_dir", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "report_to",
-    "disable_tqdm", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level",
-    "log_level_replica", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "eval_strategy",
-    "eval_steps", "do_eval", "do_predict", "per_device_eval_batch_size", "dataloader_num_workers",
-    "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_prefetch_factor", "push_to_hub",
-    "hub_model_id", "hub_token", "hub_strategy", "hub_private_repo", "local_rank", "ddp_timeout",
-})
+NON_RESULT_ARGUMENTS = frozenset(
+    {
+        "output_dir",
+        "logging_dir",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "run_name",
+        "report_to",
+        "disable_tqdm",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "eval_strategy",
+        "eval_steps",
+        "do_eval",
+        "do_predict",
+        "per_device_eval_batch_size",
+        "dataloader_num_workers",
+        "dataloader_persistent_workers",
+        "dataloader_pin_memory",
+        "dataloader_prefetch_factor",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_strategy",
+        "hub_private_repo",
+        "local_rank",
+        "ddp_timeout",
+    }
+)
 FINISHED_RUN_FILES = ("model.safetensors", "pytorch_model.bin", "all_results.json")
 
 
@@ -92,8 +122,12 @@ def run_arguments(training_args: TrainingArguments, *argument_groups) -> dict:
 
 
 def _differences(saved: dict, current: dict) -> str:
-    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key, "<unset>") != current.get(key, "<unset>"))
-    shown = "; ".join(f"{key}: {saved.get(key, '<unset>')!r} then, {current.get(key, '<unset>')!r} now" for key in keys[:6])
+    keys = sorted(
+        key for key in saved.keys() | current.keys() if saved.get(key, "<unset>") != current.get(key, "<unset>")
+    )
+    shown = "; ".join(
+        f"{key}: {saved.get(key, '<unset>')!r} then, {current.get(key, '<unset>')!r} now" for key in keys[:6]
+    )
     return shown + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
@@ -124,33 +158,59 @@ def claim_output_dir(training_args: TrainingArguments) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = output_dir / RUN_LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "world_size": training_args.world_size}
-    for _ in range(2):
-        try:
-            with open(lock, "x") as handle:
-                json.dump(me, handle)
+    for _ in range(3):
+        if _create_with_content(lock, json.dumps(me)):
             break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("pid") == me["pid"]:
-                return  # this process claimed it already (a script run twice in one process, as the tests do)
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and _alive(holder["pid"]):
-                raise RuntimeError(
-                    f"Another run (process {holder['pid']}, {holder.get('world_size')} process(es)) is writing "
-                    f"{output_dir} as its main process. Two main processes on one folder overwrite each other's "
-                    "checkpoints: wait for it, use another --output_dir, or, if both were started by one `accelerate "
-                    "launch --multi_gpu` on a machine without GPUs, set ACCELERATE_USE_CPU=true so that they form one "
-                    "distributed run (see docs/distributed.md)."
-                )
-            if holder.get("host") not in (None, me["host"]):
-                logger.warning(f"{lock} was left by a run on {holder['host']}; taking it over.")
-            lock.unlink(missing_ok=True)  # left by a run that no longer runs
+        holder = _read_lock(lock)
+        if holder.get("pid") == me["pid"]:
+            return  # this process claimed it already (a script run twice in one process, as the tests do)
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and _alive(holder["pid"]):
+            raise RuntimeError(
+                f"Another run (process {holder['pid']}, {holder.get('world_size')} process(es)) is writing "
+                f"{output_dir} as its main process. Two main processes on one folder overwrite each other's "
+                "checkpoints: wait for it, use another --output_dir, or, if both were started by one `accelerate "
+                "launch --multi_gpu` on a machine without GPUs, set ACCELERATE_USE_CPU=true so that they form one "
+                "distributed run (see docs/distributed.md)."
+            )
+        if holder.get("host") not in (None, me["host"]):
+            logger.warning(f"{lock} was left by a run on {holder['host']}; taking it over.")
+        lock.unlink(missing_ok=True)  # left by a run that no longer runs
     else:
         raise RuntimeError(f"Could not claim {output_dir}: {lock} keeps reappearing. Is another run starting there?")
 
     atexit.register(release_output_dir, training_args)
+
+
+def _create_with_content(path: Path, content: str) -> bool:
+    """Create `path` holding `content` in one step (False if it exists): a reader never sees it empty."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(content)
+    try:
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: create, then write
+        try:
+            with open(path, "x") as handle:
+                handle.write(content)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path, attempts: int = 20) -> dict:
+    """The lock's content; `{}` when it stays unreadable (a lock being written is retried for about a second)."""
+    for _ in range(attempts):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {}
 
 
 def release_output_dir(training_args: TrainingArguments) -> None:
@@ -187,13 +247,19 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
     if (last is not None or finished) and not getattr(training_args, "overwrite_output_dir", False):
         saved = json.loads(record.read_text()) if record.is_file() else None
         what = f"checkpoints (last: {Path(last).name})" if last else f"a finished run ({', '.join(finished)})"
-        ways = ("Pass --overwrite_output_dir to start a new run there (same-named files are replaced, nothing else is "
-                "removed), --resume_from_checkpoint to continue it anyway, or choose another --output_dir.")
+        ways = (
+            "Pass --overwrite_output_dir to start a new run there (same-named files are replaced, nothing else is "
+            "removed), --resume_from_checkpoint to continue it anyway, or choose another --output_dir."
+        )
         if saved is None:
-            raise ValueError(f"{output_dir} already holds {what} of a run started without a {RUN_ARGUMENTS} record, "
-                             f"so it cannot be told apart from another run. {ways}")
+            raise ValueError(
+                f"{output_dir} already holds {what} of a run started without a {RUN_ARGUMENTS} record, "
+                f"so it cannot be told apart from another run. {ways}"
+            )
         if saved != current:
-            raise ValueError(f"{output_dir} already holds {what} of a run with other arguments ({_differences(saved, current)}). {ways}")
+            raise ValueError(
+                f"{output_dir} already holds {what} of a run with other arguments ({_differences(saved, current)}). {ways}"
+            )
         if last is None:
             raise ValueError(f"{output_dir} already holds {what} of this same run, finished. {ways}")
         logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {last}.")
@@ -208,7 +274,9 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
     return resume
 
 
-def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None) -> dict:
+def train_and_evaluate(
+    trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None
+) -> dict:
     """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
     metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
     `learning_warnings.json` when not empty)."""
@@ -245,7 +313,9 @@ def config_keys(config_class: type) -> set[str]:
     """The names a configuration class knows: its constructor's arguments, the attributes of a default instance and
     its settable properties (`num_labels`)."""
     keys = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
-    settable = {name for name in dir(config_class) if getattr(getattr(config_class, name, None), "fset", None) is not None}
+    settable = {
+        name for name in dir(config_class) if getattr(getattr(config_class, name, None), "fset", None) is not None
+    }
     return keys | settable | set(config_class().to_dict())
 
 
@@ -262,7 +332,9 @@ def parse_overrides(overrides: str | None, config_class: type | None = None) -> 
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=3)
                 hint = f" Did you mean {' or '.join(close)}?" if close else ""
-                raise ValueError(f"Unknown config override {name!r}: {config_class.__name__} has no such setting.{hint}")
+                raise ValueError(
+                    f"Unknown config override {name!r}: {config_class.__name__} has no such setting.{hint}"
+                )
     return values
 
 
@@ -286,4 +358,13 @@ def _parse_pairs(overrides: str | None) -> dict:
     return values
 
 
-__all__ = ["RUN_ARGUMENTS", "checkpoint_to_resume", "claim_output_dir", "run_arguments", "parse_arguments", "parse_overrides", "setup_logging", "train_and_evaluate"]
+__all__ = [
+    "RUN_ARGUMENTS",
+    "checkpoint_to_resume",
+    "claim_output_dir",
+    "run_arguments",
+    "parse_arguments",
+    "parse_overrides",
+    "setup_logging",
+    "train_and_evaluate",
+]
