@@ -316,6 +316,23 @@ class G2SDBackboneConfig(BackboneConfigMixin, G2SDConfig):
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
 
+# The settings a stock transformers `ViTConfig` shares, under the same names, with `G2SDConfig` and `ViTMAEConfig`: what
+# a ViT built from either encoder copies (the exporter's stock classifier, the MAE teacher's fine-tuning classifier).
+VIT_ENCODER_FIELDS = (
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+    "initializer_range",
+)
+
+
 def to_pair(value) -> tuple:
     """`224` -> `(224, 224)`; a pair stays a pair (image and patch sizes may be either)."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)

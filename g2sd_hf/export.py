@@ -25,6 +25,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .checkpoints import load_image_classifier
+from .configuration_g2sd import VIT_ENCODER_FIELDS
 from .hub import build_model_card, check_output_folder, staged_folder
 from .modeling_g2sd import G2SDForImageClassification
 
@@ -96,22 +97,7 @@ def load_by_parameter(model: nn.Module, values: dict[nn.Parameter, torch.Tensor]
 
 def _stock_config(model: G2SDForImageClassification):
     config = model.config
-    shared = {
-        name: getattr(config, name)
-        for name in (
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "qkv_bias",
-            "initializer_range",
-        )
-    }
+    shared = {name: getattr(config, name) for name in VIT_ENCODER_FIELDS}
     labels = {"id2label": dict(config.id2label), "label2id": dict(config.label2id)} if config.id2label else {}
     config_class = DeiTConfig if config.use_distillation_token else ViTConfig
     return config_class(**shared, num_labels=config.num_labels, **labels)

@@ -25,7 +25,7 @@ from transformers.image_utils import (
 from transformers.utils import logging
 
 from .checkpoints import readable_weights
-from .configuration_g2sd import to_pair
+from .configuration_g2sd import VIT_ENCODER_FIELDS, to_pair
 from .losses import normalize_teacher_features
 from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embeddings, restore_with_mask_tokens
 
@@ -164,20 +164,7 @@ def classifier_from_mae(
     ```
     """
     encoder = mae.vit if isinstance(mae, ViTMAEForPreTraining) else mae
-    fields = (
-        "image_size",
-        "patch_size",
-        "num_channels",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "hidden_act",
-        "layer_norm_eps",
-        "qkv_bias",
-        "initializer_range",
-    )
-    config = ViTConfig(**{name: getattr(mae.config, name) for name in fields}, num_labels=num_labels)
+    config = ViTConfig(**{name: getattr(mae.config, name) for name in VIT_ENCODER_FIELDS}, num_labels=num_labels)
     if id2label is not None:
         config.id2label = dict(id2label)
         config.label2id = {label: index for index, label in config.id2label.items()}
