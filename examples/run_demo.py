@@ -64,7 +64,6 @@ CLASSIFIER_ASSET = "elpv-teacher-classifier"
 ELPV_TASK = "defective"
 STAGE_MARKER = "g2sd_demo_stage.json"  # written into every stage folder the demo makes
 STARTED_MARKER = "g2sd_demo_stage_started"
-STUDENT_MARKER = "g2sd_demo_student.json"
 
 
 @dataclass
@@ -861,22 +860,17 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
-    """Copy a student stage into a pipeline-ready folder (weights, config, processor, model card), replacing only a
-    folder the demo wrote before."""
-    if checkpoint.exists():
-        if not (checkpoint / STUDENT_MARKER).exists():
-            raise FileExistsError(
-                f"{checkpoint} exists and was not written by the demo: move it away, or choose another --output_dir."
-            )
-        shutil.rmtree(checkpoint)
-    shutil.copytree(
-        stages / folder,
-        checkpoint,
-        ignore=shutil.ignore_patterns(
-            "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, STARTED_MARKER, "runs"
-        ),
-    )
-    (checkpoint / STUDENT_MARKER).write_text(json.dumps({"stage": folder}))
+    """Copy a student stage into a pipeline-ready folder (weights, config, processor, model card) through
+    `staged_folder`: a folder the demo wrote before is replaced, a folder holding anything else is refused."""
+    with staged_folder(checkpoint) as staging:
+        shutil.copytree(
+            stages / folder,
+            staging,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(
+                "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, STARTED_MARKER, "runs"
+            ),
+        )
 
 
 def main(args: list[str] | None = None) -> dict:
