@@ -88,21 +88,27 @@ def generic_distillation_loss(
     mask: torch.Tensor | None = None,
     tokens: str = "all",
     beta: float = 2.0,
-) -> torch.Tensor:
+    return_terms: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """L_GD: Smooth-L1 (with `beta`) between predicted and target features, averaged over tokens and channels.
+
+    The one place L_GD is computed: `G2SDForGenericDistillation.forward` calls it, and `GenericDistillationTrainer`
+    optimizes and logs what the model returns.
 
     Args:
         predicted_features (`torch.Tensor` of shape `(batch, 1 + num_patches, dim)`):
             The student's feature-head output for the cls token followed by every patch (visible and masked).
         teacher_targets (`torch.Tensor` of the same shape): The normalized teacher features.
         mask (`torch.Tensor` of shape `(batch, num_patches)`, *optional*):
-            1 for masked patches, 0 for visible ones. Required unless `tokens="all"`.
+            1 for masked patches, 0 for visible ones. Required unless `tokens="all"` (and for `return_terms`).
         tokens (`str`): `"all"` averages over the cls token and every patch (the official setting); `"masked"` and
             `"visible"` average over those patch tokens only.
         beta (`float`): Smooth-L1 threshold between the quadratic and the linear regime (2.0 in G2SD).
+        return_terms (`bool`): Also return the loss restricted to the masked and to the visible patches (detached,
+            for logging), as a dict `{"loss", "masked_token_loss", "visible_token_loss"}`.
 
     Returns:
-        `torch.Tensor`: the scalar loss.
+        `torch.Tensor`: the scalar loss; with `return_terms`, the dict of the loss and its terms.
 
     Example:
 
@@ -112,7 +118,18 @@ def generic_distillation_loss(
     tensor(0.2500)
     ```
     """
-    return reduce_token_losses(feature_loss_per_token(predicted_features, teacher_targets, beta), mask, tokens)
+    per_token = feature_loss_per_token(predicted_features, teacher_targets, beta)
+    loss = reduce_token_losses(per_token, mask, tokens)
+    if not return_terms:
+        return loss
+    if mask is None:
+        raise ValueError("return_terms=True needs the mask of masked patches.")
+    per_token = per_token.detach()
+    return {
+        "loss": loss,
+        "masked_token_loss": reduce_token_losses(per_token, mask, "masked"),
+        "visible_token_loss": reduce_token_losses(per_token, mask, "visible"),
+    }
 
 
 def smooth_targets(labels: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -76,6 +76,8 @@ class G2SDGenericDistillationOutput(ModelOutput):
         ids_restore (`torch.LongTensor` of shape `(batch, num_patches)`): Indices that undo the masking shuffle.
         hidden_states (`tuple(torch.FloatTensor)`): The encoder's embeddings and layer outputs.
         attentions (`tuple(torch.FloatTensor)`): The encoder's attention probabilities (eager attention only).
+        masked_token_loss (`torch.FloatTensor` of shape `()`): L_GD over the masked patches only (detached, logged).
+        visible_token_loss (`torch.FloatTensor` of shape `()`): L_GD over the visible patches only (detached, logged).
     """
 
     loss: torch.FloatTensor | None = None
@@ -84,6 +86,8 @@ class G2SDGenericDistillationOutput(ModelOutput):
     ids_restore: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    masked_token_loss: torch.FloatTensor | None = None
+    visible_token_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -707,22 +711,23 @@ class G2SDForGenericDistillation(G2SDPreTrainedModel):
         decoded = self.decoder(encoder_outputs.last_hidden_state, encoder_outputs.ids_restore, grid_size)
         predicted_features = self.feature_head(decoded)  # (batch, 1 + num_patches, target_hidden)
 
-        loss = None
+        losses = {}
         if teacher_targets is not None:
-            loss = generic_distillation_loss(
+            losses = generic_distillation_loss(
                 predicted_features,
                 teacher_targets,
                 encoder_outputs.mask,
                 tokens=self.config.feature_loss_tokens,
                 beta=self.config.feature_loss_beta,
+                return_terms=True,
             )
         output = G2SDGenericDistillationOutput(
-            loss=loss,
             predicted_features=predicted_features,
             mask=encoder_outputs.mask,
             ids_restore=encoder_outputs.ids_restore,
             hidden_states=encoder_outputs.hidden_states,
             attentions=encoder_outputs.attentions,
+            **losses,
         )
         return output if return_dict is not False else output.to_tuple()
 

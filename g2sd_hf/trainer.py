@@ -24,10 +24,8 @@ from .learning_check import (
     regression_training_warnings,
 )
 from .losses import (
-    feature_loss_per_token,
     hard_distillation_loss,
     nkd_loss,
-    reduce_token_losses,
     smooth_targets,
     soft_distillation_loss,
     soft_target_cross_entropy,
@@ -619,20 +617,13 @@ class GenericDistillationTrainer(DistillationTrainer):
         if noise is None:
             noise = self._masking_noise(pixel_values.shape[0], pixel_values.device, model.training)
         teacher_targets = self._run_teacher(pixel_values, noise)  # (batch, 1 + num_patches, teacher decoder width)
-        outputs = model(pixel_values=pixel_values, noise=noise)
-        config = self.accelerator.unwrap_model(model).config
-        # L_GD from the per-token losses, which also give the masked/visible terms without a second pass.
-        per_token = feature_loss_per_token(outputs.predicted_features, teacher_targets, config.feature_loss_beta)
-        loss = reduce_token_losses(per_token, outputs.mask, config.feature_loss_tokens)
-        outputs["loss"] = loss
+        # L_GD and its logged terms come from the model (losses.generic_distillation_loss), the one place it is computed.
+        outputs = model(pixel_values=pixel_values, noise=noise, teacher_targets=teacher_targets)
+        loss = outputs.loss
         if model.training:
-            per_token = per_token.detach()
             self._check_and_record(
                 loss,
-                {
-                    "masked_token_loss": reduce_token_losses(per_token, outputs.mask, "masked"),
-                    "visible_token_loss": reduce_token_losses(per_token, outputs.mask, "visible"),
-                },
+                {"masked_token_loss": outputs.masked_token_loss, "visible_token_loss": outputs.visible_token_loss},
             )
         return (loss, outputs) if return_outputs else loss
 

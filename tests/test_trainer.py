@@ -93,6 +93,29 @@ def test_generic_loss_equals_reference_from_the_formulas(tmp_path, pixel_values,
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_trainer_optimizes_and_logs_what_generic_distillation_loss_returns(tmp_path, pixel_values, noise, monkeypatch):
+    """L_GD has one home: change `losses.generic_distillation_loss` and the trainer's loss and logged terms follow."""
+    from g2sd_hf import losses, modeling_g2sd
+
+    def tripled(*args, **kwargs):
+        return {name: 3 * value for name, value in losses.generic_distillation_loss(*args, **kwargs).items()}
+
+    trainer = generic_trainer(tmp_path)
+    student = trainer.model.train()
+    inputs = {"pixel_values": pixel_values, "noise": noise}
+    reference = losses.generic_distillation_loss(
+        student(**inputs).predicted_features,
+        trainer.teacher(pixel_values, noise),
+        student(**inputs).mask,
+        return_terms=True,
+    )
+    monkeypatch.setattr(modeling_g2sd, "generic_distillation_loss", tripled)
+    loss = trainer.compute_loss(student, inputs)
+    torch.testing.assert_close(loss, 3 * reference["loss"])
+    for name in ("masked_token_loss", "visible_token_loss"):
+        torch.testing.assert_close(trainer._term_history[name][-1], 3 * reference[name])
+
+
 def test_only_student_parameters_receive_gradients(tmp_path):
     trainer = generic_trainer(tmp_path)
     teacher_before = {name: value.clone() for name, value in trainer.teacher.state_dict().items()}
