@@ -58,6 +58,8 @@ SCALES = {
 def stage_arguments(task: str, role: str, stages: Path, scale: dict, seed: int) -> list[str]:
     epochs = scale[f"{task}_epochs"] * (scale["teacher_factor"] if role == "teacher" else 1)
     arguments = [
+        "--dataset_name",
+        "synthetic-shapes",
         "--output_dir",
         str(stages / f"{task}_{role}"),
         "--backbone_overrides",

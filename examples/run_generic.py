@@ -10,8 +10,8 @@ The paper's teacher is the MAE ViT-B pre-trained with the normalized-pixel loss,
 (`mae_pretrain_vit_base_full.pth` of the MAE release, converted with `python -m g2sd_hf.convert --kind mae-teacher`);
 `facebook/vit-mae-base` is MAE's visualization checkpoint, trained without it, and a convenient default only.
 
-Without --dataset_name or --train_dir the embedded ELPV solar-cell images are used. `--recipe small-data` suits a few
-thousand images. Arguments can also come from a single JSON or YAML file: `python examples/run_generic.py args.yaml`.
+Data: `--dataset_name` (a Hub data set, or `elpv`: the ELPV solar-cell images shipped in the `elpv-dataset` package) or
+`--train_dir` (a local image folder). `--recipe small-data` suits a few thousand images. Arguments can also come from a single JSON or YAML file: `python examples/run_generic.py args.yaml`.
 """
 
 import logging
@@ -132,7 +132,7 @@ def main(args: list[str] | None = None) -> dict:
 
     metrics = train_and_evaluate(trainer, last_checkpoint, data_counts)
 
-    finish_training_run(trainer, model_args.teacher_name_or_path, data_args.dataset_name or "elpv")
+    finish_training_run(trainer, model_args.teacher_name_or_path, data_args.source_name)
     return metrics
 
 

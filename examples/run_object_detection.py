@@ -140,7 +140,7 @@ def main(args: list[str] | None = None) -> dict:
             json.dump(coco, handle, indent=2)
     trainer.accelerator.wait_for_everyone()
     if training_args.do_train:
-        trainer.create_model_card(dataset=data_args.dataset_name or "synthetic-shapes", tasks="object-detection")
+        trainer.create_model_card(dataset=data_args.source_name, tasks="object-detection")
     return metrics
 
 

@@ -106,7 +106,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     metrics = train_and_evaluate(trainer, last_checkpoint)
     if training_args.do_train:
-        trainer.create_model_card(dataset=data_args.dataset_name or "synthetic-shapes", tasks="image-segmentation")
+        trainer.create_model_card(dataset=data_args.source_name, tasks="image-segmentation")
     return metrics
 
 

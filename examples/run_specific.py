@@ -7,8 +7,8 @@
         --per_device_train_batch_size 128 --bf16 --do_train --do_eval
 
 The same script trains the baselines: `--distillation_type none` fine-tunes without a teacher, and without
-`--student_name_or_path` the student starts from scratch (`--student_preset`). Without --dataset_name or --train_dir
-the embedded ELPV solar-cell images are used. Arguments can also come from a single JSON or YAML file.
+`--student_name_or_path` the student starts from scratch (`--student_preset`). Data: `--dataset_name` (a Hub data set,
+or `elpv`) or `--train_dir` (a local image folder). Arguments can also come from a single JSON or YAML file.
 """
 
 import logging
@@ -164,7 +164,7 @@ def main(args: list[str] | None = None) -> dict:
 
     metrics = train_and_evaluate(trainer, last_checkpoint, data_counts)
 
-    finish_training_run(trainer, model_args.teacher_name_or_path, data_args.dataset_name or "elpv")
+    finish_training_run(trainer, model_args.teacher_name_or_path, data_args.source_name)
     return metrics
 
 

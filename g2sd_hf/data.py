@@ -1,4 +1,4 @@
-"""Image data for G2SD: loading (Hub dataset, local image folder, or the embedded ELPV set) and the transforms.
+"""Image data for G2SD: loading (a Hub data set, a local image folder, or the ELPV set by name) and the transforms.
 
 Every loader returns a `datasets.DatasetDict` with an `image` column that is *not* decoded by `datasets`
 (`Image(decode=False)`) and, for labeled data, a `label` `ClassLabel` column. Images are decoded by the transforms
@@ -6,8 +6,10 @@ here, which convert grayscale, palette, RGBA and 16-bit images to RGB and name t
 read. Unreadable files are found up front by `drop_unreadable_images` (on by default in the example scripts): each is
 named in a warning, skipped, and counted.
 
-The embedded default is ELPV (Deitsch et al., Solar Energy 2019; the `elpv-dataset` package): 2,624 real 300x300
-grayscale electroluminescence images of solar cells, each labeled with a defect probability in {0, 1/3, 2/3, 1}.
+The library never picks a data set: without a data set name or a folder, loading fails with the ways to give one.
+`elpv` names the ELPV images (Deitsch et al., Solar Energy 2019; the `elpv-dataset` package, the demo's data): 2,624
+real 300x300 grayscale electroluminescence images of solar cells, each labeled with a defect probability in
+{0, 1/3, 2/3, 1}.
 """
 
 import csv
@@ -47,6 +49,30 @@ RELEASE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+def require_data_source(dataset_name: str | None, train_dir: str | None, named_sources: dict[str, str]) -> None:
+    """Refuse to go on without data, listing the ways to give it (a library never picks a data set for the user).
+
+    Args:
+        dataset_name (`str`, *optional*): `--dataset_name`.
+        train_dir (`str`, *optional*): `--train_dir`.
+        named_sources (`dict[str, str]`): The data sets known by name (e.g. `{"elpv": "the ELPV solar cells ..."}`).
+    """
+    if dataset_name is None and train_dir is None:
+        named = "".join(f"\n  --dataset_name {name}: {description}" for name, description in named_sources.items())
+        raise ValueError(
+            "No training data given. Give one of:\n  --dataset_name <a Hub data set, e.g. imagenet-1k>"
+            "\n  --train_dir <a local folder> [--validation_dir <a local folder>]"
+            f"{named}"
+        )
+
+
+ELPV_DESCRIPTION = (
+    "the ELPV solar-cell images of the `elpv-dataset` package (offline; --dataset_config_name defective for the "
+    "two-class task)"
+)
+NAMED_DATA_SETS = {ELPV_NAME: ELPV_DESCRIPTION}
+
+
 def elpv_directory() -> Path:
     """The folder of the installed `elpv-dataset` package's images and `labels.csv`."""
     try:
@@ -135,13 +161,14 @@ def load_image_dataset(
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> datasets.DatasetDict:
-    """Load images from the Hub (`dataset_name`), local folders (`train_dir`, `validation_dir`) or ELPV (default).
+    """Load images from the Hub (`dataset_name`), local folders (`train_dir`, `validation_dir`) or ELPV (`"elpv"`).
 
     Returns `train` and `validation` splits (a Hub/folder set without a validation split is split `validation_split`
     of its training set, stratified when labeled; ELPV's held-out split is its 25% test split) with the image column
     renamed to `image` and not decoded, and the label column renamed to `label`.
     """
-    if dataset_name in (None, ELPV_NAME) and train_dir is None:
+    require_data_source(dataset_name, train_dir, NAMED_DATA_SETS)
+    if dataset_name == ELPV_NAME:
         splits = load_elpv(task=dataset_config_name or ELPV_DEFAULT_TASK)  # the fixed split, whatever the seed
         return datasets.DatasetDict(train=splits["train"], validation=splits["test"])
     if dataset_name is not None:
@@ -329,8 +356,8 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv'. Without it and without --train_dir, the "
-            "embedded ELPV solar-cell images are used."
+            "help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv' (the ELPV solar-cell images of the "
+            "elpv-dataset package, offline). Give it or --train_dir."
         },
     )
     dataset_config_name: str | None = field(
@@ -365,9 +392,15 @@ class DataArguments:
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the preparation."})
 
+    @property
+    def source_name(self) -> str:
+        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
+        return self.dataset_name or Path(self.train_dir).resolve().name
+
     def __post_init__(self):
-        if self.dataset_name not in (None, ELPV_NAME) and self.train_dir is not None:
+        if self.dataset_name is not None and self.train_dir is not None:
             raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        require_data_source(self.dataset_name, self.train_dir, NAMED_DATA_SETS)
         if self.validation_dir is not None and self.train_dir is None:
             raise ValueError("--validation_dir needs --train_dir.")
 
@@ -432,8 +465,8 @@ class ClassificationAugmentationArguments:
     positive_classes: str | None = field(
         default=None,
         metadata={
-            "help": "Comma-separated class names counted as positive for a binary accuracy (ELPV default: "
-            "'2/3,1', the defective cells)."
+            "help": "Comma-separated class names counted as positive for a binary accuracy (with --dataset_name "
+            "elpv: '2/3,1', the defective cells, by default; no binary accuracy otherwise)."
         },
     )
 
@@ -465,7 +498,7 @@ class ClassificationAugmentationArguments:
             if unknown:
                 raise ValueError(f"--positive_classes {unknown} are not classes of the data set ({labels}).")
             return [labels.index(name) for name in names]
-        is_elpv = data_args.dataset_name in (None, ELPV_NAME) and data_args.train_dir is None
+        is_elpv = data_args.dataset_name == ELPV_NAME
         four_classes = data_args.dataset_config_name in (None, ELPV_DEFAULT_TASK)
         return list(ELPV_DEFECTIVE_CLASSES) if is_elpv and four_classes else None
 

@@ -4,7 +4,8 @@
   `images/` and `masks/` holding files of the same names; labels are class indices (255 = ignored).
 - Object detection: a Hub data set with COCO-style `objects` (`bbox` as `[x, y, width, height]` pixels and
   `category`), or a folder with `images/` and a COCO `annotations.json`.
-- Without a data set, the generated shapes of `g2sd_hf.synthetic` (the tests and the dense demo use them).
+- `--dataset_name synthetic-shapes`: the generated shapes of `g2sd_hf.synthetic` (the tests and the dense demo use
+  them). Without a data set name or a folder, loading fails with the ways to give one.
 """
 
 import io
@@ -19,11 +20,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .data import _to_normalized_tensor, open_rgb_image
+from .data import _to_normalized_tensor, open_rgb_image, require_data_source
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 
 SYNTHETIC_NAME = "synthetic-shapes"
+NAMED_DENSE_DATA_SETS = {
+    SYNTHETIC_NAME: "generated shapes on noise, for segmentation and detection (g2sd_hf.synthetic)"
+}
 IGNORE_INDEX = 255
 
 
@@ -35,7 +39,7 @@ class DenseDataArguments:
         default=None,
         metadata={
             "help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
-            f"Without it and without --train_dir: {SYNTHETIC_NAME!r}, generated shapes."
+            f"Or {SYNTHETIC_NAME!r}: generated shapes (offline, the dense demo's data). Give it or --train_dir."
         },
     )
     train_dir: str | None = field(
@@ -57,6 +61,16 @@ class DenseDataArguments:
     synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+
+    @property
+    def source_name(self) -> str:
+        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
+        return self.dataset_name or Path(self.train_dir).resolve().name
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.train_dir is not None:
+            raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        require_data_source(self.dataset_name, self.train_dir, NAMED_DENSE_DATA_SETS)
 
     def subsample(self, splits: datasets.DatasetDict) -> datasets.DatasetDict:
         for name, limit in (("train", self.max_train_samples), ("validation", self.max_eval_samples)):
@@ -130,7 +144,8 @@ def load_segmentation_dataset(
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """`train`/`validation` splits with `image` and `mask` columns, and the class names (empty when the data set does
     not name them)."""
-    if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
+    require_data_source(dataset_name, train_dir, NAMED_DENSE_DATA_SETS)
+    if dataset_name == SYNTHETIC_NAME:
         splits = _synthetic_splits(synthetic_sizes, image_size)
         splits = splits.rename_column("semantic_mask", "mask").remove_columns(["instance_mask", "objects"])
         return splits, ["background", *SHAPE_CLASSES]
@@ -166,7 +181,8 @@ def load_detection_dataset(
 ) -> tuple[datasets.DatasetDict, list[str]]:
     """`train`/`validation` splits with `image` and COCO-style `objects` columns (`bbox`, `category`; `area` and
     `iscrowd` when the data has them), and the class names."""
-    if dataset_name in (None, SYNTHETIC_NAME) and train_dir is None:
+    require_data_source(dataset_name, train_dir, NAMED_DENSE_DATA_SETS)
+    if dataset_name == SYNTHETIC_NAME:
         return _synthetic_splits(synthetic_sizes, image_size), list(SHAPE_CLASSES)
     if dataset_name is not None:
         raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)

@@ -272,10 +272,21 @@ def test_analysis_script_on_elpv(tmp_path):
         match=r"other predicts the classes \['1', '2/3', '1/3', '0'\], the data has \['0', '1/3', '2/3', '1'\]",
     ):
         run_analysis.main(
-            ["--models", str(tmp_path / "other"), "--output_dir", str(tmp_path / "refused"), "--max_eval_samples", "8"]
+            [
+                "--dataset_name",
+                "elpv",
+                "--models",
+                str(tmp_path / "other"),
+                "--output_dir",
+                str(tmp_path / "refused"),
+                "--max_eval_samples",
+                "8",
+            ]
         )
     results = run_analysis.main(
         [
+            "--dataset_name",
+            "elpv",
             "--models",
             f"{tmp_path / 'student'},{tmp_path / 'teacher'}",
             "--cka_pairs",

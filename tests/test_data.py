@@ -11,6 +11,7 @@ from PIL import Image
 
 from g2sd_hf.data import (
     ELPV_CLASS_NAMES,
+    ClassificationAugmentationArguments,
     DataArguments,
     ImageTransform,
     classification_train_transform,
@@ -28,6 +29,23 @@ from g2sd_hf.metrics import ClassificationMetrics, classification_metrics
 @pytest.fixture(scope="module")
 def elpv():
     return load_elpv()
+
+
+def test_no_data_set_is_picked_for_the_user():
+    """Without --dataset_name or --train_dir the scripts stop and list the ways to give data (ELPV only by name)."""
+    from g2sd_hf.dense_data import DenseDataArguments, load_segmentation_dataset
+
+    for make in (DataArguments, load_image_dataset):
+        with pytest.raises(ValueError, match=r"No training data given(.|\n)*--train_dir(.|\n)*--dataset_name elpv"):
+            make()
+    for make in (DenseDataArguments, load_segmentation_dataset):
+        with pytest.raises(ValueError, match=r"No training data given(.|\n)*--dataset_name synthetic-shapes"):
+            make()
+    # The binary accuracy's positive classes are ELPV's only when ELPV was named.
+    augmentation = ClassificationAugmentationArguments()
+    labels = ["0", "1/3", "2/3", "1"]
+    assert augmentation.positive_class_indices(DataArguments(dataset_name="elpv"), labels) == [2, 3]
+    assert augmentation.positive_class_indices(DataArguments(train_dir="somewhere"), labels) is None
 
 
 def test_elpv_split_is_the_documented_stratified_75_25(elpv):

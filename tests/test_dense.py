@@ -797,6 +797,8 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         "16",
         "--synthetic_validation_size",
         "8",
+        "--dataset_name",
+        "synthetic-shapes",
         "--max_steps",
         "2",
         "--per_device_train_batch_size",

@@ -17,6 +17,8 @@ from .test_examples import EXAMPLES, NORMALIZATION, TINY_STUDENT
 def generic_command(teacher, output_dir, per_device_batch):
     return [
         str(EXAMPLES / "run_generic.py"),
+        "--dataset_name",
+        "elpv",
         "--teacher_name_or_path",
         str(teacher),
         "--target_layer",

@@ -48,6 +48,8 @@ def teachers(tmp_path_factory):
 
 def common(output_dir, max_steps=3, **extra):
     arguments = [
+        "--dataset_name",
+        "elpv",
         "--output_dir",
         str(output_dir),
         "--max_steps",
@@ -124,6 +126,7 @@ def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
     import yaml
 
     arguments = {
+        "dataset_name": "elpv",
         "output_dir": str(tmp_path / "out"),
         "max_steps": 1,
         "per_device_train_batch_size": 8,

@@ -139,7 +139,9 @@ SPECIFIC_DATACLASSES = (DataArguments, ClassificationAugmentationArguments, Spec
 
 
 def test_the_release_recipe_is_the_dataclass_defaults(tmp_path):
-    data, augmentation, training = parse_arguments(SPECIFIC_DATACLASSES, ["--output_dir", str(tmp_path)])
+    data, augmentation, training = parse_arguments(
+        SPECIFIC_DATACLASSES, ["--dataset_name", "elpv", "--output_dir", str(tmp_path)]
+    )
     assert training.recipe == "release" and training.learning_rate == 1e-3 and training.scale_lr_with_batch_size
     assert (training.mixup_alpha, training.cutmix_alpha) == (0.8, 1.0)
     assert (augmentation.auto_augment, augmentation.random_erasing) == ("rand-m9-mstd0.5-inc1", 0.25)
@@ -147,7 +149,8 @@ def test_the_release_recipe_is_the_dataclass_defaults(tmp_path):
 
 def test_small_data_recipe_sets_defaults_that_flags_override(tmp_path):
     data, augmentation, training = parse_arguments(
-        SPECIFIC_DATACLASSES, ["--output_dir", str(tmp_path), "--recipe", "small-data", "--cutmix_alpha", "0.5"]
+        SPECIFIC_DATACLASSES,
+        ["--dataset_name", "elpv", "--output_dir", str(tmp_path), "--recipe", "small-data", "--cutmix_alpha", "0.5"],
     )
     assert training.recipe == "small-data" and not training.scale_lr_with_batch_size
     assert (training.learning_rate, training.warmup_steps, training.mixup_alpha) == (1e-3, 0.1, 0.0)
@@ -158,7 +161,11 @@ def test_small_data_recipe_sets_defaults_that_flags_override(tmp_path):
 
 def test_recipes_from_a_json_file_and_unknown_names(tmp_path):
     path = tmp_path / "arguments.json"
-    path.write_text(json.dumps({"output_dir": str(tmp_path), "recipe": "small-data", "learning_rate": 5e-4}))
+    path.write_text(
+        json.dumps(
+            {"dataset_name": "elpv", "output_dir": str(tmp_path), "recipe": "small-data", "learning_rate": 5e-4}
+        )
+    )
     _, augmentation, training = parse_arguments(SPECIFIC_DATACLASSES, [str(path)])
     assert (training.learning_rate, training.mixup_alpha, augmentation.auto_augment) == (5e-4, 0.0, "none")
     with pytest.raises(ValueError, match="Unknown recipe 'tiny'"):
