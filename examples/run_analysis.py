@@ -22,14 +22,8 @@ from transformers import AutoImageProcessor, HfArgumentParser
 import g2sd_hf  # noqa: F401  (registers the G2SD Auto classes)
 from g2sd_hf.analysis import cka_matrix, occlusion_curve, plot_cka, plot_occlusion
 from g2sd_hf.checkpoints import load_image_classifier
-from g2sd_hf.data import (
-    DataArguments,
-    ImageTransform,
-    class_names,
-    collate_classification,
-    prepare_splits,
-    processor_transform,
-)
+from g2sd_hf.data import ImageTransform, class_names, collate_classification, processor_transform
+from g2sd_hf.scripts.arguments import DataArguments, prepare_splits
 
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run_object_detection  # noqa: E402
 import run_semantic_segmentation  # noqa: E402
-from run_demo import run_stage, start_demo  # noqa: E402
+
+from g2sd_hf.scripts.stages import run_stage, start_demo  # noqa: E402
 
 
 BACKBONES = {

@@ -15,17 +15,11 @@ from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 
-from g2sd_hf import SpecificDistillationConfig, SpecificDistillationTrainer
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
-from g2sd_hf.data import (
-    ClassificationAugmentationArguments,
-    DataArguments,
-    ImageTransform,
-    class_names,
-    image_processor,
-    prepare_splits,
-)
+from g2sd_hf import SpecificDistillationArguments, SpecificDistillationTrainer
+from g2sd_hf.data import ImageTransform, class_names, image_processor
 from g2sd_hf.metrics import ClassificationMetrics
+from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
+from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
 
@@ -45,7 +39,7 @@ class ModelArguments:
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationConfig), args
+        (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationArguments), args
     )
     training_args.distillation_type = "none"  # this script trains the teacher itself
     setup_logging(training_args)

@@ -23,19 +23,20 @@ from transformers import set_seed
 from g2sd_hf import (
     G2SDConfig,
     G2SDForGenericDistillation,
-    GenericDistillationConfig,
+    GenericDistillationArguments,
     GenericDistillationTrainer,
     MAETeacher,
 )
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import (
-    DataArguments,
-    ImageTransform,
-    MaskedImageAugmentationArguments,
-    image_processor,
-    prepare_splits,
+from g2sd_hf.data import ImageTransform, image_processor
+from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, prepare_splits
+from g2sd_hf.scripts.run import (
+    checkpoint_to_resume,
+    finish_training_run,
+    parse_arguments,
+    parse_overrides,
+    setup_logging,
+    train_and_evaluate,
 )
-from g2sd_hf.hub import finish_training_run
 
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def build_student(model_args: ModelArguments, teacher: MAETeacher) -> G2SDForGen
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationConfig), args
+        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationArguments), args
     )
     setup_logging(training_args)
     logger.info(f"Training arguments {training_args}")

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
-from g2sd_hf import GenericDistillationConfig, initialize_mae_from_scratch
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import (
-    DataArguments,
-    ImageTransform,
-    MaskedImageAugmentationArguments,
-    image_processor,
-    prepare_splits,
+from g2sd_hf import GenericDistillationArguments, initialize_mae_from_scratch
+from g2sd_hf.data import ImageTransform, image_processor
+from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, prepare_splits
+from g2sd_hf.scripts.run import (
+    checkpoint_to_resume,
+    parse_arguments,
+    parse_overrides,
+    setup_logging,
+    train_and_evaluate,
 )
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
@@ -45,7 +46,7 @@ class ModelArguments:
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationConfig), args
+        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationArguments), args
     )
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)

@@ -7,7 +7,7 @@ distillation from a teacher when given.
         --output_dir detr-g2sd-small-cppe5 --bf16 --do_train --do_eval
 
 Data: a Hub data set with COCO-style `objects` (`bbox` as [x, y, width, height], `category`), a folder with
-`images/` and a COCO `annotations.json`, or (default) generated shapes on textured backgrounds. Evaluation reports
+`images/` and a COCO `annotations.json`, or (`--dataset_name synthetic-shapes`) generated shapes on textured backgrounds. Evaluation reports
 COCO box AP through pycocotools.
 """
 
@@ -20,20 +20,14 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, set_seed
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
 from g2sd_hf.data import dense_image_processor
-from g2sd_hf.dense import (
-    DenseDistillationConfig,
-    DenseDistillationTrainer,
-    DenseModelArguments,
-    DenseTeacher,
-    dense_backbone_config,
-    evaluate_detection,
-    load_backbone_weights,
-    object_detection_model,
-)
-from g2sd_hf.dense_data import DenseDataArguments, DetectionTransform, collate_detection, load_detection_dataset
-from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from g2sd_hf.dense_data import DetectionTransform, collate_detection, load_detection_dataset
+from g2sd_hf.dense_models import load_backbone_weights, object_detection_model
+from g2sd_hf.dense_trainer import DenseDistillationArguments, DenseDistillationTrainer
+from g2sd_hf.metrics import evaluate_detection
+from g2sd_hf.scripts.arguments import DenseDataArguments, DenseModelArguments, dense_backbone_config
+from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
+from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DenseTeacher
 
 
 logger = logging.getLogger(__name__)
@@ -49,7 +43,7 @@ class DetectorArguments:
 
 def main(args: list[str] | None = None) -> dict:
     model_args, detector_args, data_args, training_args = parse_arguments(
-        (DenseModelArguments, DetectorArguments, DenseDataArguments, DenseDistillationConfig), args
+        (DenseModelArguments, DetectorArguments, DenseDataArguments, DenseDistillationArguments), args
     )
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, detector_args, data_args)

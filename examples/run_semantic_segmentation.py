@@ -5,7 +5,7 @@
         --dataset_name scene_parse_150 --reduce_labels --num_labels 150 --image_size 512 --window_size 14 \\
         --teacher_name_or_path upernet-g2sd-base-ade --output_dir upernet-g2sd-small-ade --bf16 --do_train --do_eval
 
-Data: a Hub data set in the `scene_parse_150` layout, a folder with `images/` and `masks/`, or (default) generated
+Data: a Hub data set in the `scene_parse_150` layout, a folder with `images/` and `masks/`, or (`--dataset_name synthetic-shapes`) generated
 shapes on textured backgrounds. Evaluation reports mean IoU and pixel accuracy, computed locally.
 """
 
@@ -15,25 +15,14 @@ import sys
 from transformers import AutoImageProcessor, UperNetForSemanticSegmentation, set_seed
 
 import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes)
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
 from g2sd_hf.data import dense_image_processor
-from g2sd_hf.dense import (
-    DenseDistillationConfig,
-    DenseDistillationTrainer,
-    DenseModelArguments,
-    DenseTeacher,
-    dense_backbone_config,
-    load_backbone_weights,
-    semantic_segmentation_model,
-)
-from g2sd_hf.dense_data import (
-    DenseDataArguments,
-    SegmentationTransform,
-    collate_segmentation,
-    load_segmentation_dataset,
-)
+from g2sd_hf.dense_data import SegmentationTransform, collate_segmentation, load_segmentation_dataset
+from g2sd_hf.dense_models import load_backbone_weights, semantic_segmentation_model
+from g2sd_hf.dense_trainer import DenseDistillationArguments, DenseDistillationTrainer
 from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
-from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from g2sd_hf.scripts.arguments import DenseDataArguments, DenseModelArguments, dense_backbone_config
+from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
+from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DenseTeacher
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(
-        (DenseModelArguments, DenseDataArguments, DenseDistillationConfig), args
+        (DenseModelArguments, DenseDataArguments, DenseDistillationArguments), args
     )
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args)

@@ -21,21 +21,21 @@ from g2sd_hf import (
     ClassificationTeacher,
     G2SDConfig,
     G2SDForImageClassification,
-    SpecificDistillationConfig,
+    SpecificDistillationArguments,
     SpecificDistillationTrainer,
 )
 from g2sd_hf.checkpoints import load_image_classifier
-from g2sd_hf.cli import checkpoint_to_resume, parse_arguments, parse_overrides, setup_logging, train_and_evaluate
-from g2sd_hf.data import (
-    ClassificationAugmentationArguments,
-    DataArguments,
-    ImageTransform,
-    class_names,
-    image_processor,
-    prepare_splits,
-)
-from g2sd_hf.hub import finish_training_run
+from g2sd_hf.data import ImageTransform, class_names, image_processor
 from g2sd_hf.metrics import ClassificationMetrics
+from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
+from g2sd_hf.scripts.run import (
+    checkpoint_to_resume,
+    finish_training_run,
+    parse_arguments,
+    parse_overrides,
+    setup_logging,
+    train_and_evaluate,
+)
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
@@ -121,7 +121,7 @@ def student_normalization(model_args: ModelArguments, teacher: ClassificationTea
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationConfig), args
+        (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationArguments), args
     )
     setup_logging(training_args)
     logger.info(f"Training arguments {training_args}")

@@ -13,8 +13,9 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
+from ._deprecation import moved_names
 from .configuration_g2sd import G2SD_PRESET_ALIASES, G2SD_PRESETS, G2SDBackboneConfig, G2SDConfig
-from .dense import DenseDistillationConfig, DenseDistillationTrainer, DenseTeacher
+from .dense_trainer import DenseDistillationArguments, DenseDistillationTrainer
 from .losses import (
     generic_distillation_loss,
     hard_distillation_loss,
@@ -31,11 +32,11 @@ from .modeling_g2sd import (
     G2SDModel,
     G2SDPreTrainedModel,
 )
-from .teacher import ClassificationTeacher, MAETeacher, initialize_mae_from_scratch
+from .teacher import ClassificationTeacher, DenseTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
-    GenericDistillationConfig,
+    GenericDistillationArguments,
     GenericDistillationTrainer,
-    SpecificDistillationConfig,
+    SpecificDistillationArguments,
     SpecificDistillationTrainer,
 )
 
@@ -59,7 +60,7 @@ G2SDBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "ClassificationTeacher",
-    "DenseDistillationConfig",
+    "DenseDistillationArguments",
     "DenseDistillationTrainer",
     "DenseTeacher",
     "G2SDBackbone",
@@ -71,10 +72,10 @@ __all__ = [
     "G2SDPreTrainedModel",
     "G2SD_PRESETS",
     "G2SD_PRESET_ALIASES",
-    "GenericDistillationConfig",
+    "GenericDistillationArguments",
     "GenericDistillationTrainer",
     "MAETeacher",
-    "SpecificDistillationConfig",
+    "SpecificDistillationArguments",
     "SpecificDistillationTrainer",
     "export_to_transformers",
     "generic_distillation_loss",
@@ -88,6 +89,18 @@ __all__ = [
 ]
 
 
+_renamed = moved_names(
+    __name__,
+    {
+        # One rule for names: `...Config` is a model configuration, `...Arguments` are training or script arguments.
+        "GenericDistillationConfig": "g2sd_hf.trainer:GenericDistillationArguments",
+        "SpecificDistillationConfig": "g2sd_hf.trainer:SpecificDistillationArguments",
+        "DenseDistillationConfig": "g2sd_hf.dense_trainer:DenseDistillationArguments",
+    },
+    stacklevel=3,
+)
+
+
 def __getattr__(name: str):
     # Imported on first use, so that `python -m g2sd_hf.export` runs the module fresh (no runpy RuntimeWarning about
     # a module found in sys.modules before its execution).
@@ -95,4 +108,4 @@ def __getattr__(name: str):
         from .export import export_to_transformers
 
         return export_to_transformers
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _renamed(name)

@@ -11,7 +11,6 @@
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ._deprecation import moved_names
 from .data import _to_normalized_tensor, open_rgb_image, require_data_source
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
 
@@ -29,54 +29,6 @@ NAMED_DENSE_DATA_SETS = {
     SYNTHETIC_NAME: "generated shapes on noise, for segmentation and detection (g2sd_hf.synthetic)"
 }
 IGNORE_INDEX = 255
-
-
-@dataclass
-class DenseDataArguments:
-    """Where the dense-task images come from (shared by the dense example scripts)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
-            f"Or {SYNTHETIC_NAME!r}: generated shapes (offline, the dense demo's data). Give it or --train_dir."
-        },
-    )
-    train_dir: str | None = field(
-        default=None,
-        metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."},
-    )
-    validation_dir: str | None = field(default=None, metadata={"help": "The validation folder, same layout."})
-    image_size: int = field(default=512, metadata={"help": "Images are resized to image_size x image_size."})
-    reduce_labels: bool = field(
-        default=False,
-        metadata={
-            "help": "Segmentation: label 0 means 'other' (ADE20k / scene_parse_150): ignore it, shift the rest down."
-        },
-    )
-    num_labels: int | None = field(
-        default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."}
-    )
-    synthetic_train_size: int = field(default=512, metadata={"help": "Generated training images."})
-    synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
-
-    @property
-    def source_name(self) -> str:
-        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
-        return self.dataset_name or Path(self.train_dir).resolve().name
-
-    def __post_init__(self):
-        if self.dataset_name is not None and self.train_dir is not None:
-            raise ValueError("Give either --dataset_name or --train_dir, not both.")
-        require_data_source(self.dataset_name, self.train_dir, NAMED_DENSE_DATA_SETS)
-
-    def subsample(self, splits: datasets.DatasetDict) -> datasets.DatasetDict:
-        for name, limit in (("train", self.max_train_samples), ("validation", self.max_eval_samples)):
-            if limit is not None:
-                splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
-        return splits
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -359,7 +311,6 @@ def collate_instances(examples: list[dict]) -> dict:
 
 
 __all__ = [
-    "DenseDataArguments",
     "DetectionTransform",
     "IGNORE_INDEX",
     "SYNTHETIC_NAME",
@@ -371,3 +322,6 @@ __all__ = [
     "load_detection_dataset",
     "load_segmentation_dataset",
 ]
+
+
+__getattr__ = moved_names(__name__, {"DenseDataArguments": "g2sd_hf.scripts.arguments"})

@@ -26,8 +26,9 @@ from transformers.utils import logging
 
 from .checkpoints import load_image_classifier
 from .configuration_g2sd import VIT_ENCODER_FIELDS
-from .hub import build_model_card, check_output_folder, staged_folder
+from .hub import build_model_card
 from .modeling_g2sd import G2SDForImageClassification
+from .output_folders import check_output_folder, staged_folder
 
 
 logger = logging.get_logger(__name__)

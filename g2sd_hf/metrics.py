@@ -9,7 +9,9 @@
 
 from collections.abc import Sequence
 
+import datasets
 import numpy as np
+import torch
 from transformers import EvalPrediction
 
 
@@ -261,7 +263,33 @@ def coco_detection_metrics(
     return metrics
 
 
+@torch.no_grad()
+def evaluate_detection(
+    model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100
+) -> dict:
+    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset` (one
+    process: run it on the main one)."""
+    from .dense_data import image_size_of
+    from .dense_models import detections_from_outputs
+    from .metrics import coco_detection_metrics
+
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, truth = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    sizes = [image_size_of(image) for image in raw_dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    for start, batch in zip(range(0, len(sizes), batch_size), loader):
+        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+        predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
+    for size, objects in zip(sizes, raw_dataset["objects"]):
+        annotation = {"boxes": objects["bbox"], "labels": objects["category"], "size": size}
+        annotation.update({key: objects[key] for key in ("area", "iscrowd") if key in objects})
+        truth.append(annotation)
+    return coco_detection_metrics(truth, predictions, num_labels)
+
+
 __all__ = [
+    "evaluate_detection",
     "ClassificationMetrics",
     "SegmentationMetrics",
     "classification_metrics",

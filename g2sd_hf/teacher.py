@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .checkpoints import readable_weights
 from .configuration_g2sd import VIT_ENCODER_FIELDS, to_pair
+from .dense_models import _FeatureCapture, _HeadCapture, find_backbone
 from .losses import normalize_teacher_features
 from .modeling_g2sd import CLASSIFIER_INIT_STD, get_2d_sincos_position_embeddings, restore_with_mask_tokens
 
@@ -406,7 +407,47 @@ def _placeholder_labels(id2label: dict[int, str]) -> bool:
     return all(name == f"LABEL_{index}" for index, name in id2label.items())
 
 
+class DenseTeacher(_FrozenTeacher):
+    r"""
+    A frozen detection or segmentation model (the same head as the student's, on a larger backbone). Called with
+    `pixel_values` (and `pixel_mask`), it returns its outputs, its backbone's feature maps and, for a model with a
+    `decode_head` (UperNet), that head's logits before upsampling (else `None`).
+
+    Example:
+
+    ```python
+    >>> teacher = DenseTeacher(UperNetForSemanticSegmentation.from_pretrained("upernet-g2sd-base"))
+    >>> outputs, feature_maps, head_logits = teacher(pixel_values)
+    ```
+    """
+
+    def __init__(self, model: PreTrainedModel, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
+        super().__init__(model, image_mean, image_std)
+        self.backbone = find_backbone(model)
+        self._capture = _FeatureCapture(self.backbone)
+        self._head = _HeadCapture(model)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
+        inputs = {"pixel_values": self.prepare_pixels(pixel_values)}
+        if pixel_mask is not None:
+            inputs["pixel_mask"] = pixel_mask
+        with torch.inference_mode():
+            outputs = self.model(**inputs)
+            maps = self._capture.pop()
+            head_logits = self._head.pop() if self._head.available else None
+        # Inference tensors cannot be saved for backward: clone into normal tensors.
+        outputs = type(outputs)(
+            **{key: value.clone() if torch.is_tensor(value) else value for key, value in outputs.items()}
+        )
+        return (
+            outputs,
+            [feature_map.clone() for feature_map in maps],
+            None if head_logits is None else head_logits.clone(),
+        )
+
+
 __all__ = [
+    "DenseTeacher",
     "ClassificationTeacher",
     "classifier_from_mae",
     "IMAGENET_DEFAULT_MEAN",

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTMAEForPreTraining
 from transformers.utils import logging
 
+from ._deprecation import moved_names
 from .configuration_g2sd import to_pair
 from .hub import build_model_card
 from .learning_check import (
@@ -58,7 +59,7 @@ def default_dataloader_workers() -> int:
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class RecipeConfig(TrainingArguments):
+class RecipeArguments(TrainingArguments):
     """`TrainingArguments` with what the MAE/G2SD recipes share: AdamW with weight decay 0.05, a cosine schedule down
     to `min_learning_rate`, no gradient clipping, and the linear scaling rule of the learning rate."""
 
@@ -140,7 +141,7 @@ class RecipeConfig(TrainingArguments):
 
 
 @dataclass
-class GenericDistillationConfig(RecipeConfig):
+class GenericDistillationArguments(RecipeArguments):
     r"""
     `TrainingArguments` with the defaults of G2SD's generic-distillation recipe (the release's `main_distill.py` and
     `GD.sh`): AdamW with betas (0.9, 0.95), weight decay 0.05 (none on biases and 1-D weights), base learning rate
@@ -166,7 +167,7 @@ class GenericDistillationConfig(RecipeConfig):
 
 
 @dataclass
-class SpecificDistillationConfig(RecipeConfig):
+class SpecificDistillationArguments(RecipeArguments):
     r"""
     `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification (the
     release's `main_finetune_dis.py` and `SD.sh`): hard distillation with a distillation token, label smoothing 0.1,
@@ -549,7 +550,7 @@ class GenericDistillationTrainer(DistillationTrainer):
     Args:
         model (`G2SDForGenericDistillation`): The student.
         teacher (`MAETeacher` or `ViTMAEForPreTraining`): The teacher (a model is wrapped with target layer 4).
-        args (`GenericDistillationConfig` or `TrainingArguments`, *optional*): The training arguments.
+        args (`GenericDistillationArguments` or `TrainingArguments`, *optional*): The training arguments.
         **kwargs: The Trainer's other arguments. `processing_class` (an image processor) says how the student's
             pixels are normalized; when it differs from the teacher's normalization, the teacher's inputs are
             converted.
@@ -560,7 +561,7 @@ class GenericDistillationTrainer(DistillationTrainer):
     >>> teacher = MAETeacher.from_pretrained("facebook/vit-mae-base", target_layer=4)
     >>> student = G2SDForGenericDistillation(G2SDConfig.from_preset("vit_small_patch16"))
     >>> trainer = GenericDistillationTrainer(
-    ...     model=student, teacher=teacher, args=GenericDistillationConfig("g2sd-small-gd"), train_dataset=dataset
+    ...     model=student, teacher=teacher, args=GenericDistillationArguments("g2sd-small-gd"), train_dataset=dataset
     ... )
     >>> trainer.train()
     ```
@@ -586,7 +587,7 @@ class GenericDistillationTrainer(DistillationTrainer):
             teacher.mask_ratio = model.config.mask_ratio
         self._accept_student_normalization(teacher, kwargs.get("processing_class"))
         if args is None:
-            args = GenericDistillationConfig(output_dir="g2sd-generic-distillation")
+            args = GenericDistillationArguments(output_dir="g2sd-generic-distillation")
         super().__init__(model, teacher, args, **kwargs)
         self._noise_step, self._noise_micro_step, self._eval_batches_seen = -1, 0, 0
 
@@ -685,7 +686,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
     - `L_task`: soft-target cross-entropy of the classification head (`cls_logits`) with label smoothing, on
       mixup/cutmix batches when enabled.
     - `L_KD`: on the distillation head (`distillation_logits`) when the student has a distillation token, else on the
-      classification head: `hard`, `soft` or `nkd` (see `SpecificDistillationConfig`). The teacher sees the same
+      classification head: `hard`, `soft` or `nkd` (see `SpecificDistillationArguments`). The teacher sees the same
       (mixed) images. Without a teacher (`distillation_type="none"`), both heads learn the task loss.
     - Layer-wise learning-rate decay over the encoder; no weight decay on biases, norms, position embeddings and tokens.
 
@@ -696,7 +697,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
         model (`G2SDForImageClassification`, or any image classifier returning `logits`): The student.
         teacher (`ClassificationTeacher` or an image-classification `PreTrainedModel`, *optional*): Required unless
             `distillation_type="none"`.
-        args (`SpecificDistillationConfig`, *optional*): The training arguments.
+        args (`SpecificDistillationArguments`, *optional*): The training arguments.
         **kwargs: The Trainer's other arguments. `processing_class` (an image processor) says how the student's
             pixels are normalized.
 
@@ -706,7 +707,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
     >>> student = G2SDForImageClassification.from_pretrained("g2sd-small-gd", num_labels=1000, use_distillation_token=True)
     >>> teacher = ClassificationTeacher.from_pretrained("path/to/fine-tuned-mae-vit-base")
     >>> trainer = SpecificDistillationTrainer(
-    ...     model=student, teacher=teacher, args=SpecificDistillationConfig("g2sd-small-sd"), train_dataset=dataset
+    ...     model=student, teacher=teacher, args=SpecificDistillationArguments("g2sd-small-sd"), train_dataset=dataset
     ... )
     >>> trainer.train()
     ```
@@ -723,7 +724,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
         **kwargs,
     ):
         if args is None:
-            args = SpecificDistillationConfig(output_dir="g2sd-specific-distillation")
+            args = SpecificDistillationArguments(output_dir="g2sd-specific-distillation")
         distillation_type = getattr(args, "distillation_type", "none")
         if isinstance(teacher, PreTrainedModel):
             teacher = ClassificationTeacher(teacher)
@@ -844,10 +845,20 @@ def check_specific_distillation_pair(student: PreTrainedModel, teacher: Classifi
 
 __all__ = [
     "DistillationTrainer",
-    "RecipeConfig",
+    "RecipeArguments",
     "RecipeTrainer",
-    "GenericDistillationConfig",
+    "GenericDistillationArguments",
     "GenericDistillationTrainer",
-    "SpecificDistillationConfig",
+    "SpecificDistillationArguments",
     "SpecificDistillationTrainer",
 ]
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "RecipeConfig": "g2sd_hf.trainer:RecipeArguments",
+        "GenericDistillationConfig": "g2sd_hf.trainer:GenericDistillationArguments",
+        "SpecificDistillationConfig": "g2sd_hf.trainer:SpecificDistillationArguments",
+    },
+)

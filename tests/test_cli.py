@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from g2sd_hf import GenericDistillationConfig
-from g2sd_hf.cli import RUN_ARGUMENTS, checkpoint_to_resume, release_output_dir
-from g2sd_hf.data import DataArguments
+from g2sd_hf import GenericDistillationArguments
+from g2sd_hf.scripts.arguments import DataArguments
+from g2sd_hf.scripts.run import RUN_ARGUMENTS, checkpoint_to_resume, release_output_dir
 
 
 def arguments(output_dir, **overrides):
     values = dict(output_dir=str(output_dir), do_train=True, learning_rate=1e-3, report_to=[], use_cpu=True)
-    return GenericDistillationConfig(**{**values, **overrides})
+    return GenericDistillationArguments(**{**values, **overrides})
 
 
 def interrupted_run(output_dir, training_args, data_args):
@@ -73,7 +73,7 @@ def test_config_overrides_are_parsed_and_unknown_names_refused():
     from transformers import ViTMAEConfig
 
     from g2sd_hf import G2SDConfig
-    from g2sd_hf.cli import parse_overrides
+    from g2sd_hf.scripts.run import parse_overrides
 
     assert parse_overrides("hidden_size=96, qkv_bias=false,drop_path_rate=0.1,hidden_act=gelu", G2SDConfig) == {
         "hidden_size": 96,
@@ -103,7 +103,7 @@ def test_a_second_main_process_on_one_output_dir_is_refused(tmp_path):
     import subprocess
     import sys
 
-    from g2sd_hf.cli import RUN_LOCK
+    from g2sd_hf.scripts.run import RUN_LOCK
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

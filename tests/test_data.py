@@ -11,8 +11,6 @@ from PIL import Image
 
 from g2sd_hf.data import (
     ELPV_CLASS_NAMES,
-    ClassificationAugmentationArguments,
-    DataArguments,
     ImageTransform,
     classification_train_transform,
     drop_unreadable_images,
@@ -21,9 +19,9 @@ from g2sd_hf.data import (
     load_elpv,
     load_image_dataset,
     open_rgb_image,
-    prepare_splits,
 )
 from g2sd_hf.metrics import ClassificationMetrics, classification_metrics
+from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +31,8 @@ def elpv():
 
 def test_no_data_set_is_picked_for_the_user():
     """Without --dataset_name or --train_dir the scripts stop and list the ways to give data (ELPV only by name)."""
-    from g2sd_hf.dense_data import DenseDataArguments, load_segmentation_dataset
+    from g2sd_hf.dense_data import load_segmentation_dataset
+    from g2sd_hf.scripts.arguments import DenseDataArguments
 
     for make in (DataArguments, load_image_dataset):
         with pytest.raises(ValueError, match=r"No training data given(.|\n)*--train_dir(.|\n)*--dataset_name elpv"):

@@ -12,27 +12,28 @@ import torch.nn.functional as F
 from transformers import AutoBackbone, UperNetForSemanticSegmentation
 
 from g2sd_hf import G2SDBackbone, G2SDBackboneConfig, G2SDForGenericDistillation
-from g2sd_hf.dense import (
-    DENSE_DISTILLATION_DEFAULTS,
-    DenseDistillationConfig,
-    DenseDistillationTrainer,
-    box_score_maps,
-    detector_queries,
-    evaluate_detection,
-    find_backbone,
-    load_backbone_weights,
-    object_detection_model,
-    query_class_probabilities,
-    resolve_dense_distillation,
-    semantic_segmentation_model,
-    universal_segmentation_model,
-)
 from g2sd_hf.dense_data import (
     DetectionTransform,
     SegmentationTransform,
     collate_detection,
     collate_instances,
     collate_segmentation,
+)
+from g2sd_hf.dense_models import (
+    box_score_maps,
+    detector_queries,
+    find_backbone,
+    load_backbone_weights,
+    object_detection_model,
+    query_class_probabilities,
+    semantic_segmentation_model,
+    universal_segmentation_model,
+)
+from g2sd_hf.dense_trainer import (
+    DENSE_DISTILLATION_DEFAULTS,
+    DenseDistillationArguments,
+    DenseDistillationTrainer,
+    resolve_dense_distillation,
 )
 from g2sd_hf.losses import (
     channel_wise_distillation_loss,
@@ -42,7 +43,7 @@ from g2sd_hf.losses import (
     weighted_feature_distillation_loss,
     weighted_score_distillation_loss,
 )
-from g2sd_hf.metrics import SegmentationMetrics, coco_detection_metrics, segmentation_predictions
+from g2sd_hf.metrics import SegmentationMetrics, coco_detection_metrics, evaluate_detection, segmentation_predictions
 from g2sd_hf.synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 from .conftest import tiny_student_config
@@ -79,7 +80,7 @@ def dense_args(tmp_path, **overrides):
         seed=0,
     )
     values.update(overrides)
-    return DenseDistillationConfig(**values)
+    return DenseDistillationArguments(**values)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def test_release_dense_defaults_are_pinned():
         "distillation_warmup_steps": 500,
         "feature_adapter": True,
     }
-    segmentation = resolve_dense_distillation(DenseDistillationConfig("out"), "segmentation")
+    segmentation = resolve_dense_distillation(DenseDistillationArguments("out"), "segmentation")
     assert (
         segmentation.feature_weight,
         segmentation.score_weight,
@@ -360,10 +361,10 @@ def test_release_dense_defaults_are_pinned():
         segmentation.temperature,
     ) == (0.0, 10.0, 0, 1.0)
     assert segmentation.segmentation_distillation == "channel-wise" and not segmentation.feature_adapter
-    detection = resolve_dense_distillation(DenseDistillationConfig("out"), "detection")
+    detection = resolve_dense_distillation(DenseDistillationArguments("out"), "detection")
     assert detection.feature_loss_reduction == "release" and detection.feature_adapter
     overridden = resolve_dense_distillation(
-        DenseDistillationConfig("out", score_distillation_weight=2.0, feature_adapter=False), "detection"
+        DenseDistillationArguments("out", score_distillation_weight=2.0, feature_adapter=False), "detection"
     )
     assert (overridden.score_weight, overridden.feature_weight, overridden.feature_adapter) == (2.0, 0.001, False)
 

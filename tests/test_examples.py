@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification, MAETeacher
+from g2sd_hf.scripts.stages import run_stage
 
 from .conftest import tiny_classifier_teacher, tiny_mae_teacher
 
@@ -249,7 +250,7 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
         run_demo.SCALES["smoke"], tmp_path / "stages" / "teacher_classifier", tmp_path / "mae"
     )
     with pytest.raises(FileExistsError, match="was not written by the demo"):
-        run_demo.run_stage(
+        run_stage(
             "teacher_classifier", run_demo.run_finetune_teacher, arguments, tmp_path / "stages" / "teacher_classifier"
         )
     assert (tmp_path / "stages" / "teacher_classifier" / "notes.txt").read_text() == "mine"

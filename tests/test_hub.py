@@ -18,13 +18,14 @@ from g2sd_hf import (
     G2SDForGenericDistillation,
     G2SDForImageClassification,
     G2SDModel,
-    SpecificDistillationConfig,
+    SpecificDistillationArguments,
     SpecificDistillationTrainer,
     export_to_transformers,
 )
 from g2sd_hf.export import main as export_main
-from g2sd_hf.hub import build_model_card, finish_training_run
+from g2sd_hf.hub import build_model_card
 from g2sd_hf.metrics import ClassificationMetrics
+from g2sd_hf.scripts.run import finish_training_run
 
 from .conftest import tiny_classifier_teacher, tiny_image_dataset, tiny_student_config
 
@@ -69,7 +70,7 @@ def classifier_checkpoint(tmp_path_factory):
     trainer = SpecificDistillationTrainer(
         model=G2SDForImageClassification(config),
         teacher=tiny_classifier_teacher(),
-        args=SpecificDistillationConfig(
+        args=SpecificDistillationArguments(
             str(output),
             max_steps=2,
             per_device_train_batch_size=4,
@@ -334,7 +335,7 @@ def test_push_to_hub_prepares_everything_up_to_the_upload(tmp_path, monkeypatch)
     trainer = SpecificDistillationTrainer(
         model=G2SDForImageClassification(tiny_student_config(num_labels=4, use_distillation_token=True)),
         teacher=tiny_classifier_teacher(),
-        args=SpecificDistillationConfig(
+        args=SpecificDistillationArguments(
             str(tmp_path / "out"),
             max_steps=1,
             per_device_train_batch_size=4,

@@ -8,9 +8,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from g2sd_hf import G2SDForImageClassification, SpecificDistillationConfig, SpecificDistillationTrainer
-from g2sd_hf.cli import parse_arguments
-from g2sd_hf.data import ClassificationAugmentationArguments, DataArguments
+from g2sd_hf import G2SDForImageClassification, SpecificDistillationArguments, SpecificDistillationTrainer
 from g2sd_hf.learning_check import (
     chance_cross_entropy,
     classification_evaluation_warnings,
@@ -20,7 +18,9 @@ from g2sd_hf.learning_check import (
 )
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.recipes import RECIPES, recipe_defaults
-from g2sd_hf.trainer import GenericDistillationConfig, default_dataloader_workers
+from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments
+from g2sd_hf.scripts.run import parse_arguments
+from g2sd_hf.trainer import GenericDistillationArguments, default_dataloader_workers
 
 from .conftest import tiny_image_dataset, tiny_student_config
 from .test_trainer import quick_run
@@ -75,7 +75,7 @@ def classifier_trainer(tmp_path, labels, learning_rate, steps, recipe="small-dat
     student = G2SDForImageClassification(tiny_student_config(num_labels=4, hidden_size=32))
     dataset = tiny_image_dataset(num_images=32, num_labels=4)
     dataset = dataset.map(lambda row, index: {"labels": labels(index)}, with_indices=True)
-    args = SpecificDistillationConfig(
+    args = SpecificDistillationArguments(
         **quick_run(
             tmp_path,
             max_steps=steps,
@@ -135,7 +135,7 @@ def test_a_run_that_learns_has_no_warning(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Recipes
 # ---------------------------------------------------------------------------------------------------------------------
-SPECIFIC_DATACLASSES = (DataArguments, ClassificationAugmentationArguments, SpecificDistillationConfig)
+SPECIFIC_DATACLASSES = (DataArguments, ClassificationAugmentationArguments, SpecificDistillationArguments)
 
 
 def test_the_release_recipe_is_the_dataclass_defaults(tmp_path):
@@ -182,5 +182,5 @@ def test_data_loader_workers_default_to_the_cpus_of_each_local_process(monkeypat
     assert default_dataloader_workers() == 8
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert default_dataloader_workers() == 0
-    args = GenericDistillationConfig(str(tmp_path))
+    args = GenericDistillationArguments(str(tmp_path))
     assert args.dataloader_num_workers == 0 and args.dataloader_persistent_workers is False

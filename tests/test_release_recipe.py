@@ -13,18 +13,12 @@ from g2sd_hf import (
     G2SDConfig,
     G2SDForGenericDistillation,
     G2SDForImageClassification,
-    GenericDistillationConfig,
+    GenericDistillationArguments,
     MAETeacher,
-    SpecificDistillationConfig,
+    SpecificDistillationArguments,
 )
-from g2sd_hf.data import (
-    ClassificationAugmentationArguments,
-    evaluation_transform,
-    image_processor,
-    load_elpv,
-    open_rgb_image,
-    processor_transform,
-)
+from g2sd_hf.data import evaluation_transform, image_processor, load_elpv, open_rgb_image, processor_transform
+from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
 from .conftest import tiny_mae_teacher, tiny_student_config
@@ -41,7 +35,7 @@ def cell_image():
 # ---------------------------------------------------------------------------------------------------------------------
 # Optimization: no clipping, cosine schedules ending at the release's min_lr
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config_class", [GenericDistillationConfig, SpecificDistillationConfig])
+@pytest.mark.parametrize("config_class", [GenericDistillationArguments, SpecificDistillationArguments])
 def test_no_gradient_clipping(config_class, tmp_path):
     # GD: engine_distill.py calls the loss scaler without clip_grad; SD: --clip_grad defaults to None.
     assert config_class(str(tmp_path)).max_grad_norm == 0
@@ -49,7 +43,7 @@ def test_no_gradient_clipping(config_class, tmp_path):
 
 @pytest.mark.parametrize(
     "config_class, min_lr, peak, warmup",
-    [(GenericDistillationConfig, 2.5e-6, 1.5e-4, 10 / 300), (SpecificDistillationConfig, 1e-6, 1e-3, 5 / 200)],
+    [(GenericDistillationArguments, 2.5e-6, 1.5e-4, 10 / 300), (SpecificDistillationArguments, 1e-6, 1e-3, 5 / 200)],
 )
 def test_release_learning_rates(config_class, min_lr, peak, warmup, tmp_path):
     args = config_class(str(tmp_path))
@@ -101,7 +95,7 @@ def test_layer_decayed_groups_end_at_min_lr_times_their_scale(tmp_path):
     trainer = SpecificDistillationTrainer(
         model=student,
         teacher=None,
-        args=SpecificDistillationConfig(**{**args.to_dict(), "distillation_type": "none"}),
+        args=SpecificDistillationArguments(**{**args.to_dict(), "distillation_type": "none"}),
         train_dataset=tiny_image_dataset(num_labels=3),
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=20)

@@ -13,10 +13,10 @@ from g2sd_hf import (
     ClassificationTeacher,
     G2SDForGenericDistillation,
     G2SDForImageClassification,
-    GenericDistillationConfig,
+    GenericDistillationArguments,
     GenericDistillationTrainer,
     MAETeacher,
-    SpecificDistillationConfig,
+    SpecificDistillationArguments,
     SpecificDistillationTrainer,
 )
 from g2sd_hf.losses import nkd_loss
@@ -47,11 +47,13 @@ def quick_run(tmp_path, **overrides) -> dict:
 
 
 def generic_args(tmp_path, **overrides):
-    return GenericDistillationConfig(**quick_run(tmp_path, **overrides))
+    return GenericDistillationArguments(**quick_run(tmp_path, **overrides))
 
 
 def specific_args(tmp_path, **overrides):
-    return SpecificDistillationConfig(**quick_run(tmp_path, **{"mixup_alpha": 0.0, "cutmix_alpha": 0.0, **overrides}))
+    return SpecificDistillationArguments(
+        **quick_run(tmp_path, **{"mixup_alpha": 0.0, "cutmix_alpha": 0.0, **overrides})
+    )
 
 
 def generic_trainer(tmp_path, student_seed=0, dataset=None, **overrides):

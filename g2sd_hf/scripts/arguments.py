@@ -1,0 +1,329 @@
+"""The example scripts' arguments: where the data comes from and how it is augmented, and the dense scripts' models.
+
+Dataclasses parsed by `HfArgumentParser` (`g2sd_hf.scripts.parse_arguments`), validated in `__post_init__` with a
+message that says what to change, as in transformers' `examples/pytorch/*/run_*.py`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from ..configuration_g2sd import G2SDBackboneConfig
+from ..data import (
+    ELPV_DEFAULT_TASK,
+    ELPV_DEFECTIVE_CLASSES,
+    ELPV_NAME,
+    NAMED_DATA_SETS,
+    RELEASE_AUTO_AUGMENT,
+    classification_train_transform,
+    drop_unreadable_images,
+    evaluation_transform,
+    generic_distillation_transform,
+    load_image_dataset,
+    require_data_source,
+    resize_images,
+)
+from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
+from .run import parse_overrides
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Classification: data and augmentation
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are prepared (shared by the example scripts)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub data set (e.g. 'imagenet-1k'), or 'elpv' (the ELPV solar-cell images of the "
+            "elpv-dataset package, offline). Give it or --train_dir."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The Hub data set's configuration; for 'elpv', the task: 'defect-probability' (4 classes, "
+            "default) or 'defective' (functional vs defective)."
+        },
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "A local image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A local validation image folder."})
+    image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "The column holding the class indices."})
+    validation_split: float = field(
+        default=0.15, metadata={"help": "Fraction of the training set held out when there is no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    drop_unreadable_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once and skip unreadable ones with a warning naming each file. With "
+            "false, an unreadable image stops training with an error naming the file."
+        },
+    )
+    max_image_side: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-encode the images once (cached) so their longer side is at most this: faster decoding "
+            "of large images at every epoch."
+        },
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the preparation."})
+
+    @property
+    def source_name(self) -> str:
+        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
+        return self.dataset_name or Path(self.train_dir).resolve().name
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.train_dir is not None:
+            raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        require_data_source(self.dataset_name, self.train_dir, NAMED_DATA_SETS)
+        if self.validation_dir is not None and self.train_dir is None:
+            raise ValueError("--validation_dir needs --train_dir.")
+
+
+@dataclass
+class MaskedImageAugmentationArguments:
+    """Augmentation of generic distillation and MAE pre-training (the paper's)."""
+
+    min_crop_scale: float = field(default=0.2, metadata={"help": "RandomResizedCrop's smallest area fraction."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+    eval_crop_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
+            "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."
+        },
+    )
+
+    def __post_init__(self):
+        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
+            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
+
+    def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return generic_distillation_transform(
+            image_size, image_mean, image_std, self.min_crop_scale, self.horizontal_flip
+        )
+
+    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
+
+
+@dataclass
+class ClassificationAugmentationArguments:
+    """Augmentation of fine-tuning and specific distillation: the release's (DeiT/MAE's, through timm's
+    `create_transform`); mixup/cutmix are training arguments. Also the evaluation crop."""
+
+    min_crop_scale: float = field(default=0.08, metadata={"help": "RandomResizedCrop's smallest area fraction."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+    auto_augment: str = field(
+        default=RELEASE_AUTO_AUGMENT,
+        metadata={
+            "help": "timm's RandAugment / AutoAugment policy (the release's 'rand-m9-mstd0.5-inc1': 2 ops, "
+            "magnitude 9 with std 0.5, increasing ops); 'none' disables it."
+        },
+    )
+    random_erasing: float = field(default=0.25, metadata={"help": "Random-erasing probability (0 disables it)."})
+    random_erasing_mode: str = field(
+        default="pixel",
+        metadata={
+            "help": "What fills an erased box: 'pixel' (per-pixel Gaussian noise, the release's), 'rand' "
+            "(one random color per channel) or 'const' (zeros).",
+            "choices": ["pixel", "rand", "const"],
+        },
+    )
+    eval_crop_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation: resize the shorter side to image_size / ratio, then center-crop image_size. "
+            "Default: the release's 224/256 up to 224 px, 1.0 above."
+        },
+    )
+    positive_classes: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated class names counted as positive for a binary accuracy (with --dataset_name "
+            "elpv: '2/3,1', the defective cells, by default; no binary accuracy otherwise)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
+            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
+
+    def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return classification_train_transform(
+            image_size,
+            image_mean,
+            image_std,
+            min_crop_scale=self.min_crop_scale,
+            horizontal_flip=self.horizontal_flip,
+            auto_augment=self.auto_augment,
+            random_erasing=self.random_erasing,
+            random_erasing_mode=self.random_erasing_mode,
+        )
+
+    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
+
+    def positive_class_indices(self, data_args: DataArguments, labels: Sequence[str]) -> list[int] | None:
+        """Indices of `positive_classes` (ELPV: the defective classes by default); `None` for no binary accuracy."""
+        labels = list(labels)
+        if self.positive_classes is not None:
+            names = [name.strip() for name in self.positive_classes.split(",")]
+            unknown = [name for name in names if name not in labels]
+            if unknown:
+                raise ValueError(f"--positive_classes {unknown} are not classes of the data set ({labels}).")
+            return [labels.index(name) for name in names]
+        is_elpv = data_args.dataset_name == ELPV_NAME
+        four_classes = data_args.dataset_config_name in (None, ELPV_DEFAULT_TASK)
+        return list(ELPV_DEFECTIVE_CLASSES) if is_elpv and four_classes else None
+
+
+def prepare_splits(
+    data_args: DataArguments, seed: int, cache_dir: str | None = None, token: str | None = None
+) -> tuple[datasets.DatasetDict, dict[str, int]]:
+    """Load, subsample, check and (optionally) shrink the `train` and `validation` splits of `data_args`.
+
+    Returns:
+        `(splits, counts)`: the splits, and the number of unreadable images skipped in each.
+    """
+    splits = load_image_dataset(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        image_column_name=data_args.image_column_name,
+        label_column_name=data_args.label_column_name,
+        validation_split=data_args.validation_split,
+        seed=seed,
+        cache_dir=cache_dir,
+        token=token,
+    )
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    counts = {}
+    for name, limit in limits.items():
+        split = splits[name]
+        if limit is not None:
+            split = split.select(range(min(limit, len(split))))
+        if data_args.drop_unreadable_images:
+            total = len(split)
+            split, skipped = drop_unreadable_images(split, num_proc=data_args.preprocessing_num_workers)
+            counts[f"skipped_{name}_images"] = len(skipped)
+            if total and not len(split):
+                source = data_args.train_dir if name == "train" else (data_args.validation_dir or data_args.train_dir)
+                raise ValueError(
+                    f"None of the {total} images of the {name} split{f' ({source})' if source else ''} could be read "
+                    f"(first: {skipped[0]}; each is named above). Check the files (are they images, complete, "
+                    "not too large?) and the image column."
+                )
+        if data_args.max_image_side is not None:
+            split = resize_images(split, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
+        splits[name] = split
+    return splits, counts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dense tasks: data and models
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DenseDataArguments:
+    """Where the dense-task images come from (shared by the dense example scripts)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A Hub data set (segmentation: the scene_parse_150 layout; detection: COCO-style `objects`). "
+            f"Or {SYNTHETIC_NAME!r}: generated shapes (offline, the dense demo's data). Give it or --train_dir."
+        },
+    )
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder: images/ + masks/ (segmentation) or images/ + annotations.json (detection)."},
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "The validation folder, same layout."})
+    image_size: int = field(default=512, metadata={"help": "Images are resized to image_size x image_size."})
+    reduce_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Segmentation: label 0 means 'other' (ADE20k / scene_parse_150): ignore it, shift the rest down."
+        },
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Classes, when the data set does not name them (ADE20k: 150)."}
+    )
+    synthetic_train_size: int = field(default=512, metadata={"help": "Generated training images."})
+    synthetic_validation_size: int = field(default=128, metadata={"help": "Generated validation images."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+
+    @property
+    def source_name(self) -> str:
+        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
+        return self.dataset_name or Path(self.train_dir).resolve().name
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.train_dir is not None:
+            raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        require_data_source(self.dataset_name, self.train_dir, NAMED_DENSE_DATA_SETS)
+
+    def subsample(self, splits: datasets.DatasetDict) -> datasets.DatasetDict:
+        for name, limit in (("train", self.max_train_samples), ("validation", self.max_eval_samples)):
+            if limit is not None:
+                splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+        return splits
+
+
+@dataclass
+class DenseModelArguments:
+    """The student (a head on a G2SD backbone), its initialization, and the teacher (shared by the dense scripts)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from a saved student (head + backbone)."}
+    )
+    backbone_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Initialize the backbone from a G2SD checkpoint (generic or specific distillation)."},
+    )
+    backbone_preset: str = field(
+        default="g2sd-small", metadata={"help": "Backbone architecture without a checkpoint."}
+    )
+    backbone_overrides: str | None = field(
+        default=None, metadata={"help": "Backbone config overrides, 'name=value,...'."}
+    )
+    fpn_hidden_size: int = field(default=256, metadata={"help": "Channels of the simple feature pyramid."})
+    window_size: int = field(default=0, metadata={"help": "Windowed attention (ViTDet: 14); 0 = global everywhere."})
+    head_hidden_size: int | None = field(default=None, metadata={"help": "Width of the head (its default if unset)."})
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher: the same head on a larger backbone."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+
+
+def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2SDBackboneConfig:
+    """The backbone config: from the checkpoint (weights loaded later) or a preset, plus the pyramid options."""
+    options = {
+        "fpn_hidden_size": arguments.fpn_hidden_size,
+        "window_size": arguments.window_size,
+        **parse_overrides(arguments.backbone_overrides, G2SDBackboneConfig),
+    }
+    if arguments.backbone_name_or_path is not None:
+        return G2SDBackboneConfig.from_pretrained(arguments.backbone_name_or_path, **options)
+    return G2SDBackboneConfig.from_preset(arguments.backbone_preset, **{"image_size": image_size, **options})
+
+
+__all__ = [
+    "ClassificationAugmentationArguments",
+    "DataArguments",
+    "DenseDataArguments",
+    "DenseModelArguments",
+    "MaskedImageAugmentationArguments",
+    "dense_backbone_config",
+    "prepare_splits",
+]

@@ -1,0 +1,382 @@
+"""The run of an example script: argument parsing (command line, JSON or YAML, named recipes), logging, the output
+folder (one run at a time, resumed only with the same arguments), train + evaluate + save, and the model card."""
+
+import argparse
+import atexit
+import dataclasses
+import difflib
+import inspect
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import transformers
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..recipes import DEFAULT_RECIPE, recipe_defaults
+
+
+logger = logging.getLogger(__name__)
+
+
+def parse_arguments(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple:
+    """Parse dataclasses from the command line, or from a single `.json` / `.yaml` file given as the only argument.
+
+    `--recipe NAME` (a field of the training arguments) first sets the defaults of the named recipe
+    (`g2sd_hf.recipes`); flags given explicitly override them.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    field_names = [field.name for dataclass_type in dataclass_types for field in dataclasses.fields(dataclass_type)]
+    args = list(sys.argv[1:] if args is None else args)
+    if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
+        text = Path(args[0]).read_text()
+        values = json.loads(text) if args[0].endswith(".json") else yaml.safe_load(text)
+        defaults = recipe_defaults(values.get("recipe", DEFAULT_RECIPE), field_names)
+        return parser.parse_dict({**defaults, **values})
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--recipe", default=DEFAULT_RECIPE)
+    recipe = peek.parse_known_args(args)[0].recipe
+    parser.set_defaults(**recipe_defaults(recipe, field_names))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """transformers-style logging: INFO on the main process, warnings elsewhere; the same level for datasets."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    for name in ("g2sd_hf", "__main__"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank {training_args.process_index}, device {training_args.device}, n_gpu {training_args.n_gpu}, "
+        f"distributed {training_args.parallel_mode.value == 'distributed'}, bf16 {training_args.bf16}, fp16 {training_args.fp16}"
+    )
+
+
+RUN_ARGUMENTS = "run_arguments.json"  # the arguments a script started its run in output_dir with
+# Arguments that do not change what a run computes: a rerun may change them and still resume.
+NON_RESULT_ARGUMENTS = frozenset(
+    {
+        "output_dir",
+        "logging_dir",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "run_name",
+        "report_to",
+        "disable_tqdm",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "eval_strategy",
+        "eval_steps",
+        "do_eval",
+        "do_predict",
+        "per_device_eval_batch_size",
+        "dataloader_num_workers",
+        "dataloader_persistent_workers",
+        "dataloader_pin_memory",
+        "dataloader_prefetch_factor",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_strategy",
+        "hub_private_repo",
+        "local_rank",
+        "ddp_timeout",
+    }
+)
+FINISHED_RUN_FILES = ("model.safetensors", "pytorch_model.bin", "all_results.json")
+
+
+def run_arguments(training_args: TrainingArguments, *argument_groups) -> dict:
+    """The arguments that decide what a run computes, as JSON values (the record `checkpoint_to_resume` compares)."""
+    values = {key: value for key, value in training_args.to_dict().items()}
+    for group in argument_groups:
+        values.update(dataclasses.asdict(group))
+    values = json.loads(json.dumps(values, default=str))
+    return {key: value for key, value in sorted(values.items()) if key not in NON_RESULT_ARGUMENTS}
+
+
+def _differences(saved: dict, current: dict) -> str:
+    keys = sorted(
+        key for key in saved.keys() | current.keys() if saved.get(key, "<unset>") != current.get(key, "<unset>")
+    )
+    shown = "; ".join(
+        f"{key}: {saved.get(key, '<unset>')!r} then, {current.get(key, '<unset>')!r} now" for key in keys[:6]
+    )
+    return shown + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+RUN_LOCK = "_g2sd_run.lock"  # held by the main process writing an output_dir ("_*" files are not pushed to the Hub)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_output_dir(training_args: TrainingArguments) -> None:
+    """Make the main process the only writer of `output_dir` while it runs (`_g2sd_run.lock`, removed at exit).
+
+    A second main process on the same folder is refused: two runs would overwrite each other's checkpoints and
+    model. It is what `accelerate launch --multi_gpu --num_processes 2` does on a machine without GPUs unless
+    `ACCELERATE_USE_CPU=true` is set: two independent processes, each of rank 0. A lock left by a process that no
+    longer runs is taken over.
+    """
+    if training_args.process_index != 0:
+        return
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / RUN_LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "world_size": training_args.world_size}
+    for _ in range(3):
+        if _create_with_content(lock, json.dumps(me)):
+            break
+        holder = _read_lock(lock)
+        if holder.get("pid") == me["pid"]:
+            return  # this process claimed it already (a script run twice in one process, as the tests do)
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and _alive(holder["pid"]):
+            raise RuntimeError(
+                f"Another run (process {holder['pid']}, {holder.get('world_size')} process(es)) is writing "
+                f"{output_dir} as its main process. Two main processes on one folder overwrite each other's "
+                "checkpoints: wait for it, use another --output_dir, or, if both were started by one `accelerate "
+                "launch --multi_gpu` on a machine without GPUs, set ACCELERATE_USE_CPU=true so that they form one "
+                "distributed run (see docs/distributed.md)."
+            )
+        if holder.get("host") not in (None, me["host"]):
+            logger.warning(f"{lock} was left by a run on {holder['host']}; taking it over.")
+        lock.unlink(missing_ok=True)  # left by a run that no longer runs
+    else:
+        raise RuntimeError(f"Could not claim {output_dir}: {lock} keeps reappearing. Is another run starting there?")
+
+    atexit.register(release_output_dir, training_args)
+
+
+def _create_with_content(path: Path, content: str) -> bool:
+    """Create `path` holding `content` in one step (False if it exists): a reader never sees it empty."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(content)
+    try:
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: create, then write
+        try:
+            with open(path, "x") as handle:
+                handle.write(content)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path, attempts: int = 20) -> dict:
+    """The lock's content; `{}` when it stays unreadable (a lock being written is retried for about a second)."""
+    for _ in range(attempts):
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    return {}
+
+
+def release_output_dir(training_args: TrainingArguments) -> None:
+    """Remove this process's claim on `output_dir` (at the end of `train_and_evaluate`, or at exit)."""
+    lock = Path(training_args.output_dir) / RUN_LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:
+    """The checkpoint a training run starts from, after checking that `output_dir` holds nothing of another run.
+
+    `--resume_from_checkpoint` is used as given. Otherwise a rerun into an `output_dir` that holds checkpoints resumes
+    the last one only when that run was started with the same arguments (`run_arguments.json`, written here, compares
+    everything but logging, saving and data-loading settings); a folder with another run's checkpoints or with a
+    finished model is refused, with the two ways on: `--resume_from_checkpoint` (continue it anyway) or
+    `--overwrite_output_dir` (start a new run there; same-named files are replaced, nothing else is removed).
+
+    Pass every argument dataclass of the script after `training_args`: the model's and the data's arguments count.
+    """
+    if training_args.do_train:
+        claim_output_dir(training_args)
+    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
+        return training_args.resume_from_checkpoint
+    output_dir = Path(training_args.output_dir)
+    current = run_arguments(training_args, *argument_groups)
+    record = output_dir / RUN_ARGUMENTS
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    finished = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    resume = None
+    if (last is not None or finished) and not getattr(training_args, "overwrite_output_dir", False):
+        saved = json.loads(record.read_text()) if record.is_file() else None
+        what = f"checkpoints (last: {Path(last).name})" if last else f"a finished run ({', '.join(finished)})"
+        ways = (
+            "Pass --overwrite_output_dir to start a new run there (same-named files are replaced, nothing else is "
+            "removed), --resume_from_checkpoint to continue it anyway, or choose another --output_dir."
+        )
+        if saved is None:
+            raise ValueError(
+                f"{output_dir} already holds {what} of a run started without a {RUN_ARGUMENTS} record, "
+                f"so it cannot be told apart from another run. {ways}"
+            )
+        if saved != current:
+            raise ValueError(
+                f"{output_dir} already holds {what} of a run with other arguments ({_differences(saved, current)}). {ways}"
+            )
+        if last is None:
+            raise ValueError(f"{output_dir} already holds {what} of this same run, finished. {ways}")
+        logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {last}.")
+        resume = last
+    elif last is not None or finished:
+        logger.warning(f"--overwrite_output_dir: a new run in {output_dir}; its earlier checkpoints are not resumed.")
+    if training_args.should_save:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = record.with_name(f".{RUN_ARGUMENTS}.{training_args.process_index}")
+        staging.write_text(json.dumps(current, indent=2) + "\n")
+        staging.replace(record)  # whole or not at all: another process may be reading it
+    return resume
+
+
+def train_and_evaluate(
+    trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None
+) -> dict:
+    """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
+    metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
+    `learning_warnings.json` when not empty)."""
+    try:
+        return _train_and_evaluate(trainer, resume_from_checkpoint, extra_train_metrics)
+    finally:
+        release_output_dir(trainer.args)
+
+
+def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train_metrics: dict | None) -> dict:
+    args, metrics = trainer.args, {}
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        trainer.save_model()
+        train_metrics = {**result.metrics, **(extra_train_metrics or {}), "train_samples": len(trainer.train_dataset)}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset)}
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    warnings = getattr(trainer, "learning_warnings", [])
+    if warnings and trainer.is_world_process_zero():
+        # Also on disk, beside the metrics, for whoever reads the run folder rather than the log.
+        with open(os.path.join(args.output_dir, "learning_warnings.json"), "w") as handle:
+            json.dump(warnings, handle, indent=2)
+    return {**metrics, "learning_warnings": list(warnings)}
+
+
+def config_keys(config_class: type) -> set[str]:
+    """The names a configuration class knows: its constructor's arguments, the attributes of a default instance and
+    its settable properties (`num_labels`)."""
+    keys = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    settable = {
+        name for name in dir(config_class) if getattr(getattr(config_class, name, None), "fset", None) is not None
+    }
+    return keys | settable | set(config_class().to_dict())
+
+
+def parse_overrides(overrides: str | None, config_class: type | None = None) -> dict:
+    """`"hidden_size=96,num_hidden_layers=6,qkv_bias=false"` -> `{"hidden_size": 96, ...}` (ints, floats, booleans).
+
+    With `config_class`, a name that class does not know is refused, naming the closest known ones (a misspelled
+    key would otherwise be stored in config.json and ignored).
+    """
+    values = _parse_pairs(overrides)
+    if config_class is not None:
+        known = config_keys(config_class)
+        for name in values:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3)
+                hint = f" Did you mean {' or '.join(close)}?" if close else ""
+                raise ValueError(
+                    f"Unknown config override {name!r}: {config_class.__name__} has no such setting.{hint}"
+                )
+    return values
+
+
+def _parse_pairs(overrides: str | None) -> dict:
+    values = {}
+    for item in filter(None, (part.strip() for part in (overrides or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"Config overrides are `name=value` pairs separated by commas; got {item!r}.")
+        name, raw = (part.strip() for part in item.split("=", 1))
+        if raw.lower() in ("true", "false"):
+            values[name] = raw.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                values[name] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            values[name] = raw
+    return values
+
+
+def finish_training_run(trainer, teacher_name_or_path: str | None, dataset_name: str) -> None:
+    """Write the model card into the output folder and, with `--push_to_hub`, upload the folder."""
+    kwargs = {"dataset": dataset_name, "finetuned_from": teacher_name_or_path}
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**kwargs)  # saves the model, writes the card, uploads
+    else:
+        trainer.create_model_card(**kwargs)
+    logger.info(f"Checkpoint, processor and model card in {trainer.args.output_dir}")
+
+
+__all__ = [
+    "RUN_ARGUMENTS",
+    "checkpoint_to_resume",
+    "claim_output_dir",
+    "finish_training_run",
+    "parse_arguments",
+    "parse_overrides",
+    "release_output_dir",
+    "run_arguments",
+    "setup_logging",
+    "train_and_evaluate",
+]
