@@ -5,7 +5,7 @@
         --dataset_name imagenet-1k --output_dir mae-vit-base-finetuned --bf16 --do_train --do_eval
 
 MAE's fine-tuning recipe (AdamW, weight decay 0.05, layer-wise lr decay, label smoothing, mixup/cutmix, RandAugment)
-through `SpecificDistillationTrainer` without a teacher. The saved folder (model + image processor) is what
+through `FineTuningTrainer` (specific distillation's recipe, no teacher). The saved folder (model + image processor) is what
 `ClassificationTeacher.from_pretrained` and `run_specific.py --teacher_name_or_path` take.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 
-from g2sd_hf import SpecificDistillationArguments, SpecificDistillationTrainer
+from g2sd_hf import FineTuningArguments, FineTuningTrainer
 from g2sd_hf.data import ImageTransform, class_names, image_processor
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
@@ -39,9 +39,8 @@ class ModelArguments:
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationArguments), args
+        (ModelArguments, DataArguments, ClassificationAugmentationArguments, FineTuningArguments), args
     )
-    training_args.distillation_type = "none"  # this script trains the teacher itself
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
@@ -68,9 +67,8 @@ def main(args: list[str] | None = None) -> dict:
     eval_dataset = splits["validation"].with_transform(
         ImageTransform(augmentation_args.eval_transform(size, image_mean, image_std), with_labels=True)
     )
-    trainer = SpecificDistillationTrainer(
+    trainer = FineTuningTrainer(
         model=model,
-        teacher=None,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,

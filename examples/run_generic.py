@@ -65,8 +65,16 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Student config overrides, e.g. 'hidden_size=96,num_hidden_layers=6'."}
     )
-    mask_ratio: float = field(default=0.75, metadata={"help": "Fraction of patches masked."})
-    feature_loss_tokens: str = field(default="all", metadata={"help": "'all', 'masked' or 'visible'."})
+    mask_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of patches masked: sets the student config's mask_ratio (default: its own, 0.75)."
+        },
+    )
+    feature_loss_tokens: str | None = field(
+        default=None,
+        metadata={"help": "'all', 'masked' or 'visible': sets the student config's (default: its own, 'all')."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
     model_revision: str = field(default="main", metadata={"help": "Teacher revision (branch, tag or commit)."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private teachers or data."})
@@ -80,9 +88,11 @@ def build_student(model_args: ModelArguments, teacher: MAETeacher) -> G2SDForGen
         "patch_size": teacher_config.patch_size,
         "num_channels": teacher_config.num_channels,
         "target_hidden_size": teacher.target_hidden_size,
-        "mask_ratio": model_args.mask_ratio,
-        "feature_loss_tokens": model_args.feature_loss_tokens,
     }
+    # The student's config is the one home of the GD settings; the flags only set it when given.
+    for name in ("mask_ratio", "feature_loss_tokens"):
+        if getattr(model_args, name) is not None:
+            compatible[name] = getattr(model_args, name)
     overrides = {**compatible, **parse_overrides(model_args.config_overrides, G2SDConfig)}
     if model_args.student_name_or_path is not None:
         return G2SDForGenericDistillation.from_pretrained(model_args.student_name_or_path, **overrides)
@@ -113,7 +123,7 @@ def main(args: list[str] | None = None) -> dict:
         token=model_args.token,
     )
     student = build_student(model_args, teacher)
-    image_size = student.config.grid_size[0] * student.config.patch_size
+    image_size = student.config.processor_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)

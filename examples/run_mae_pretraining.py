@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
-from g2sd_hf import GenericDistillationArguments, initialize_mae_from_scratch
+from g2sd_hf import MAEPretrainingArguments, initialize_mae_from_scratch
 from g2sd_hf.data import ImageTransform, image_processor
 from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, prepare_splits
 from g2sd_hf.scripts.run import (
@@ -46,7 +46,7 @@ class ModelArguments:
 
 def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationArguments), args
+        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, MAEPretrainingArguments), args
     )
     setup_logging(training_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)

@@ -142,7 +142,7 @@ def main(args: list[str] | None = None) -> dict:
             trust_remote_code=model_args.trust_remote_code,
         )
     student = build_student(model_args, labels, teacher)
-    image_size = student.config.grid_size[0] * student.config.patch_size
+    image_size = student.config.processor_size
     image_mean, image_std = student_normalization(model_args, teacher)
     processor = image_processor(image_size, image_mean, image_std, augmentation_args.eval_crop_ratio)
 

@@ -34,8 +34,11 @@ from .modeling_g2sd import (
 )
 from .teacher import ClassificationTeacher, DenseTeacher, MAETeacher, initialize_mae_from_scratch
 from .trainer import (
+    FineTuningArguments,
+    FineTuningTrainer,
     GenericDistillationArguments,
     GenericDistillationTrainer,
+    MAEPretrainingArguments,
     SpecificDistillationArguments,
     SpecificDistillationTrainer,
 )
@@ -63,6 +66,8 @@ __all__ = [
     "DenseDistillationArguments",
     "DenseDistillationTrainer",
     "DenseTeacher",
+    "FineTuningArguments",
+    "FineTuningTrainer",
     "G2SDBackbone",
     "G2SDBackboneConfig",
     "G2SDConfig",
@@ -74,6 +79,7 @@ __all__ = [
     "G2SD_PRESET_ALIASES",
     "GenericDistillationArguments",
     "GenericDistillationTrainer",
+    "MAEPretrainingArguments",
     "MAETeacher",
     "SpecificDistillationArguments",
     "SpecificDistillationTrainer",

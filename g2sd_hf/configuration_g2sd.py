@@ -199,6 +199,11 @@ class G2SDConfig(PretrainedConfig):
         rows, columns = self.grid_size
         return rows * columns
 
+    @property
+    def processor_size(self) -> int:
+        """The side image processors resize and crop to: the height of `image_size` (a multiple of `patch_size`)."""
+        return to_pair(self.image_size)[0]
+
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "G2SDConfig":
         """Build the configuration of a named architecture, e.g. `"vit_tiny_patch16_dec128d4b"` or `"g2sd-small"`.

@@ -217,7 +217,7 @@ def export_to_transformers(
         dataset = dataset or (card_data.datasets or [None])[0]
         teacher = teacher or card_data.base_model
     stock = to_stock_model(model)
-    image_size = model.config.grid_size[0] * model.config.patch_size
+    image_size = model.config.processor_size
     difference = check_same_logits(model, stock, image_size)
     output_dir = Path(output_dir)
     with staged_folder(output_dir, overwrite) as staging:

@@ -10,6 +10,7 @@ This file imports only torch, transformers and the package's other shippable fil
 `losses.py`), so that `save_pretrained` can ship it for `trust_remote_code` loading.
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -450,6 +451,21 @@ class G2SDPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    # Optimizer groups, declared by the model as timm's VisionTransformer does (`no_weight_decay()`,
+    # `group_matcher()`); `optimization.parameter_groups` reads them.
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that fine-tuning exempts from weight decay besides biases and norms (MAE's and DeiT's
+        `no_weight_decay()`): the position embeddings and the cls and distillation tokens."""
+        exempt = ("position_embeddings", "cls_token", "distillation_token")
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in exempt}
+
+    def group_matcher(self) -> dict[str, str]:
+        """Name patterns of MAE's layer-wise learning-rate decay: `stem` (the embeddings: layer 0, except a
+        distillation token, which learns at the full rate as in the release) and `blocks` (encoder block `i`: layer
+        `i + 1`); every other parameter (final norm, heads, decoder, pyramid) is the top layer."""
+        prefix = "" if getattr(self, self.base_model_prefix, None) is None else re.escape(f"{self.base_model_prefix}.")
+        return {"stem": rf"^{prefix}embeddings\.(?!distillation_token$)", "blocks": rf"^{prefix}layers\.(\d+)\."}
 
     def _init_weights(self, module):
         """MAE's initialization; also (re)computes the fixed sin-cos tables, which are not learned weights."""

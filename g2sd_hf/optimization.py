@@ -1,6 +1,11 @@
 """Parameter groups of the G2SD recipes: timm's weight-decay rule and MAE's layer-wise learning-rate decay.
 
-- Weight decay (timm `add_weight_decay`): none on biases and 1-D weights (norms), plus any name in `no_decay_names`.
+G2SD models declare their groups themselves, as timm's VisionTransformer does (`no_weight_decay()` and
+`group_matcher()` on `G2SDPreTrainedModel`), also when they sit inside a detection or segmentation head. Models that
+declare nothing (transformers' ViT, a fine-tuned MAE teacher) are grouped by the same rule read from their names.
+
+- Weight decay (timm `add_weight_decay`): none on biases and 1-D weights (norms); with the fine-tuning exemptions,
+  none on what the model's `no_weight_decay()` names either (else on names containing one of `no_decay_names`).
 - Layer-wise lr decay (MAE `param_groups_lrd`): the patch and position embeddings and the cls token are layer 0,
   encoder block `i` is layer `i + 1`, everything else (final norm, heads, decoder, and the distillation token, as in
   the G2SD release) is layer `num_layers + 1`; the learning rate of layer `l` is scaled by
@@ -53,6 +58,23 @@ def find_encoder(model: nn.Module) -> tuple[str, int]:
     return "", 0
 
 
+def declared_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module of `model` that declares its optimizer groups (`no_weight_decay()` and `group_matcher()`: a G2SD
+    model, or the G2SD backbone inside a head) and its name prefix, or `None` when no module declares them."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "group_matcher", None)) and callable(getattr(module, "no_weight_decay", None)):
+            name = _WRAPPER_PREFIXES.sub("", name)
+            return (f"{name}." if name else ""), module
+    return None
+
+
+def _declared_layer_id(name: str, matcher: dict[str, str], num_layers: int) -> int:
+    if re.match(matcher["stem"], name):
+        return 0
+    block = re.match(matcher["blocks"], name)
+    return int(block.group(1)) + 1 if block else num_layers + 1
+
+
 def parameter_groups(
     model: nn.Module,
     learning_rate: float,
@@ -69,7 +91,9 @@ def parameter_groups(
         weight_decay (`float`): Weight decay of the decayed parameters.
         layer_decay (`float`, *optional*): MAE's layer-wise decay factor (0.75 in G2SD's fine-tuning); `None` or 1
             gives every parameter the same learning rate.
-        no_decay_names (`tuple[str, ...]`): Name fragments exempt from weight decay besides biases and 1-D weights.
+        no_decay_names (`tuple[str, ...]`): The fine-tuning exemptions from weight decay besides biases and 1-D
+            weights: when given, a model that declares `no_weight_decay()` exempts what it names, any other model the
+            parameters whose names contain one of these fragments. Empty (generic distillation): none.
 
     Returns:
         `list[dict]`: groups with `params`, `lr`, `lr_scale` and `weight_decay`, the full-rate groups first (the
@@ -82,14 +106,39 @@ def parameter_groups(
     >>> optimizer = torch.optim.AdamW(groups)
     ```
     """
-    encoder_prefix, num_layers = find_encoder(model)
+    declared = declared_groups(model)
+    if declared is not None:
+        prefix, owner = declared
+        num_layers = owner.config.num_hidden_layers
+        matcher = owner.group_matcher()
+        exempt = {prefix + name for name in owner.no_weight_decay()} if no_decay_names else set()
+
+        def layer_of(name: str) -> int:
+            return (
+                _declared_layer_id(name[len(prefix) :], matcher, num_layers)
+                if name.startswith(prefix)
+                else num_layers + 1
+            )
+
+        def exempt_from_decay(name: str) -> bool:
+            return name in exempt
+
+    else:
+        encoder_prefix, num_layers = find_encoder(model)
+
+        def layer_of(name: str) -> int:
+            return layer_id(name, num_layers, encoder_prefix)
+
+        def exempt_from_decay(name: str) -> bool:
+            return any(part in name for part in no_decay_names)
+
     groups: dict[tuple[int, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         name = _WRAPPER_PREFIXES.sub("", name)  # FSDP / activation-checkpointing wrappers
-        no_decay = parameter.ndim <= 1 or name.endswith(".bias") or any(part in name for part in no_decay_names)
-        layer = layer_id(name, num_layers, encoder_prefix) if layer_decay not in (None, 1.0) else num_layers + 1
+        no_decay = parameter.ndim <= 1 or name.endswith(".bias") or exempt_from_decay(name)
+        layer = layer_of(name) if layer_decay not in (None, 1.0) else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay not in (None, 1.0) else 1.0
         group = groups.setdefault(
             (layer, no_decay),
@@ -104,4 +153,4 @@ def parameter_groups(
     return sorted(groups.values(), key=lambda group: -group["lr_scale"])
 
 
-__all__ = ["FINE_TUNING_NO_DECAY_NAMES", "find_encoder", "layer_id", "parameter_groups"]
+__all__ = ["FINE_TUNING_NO_DECAY_NAMES", "declared_groups", "find_encoder", "layer_id", "parameter_groups"]

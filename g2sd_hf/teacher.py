@@ -6,6 +6,7 @@ the student's pixels to it, so a teacher is never fed silently wrong pixels.
 """
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -183,6 +184,19 @@ def classifier_from_mae(
     return classifier
 
 
+@contextmanager
+def _masking_with(config, mask_ratio: float | None):
+    """ViT-MAE reads its mask ratio from its config: set it for one call only, so the teacher's config keeps its own."""
+    if mask_ratio is None or mask_ratio == config.mask_ratio:
+        yield
+        return
+    saved, config.mask_ratio = config.mask_ratio, mask_ratio
+    try:
+        yield
+    finally:
+        config.mask_ratio = saved
+
+
 class MAETeacher(_FrozenTeacher):
     r"""
     The generic-distillation teacher: an MAE ViT with its pre-training decoder (`ViTMAEForPreTraining`).
@@ -272,28 +286,24 @@ class MAETeacher(_FrozenTeacher):
         return cls(model, target_layer=target_layer, image_mean=image_mean, image_std=image_std)
 
     @property
-    def mask_ratio(self) -> float:
-        return self.model.config.mask_ratio
-
-    @mask_ratio.setter
-    def mask_ratio(self, value: float) -> None:
-        self.model.config.mask_ratio = value
-
-    @property
     def target_hidden_size(self) -> int:
         return self.model.config.decoder_hidden_size
 
-    def forward(self, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None
+    ) -> torch.Tensor:
         """
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`):
                 Images, normalized as declared with `accept_inputs_normalized_with` (the teacher's own by default).
             noise (`torch.FloatTensor` of shape `(batch, num_patches)`): The masking noise shared with the student.
+            mask_ratio (`float`, *optional*): The student's mask ratio (`G2SDConfig.mask_ratio`, the one home of the
+                setting), so that both drop the same patches; the MAE config's own `mask_ratio` when not given.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, 1 + num_patches, decoder_hidden_size)`: the targets, in float32.
         """
-        with torch.inference_mode():
+        with torch.inference_mode(), _masking_with(self.model.config, mask_ratio):
             encoder_outputs = self.model.vit(self.prepare_pixels(pixel_values), noise=noise)
             decoder = self.model.decoder
             hidden_states = decoder.decoder_embed(encoder_outputs.last_hidden_state)

@@ -167,6 +167,16 @@ class GenericDistillationArguments(RecipeArguments):
 
 
 @dataclass
+class MAEPretrainingArguments(GenericDistillationArguments):
+    r"""
+    `TrainingArguments` of MAE pre-training (of a teacher, `examples/run_mae_pretraining.py` with `RecipeTrainer`):
+    the generic-distillation optimizer and schedule, which the release takes from MAE's pre-training (AdamW betas
+    (0.9, 0.95), weight decay 0.05 on weights, base learning rate 1.5e-4 scaled by total batch / 256, cosine schedule
+    with warm-up, no clipping). The model's mask ratio and `norm_pix_loss` live in its `ViTMAEConfig`.
+    """
+
+
+@dataclass
 class SpecificDistillationArguments(RecipeArguments):
     r"""
     `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification (the
@@ -212,6 +222,27 @@ class SpecificDistillationArguments(RecipeArguments):
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay} (G2SD uses 0.75; 1 disables it).")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError("mixup_alpha and cutmix_alpha must be >= 0 (0 disables them).")
+        super().__post_init__()
+
+
+@dataclass
+class FineTuningArguments(SpecificDistillationArguments):
+    r"""
+    `TrainingArguments` of plain fine-tuning, without a teacher (`FineTuningTrainer`; the MAE teacher's own fine-tuning
+    in `examples/run_finetune_teacher.py`): the specific-distillation recipe (the release's, MAE's fine-tuning) with
+    the task loss only.
+    """
+
+    distillation_type: str = field(
+        default="none", metadata={"help": "Always 'none': fine-tuning has no teacher (SpecificDistillationArguments)."}
+    )
+
+    def __post_init__(self):
+        if self.distillation_type != "none":
+            raise ValueError(
+                f"Fine-tuning has no teacher, got distillation_type={self.distillation_type!r}: distill with "
+                "SpecificDistillationArguments and SpecificDistillationTrainer (examples/run_specific.py)."
+            )
         super().__post_init__()
 
 
@@ -582,9 +613,6 @@ class GenericDistillationTrainer(DistillationTrainer):
                 f"The teacher must be an MAETeacher or a ViTMAEForPreTraining, got {type(teacher).__name__}."
             )
         check_generic_distillation_pair(model, teacher)
-        if teacher.mask_ratio != model.config.mask_ratio:
-            logger.info(f"Teacher mask ratio set to the student's ({model.config.mask_ratio}).")
-            teacher.mask_ratio = model.config.mask_ratio
         self._accept_student_normalization(teacher, kwargs.get("processing_class"))
         if args is None:
             args = GenericDistillationArguments(output_dir="g2sd-generic-distillation")
@@ -617,7 +645,9 @@ class GenericDistillationTrainer(DistillationTrainer):
         noise = inputs.get("noise")
         if noise is None:
             noise = self._masking_noise(pixel_values.shape[0], pixel_values.device, model.training)
-        teacher_targets = self._run_teacher(pixel_values, noise)  # (batch, 1 + num_patches, teacher decoder width)
+        # The student's config holds the mask ratio; the teacher masks with it, from the same noise: the same patches.
+        mask_ratio = self.accelerator.unwrap_model(model).config.mask_ratio
+        teacher_targets = self._run_teacher(pixel_values, noise, mask_ratio)  # (batch, 1 + num_patches, teacher width)
         # L_GD and its logged terms come from the model (losses.generic_distillation_loss), the one place it is computed.
         outputs = model(pixel_values=pixel_values, noise=noise, teacher_targets=teacher_targets)
         loss = outputs.loss
@@ -831,6 +861,27 @@ class SpecificDistillationTrainer(DistillationTrainer):
         )
 
 
+class FineTuningTrainer(SpecificDistillationTrainer):
+    r"""
+    Plain fine-tuning of an image classifier with the release's fine-tuning recipe and no teacher: the task loss
+    (soft-target cross-entropy with label smoothing, on mixup/cutmix batches), layer-wise learning-rate decay; a
+    student with a distillation token trains both heads on the task. How G2SD's task teacher is made from an MAE.
+
+    Example:
+
+    ```python
+    >>> model = classifier_from_mae(ViTMAEModel.from_pretrained("facebook/vit-mae-base"), num_labels=10)
+    >>> trainer = FineTuningTrainer(model=model, args=FineTuningArguments("mae-base-ft"), train_dataset=dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(self, model: PreTrainedModel, args=None, **kwargs):
+        if args is None:
+            args = FineTuningArguments(output_dir="fine-tuning")
+        super().__init__(model, teacher=None, args=args, **kwargs)
+
+
 def check_specific_distillation_pair(student: PreTrainedModel, teacher: ClassificationTeacher) -> None:
     """Refuse a student/teacher pair that cannot be distilled, with the fix in the message; put the teacher's classes
     in the student's order (matched by name)."""
@@ -845,6 +896,9 @@ def check_specific_distillation_pair(student: PreTrainedModel, teacher: Classifi
 
 __all__ = [
     "DistillationTrainer",
+    "FineTuningArguments",
+    "FineTuningTrainer",
+    "MAEPretrainingArguments",
     "RecipeArguments",
     "RecipeTrainer",
     "GenericDistillationArguments",

@@ -70,6 +70,14 @@ def tiny_classifier_teacher(num_labels: int = 4, seed: int = 0) -> ViTForImageCl
     return ViTForImageClassification(config).eval()
 
 
+def command_line(*switches: str, **values) -> list[str]:
+    """`command_line("do_train", max_steps=2)` -> `["--do_train", "--max_steps", "2"]`: a script's arguments."""
+    arguments = [f"--{name}" for name in switches]
+    for name, value in values.items():
+        arguments += [f"--{name}", str(value)]
+    return arguments
+
+
 @pytest.fixture
 def pixel_values():
     generator = torch.Generator().manual_seed(0)

@@ -20,7 +20,6 @@ from g2sd_hf.data import (
     load_image_dataset,
     open_rgb_image,
 )
-from g2sd_hf.metrics import ClassificationMetrics, classification_metrics
 from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
 
 
@@ -211,40 +210,3 @@ def test_transforms_produce_normalized_tensors(elpv):
     for transform in (generic_distillation_transform(64, mean, std), classification_train_transform(64, mean, std)):
         first, second = transform(image), transform(image)
         assert first.shape == (3, 64, 64) and not torch.equal(first, second)  # random augmentation
-
-
-def test_classification_metrics_by_hand():
-    logits = np.array([[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 0, 3], [3, 0, 0, 0], [0, 0, 3, 0]], dtype=np.float32)
-    labels = np.array([0, 1, 2, 3, 2])
-    metrics = classification_metrics(logits, labels, list(ELPV_CLASS_NAMES), positive_classes=[2, 3])
-    assert metrics["accuracy"] == pytest.approx(3 / 5)
-    assert metrics["accuracy_0"] == 1.0 and metrics["accuracy_1_3"] == 1.0
-    assert metrics["accuracy_2_3"] == 0.5 and metrics["accuracy_1"] == 0.0
-    assert metrics["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
-    # Binary: predicted defective for samples 2, 4 (classes 3, 2); actual defective 2, 3, 4 -> sample 3 wrong.
-    assert metrics["binary_accuracy"] == pytest.approx(4 / 5)
-    from transformers import EvalPrediction
-
-    assert (
-        ClassificationMetrics(list(ELPV_CLASS_NAMES), [2, 3])(EvalPrediction(predictions=logits, label_ids=labels))
-        == metrics
-    )
-
-
-@pytest.mark.parametrize(
-    "names,message",
-    [
-        (["a-b", "a_b", "c"], r"\['a-b', 'a_b'\]\] become the same metric key \(a_b"),
-        (["ok", "bad\nnews"], "line break or '|'"),
-    ],
-)
-def test_class_names_that_break_metrics_or_the_card_are_refused(names, message):
-    from g2sd_hf.data import class_names
-
-    dataset = datasets.Dataset.from_dict(
-        {"label": [0, 1]}, features=datasets.Features({"label": datasets.ClassLabel(names=names)})
-    )
-    with pytest.raises(ValueError, match=message):
-        class_names(dataset)
-    with pytest.raises(ValueError, match=message):
-        ClassificationMetrics(names)

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageClassification, ViTImageProcessor, pip
 from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification, MAETeacher
 from g2sd_hf.scripts.stages import run_stage
 
-from .conftest import tiny_classifier_teacher, tiny_mae_teacher
+from .conftest import command_line, tiny_classifier_teacher, tiny_mae_teacher
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,33 +48,19 @@ def teachers(tmp_path_factory):
 
 
 def common(output_dir, max_steps=3, **extra):
-    arguments = [
-        "--dataset_name",
-        "elpv",
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        str(max_steps),
-        "--per_device_train_batch_size",
-        "8",
-        "--max_train_samples",
-        "48",
-        "--max_eval_samples",
-        "16",
-        "--logging_steps",
-        "1",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--disable_tqdm",
-        "true",
-        "--do_train",
-        "--do_eval",
-    ]
-    for name, value in extra.items():
-        arguments += [f"--{name}", str(value)]
-    return arguments
+    defaults = dict(
+        dataset_name="elpv",
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        max_train_samples=48,
+        max_eval_samples=16,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm="true",
+    )
+    return command_line("do_train", "do_eval", **(defaults | extra))
 
 
 @pytest.fixture(scope="module")

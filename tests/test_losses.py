@@ -4,16 +4,23 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from g2sd_hf.losses import (
+    channel_wise_distillation_loss,
     generic_distillation_loss,
     hard_distillation_loss,
     nkd_loss,
     normalize_teacher_features,
+    pixel_distillation_loss,
+    release_feature_distillation_loss,
+    release_score_distillation_loss,
     smooth_targets,
     soft_distillation_loss,
     soft_target_cross_entropy,
     specific_distillation_loss,
+    weighted_feature_distillation_loss,
+    weighted_score_distillation_loss,
 )
 
 
@@ -146,3 +153,66 @@ def test_specific_distillation_loss_official_hard_default():
     assert specific_distillation_loss(task, kd, beta=1.0).item() == pytest.approx((1.2 + 0.4) / 2)
     assert specific_distillation_loss(task, kd, beta=3.0).item() == pytest.approx((1.2 + 3 * 0.4) / 4)
     assert specific_distillation_loss(task, kd, beta=0.0).item() == pytest.approx(1.2)
+
+
+def test_weighted_feature_loss_by_hand():
+    student = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    teacher = [torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]]), torch.full((1, 2, 1, 1), 3.0)]
+    weights = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # only the top-left location counts at level 0
+    # Level 0: location (0, 0) has squared errors 1 and 1 -> 1. Level 1: the weights' mean 0.25, error 9 -> 9.
+    assert weighted_feature_distillation_loss(student, teacher, weights).item() == pytest.approx((1.0 + 9.0) / 2)
+    assert weighted_feature_distillation_loss(student, teacher).item() == pytest.approx(((1 + 4 + 1) / 8 + 9) / 2)
+    with pytest.raises(ValueError, match="fpn_hidden_size"):
+        weighted_feature_distillation_loss([torch.zeros(1, 2, 2, 2)], [torch.zeros(1, 3, 2, 2)])
+    # A coarser level gets the weights averaged over the area each of its locations covers (not bilinear samples).
+    weights = torch.tensor([[[4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]])
+    errors = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # squared errors 1, 4, 9, 16 at the 2x2 level
+    pooled = torch.tensor([1.0, 0.0, 0.0, 1.0])  # area means of the 4x4 weights over each 2x2 cell
+    expected = float((pooled * errors.flatten() ** 2).sum() / pooled.sum())
+    loss = weighted_feature_distillation_loss([torch.zeros(1, 1, 2, 2)], [errors], weights)
+    assert loss.item() == pytest.approx(expected) and expected == pytest.approx(8.5)
+
+
+def test_pixel_kl_and_weighted_bce_by_hand():
+    student, teacher = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    expected = 0.0
+    for b in range(2):
+        for y in range(4):
+            for x in range(5):
+                p, q = F.softmax(teacher[b, :, y, x] / 2, 0), F.softmax(student[b, :, y, x] / 2, 0)
+                expected += float((p * (p / q).log()).sum())
+    assert pixel_distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(
+        expected / 40 * 4, rel=1e-4
+    )
+    scores_s, scores_t = torch.tensor([[[[0.2]], [[0.9]]]]), torch.tensor([[[[0.5]], [[1.0]]]])
+    bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9)) / 2
+    assert weighted_score_distillation_loss(scores_s, scores_t, torch.ones(1, 1, 1)).item() == pytest.approx(
+        bce, rel=1e-5
+    )
+
+
+def test_release_feature_and_score_losses_by_hand():
+    student = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)]
+    teacher = [torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]]), torch.full((1, 2, 1, 1), 3.0)]
+    weights = [torch.tensor([[[1.0, 0.5], [0.0, 0.0]]]), torch.tensor([[[2.0]]])]
+    # Level 0: (1 * (1 + 1) + 0.5 * 4) / 1.5; level 1: 2 * (9 + 9) / 2. Summed over channels and levels.
+    assert release_feature_distillation_loss(student, teacher, weights).item() == pytest.approx(4 / 1.5 + 18)
+    scores_s, scores_t = [torch.tensor([[[[0.2]], [[0.9]]]])], [torch.tensor([[[[0.5]], [[1.0]]]])]
+    bce = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8) + math.log(0.9))  # summed over the two classes
+    assert release_score_distillation_loss(scores_s, scores_t, [torch.full((1, 1, 1), 0.7)]).item() == pytest.approx(
+        bce, rel=1e-5
+    )
+
+
+def test_channel_wise_distillation_has_the_gradient_of_the_release_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 4, 5)
+    loss = channel_wise_distillation_loss(student, teacher, temperature=2.0)
+    (ours,) = torch.autograd.grad(loss, student)
+    # The release's ChannelWiseDivergence: sum(-softmax(t/tau) * log_softmax(s/tau)) * tau^2 / (C * N), over H*W.
+    flat_s, flat_t = student.reshape(-1, 20) / 2.0, teacher.reshape(-1, 20) / 2.0
+    release = (-(F.softmax(flat_t, dim=1) * F.log_softmax(flat_s, dim=1))).sum() * 4.0 / 6
+    (theirs,) = torch.autograd.grad(release, student)
+    torch.testing.assert_close(ours, theirs)
+    entropy = (-(F.softmax(flat_t, dim=1) * F.log_softmax(flat_t, dim=1))).sum() * 4.0 / 6
+    assert loss.item() == pytest.approx((release - entropy).item(), rel=1e-5)  # KL = cross-entropy - entropy

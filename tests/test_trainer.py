@@ -267,9 +267,9 @@ class NaNAfter(MAETeacher):
         super().__init__(model, target_layer=2)
         self.calls, self.after = 0, after
 
-    def forward(self, pixel_values, noise):
+    def forward(self, pixel_values, noise, mask_ratio=None):
         self.calls += 1
-        targets = super().forward(pixel_values, noise)
+        targets = super().forward(pixel_values, noise, mask_ratio)
         return targets * float("nan") if self.calls >= self.after else targets
 
 
@@ -335,11 +335,18 @@ def test_refuses_wrong_student_and_teacher_types(tmp_path):
         )
 
 
-def test_teacher_mask_ratio_follows_the_student(tmp_path):
+def test_teacher_masks_with_the_students_mask_ratio(tmp_path, pixel_values, noise):
+    """The mask ratio has one home, the student's config: the teacher masks with it, its own config is left alone."""
     student = G2SDForGenericDistillation(tiny_student_config(mask_ratio=0.5))
     teacher = MAETeacher(tiny_mae_teacher(), 2)
     trainer = GenericDistillationTrainer(model=student, teacher=teacher, args=generic_args(tmp_path))
-    assert trainer.teacher.mask_ratio == 0.5
+    captured = {}
+    handle = teacher.model.vit.register_forward_hook(lambda module, args, output: captured.update(mask=output.mask))
+    trainer.compute_loss(student.eval(), {"pixel_values": pixel_values, "noise": noise})
+    handle.remove()
+    torch.testing.assert_close(captured["mask"], student(pixel_values, noise=noise).mask)
+    assert captured["mask"].sum(-1).tolist() == [NUM_PATCHES // 2] * len(pixel_values)
+    assert teacher.model.config.mask_ratio == 0.75
 
 
 def test_student_normalization_is_converted_for_the_teacher(tmp_path, pixel_values, noise):

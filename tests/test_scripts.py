@@ -1,4 +1,4 @@
-"""The example scripts' shared layer: which checkpoint a rerun resumes, and what it refuses to continue or overwrite."""
+"""The script layer (g2sd_hf.scripts.run): resuming only the same run, the output_dir lock, config overrides."""
 
 import json
 
