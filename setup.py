@@ -38,7 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["g2sd_hf", "g2sd_hf.*"]),
-    package_data={"g2sd_hf": ["imagenet_subsets.json"]},
+    # The `evaluate` modules are scripts that `evaluate.load` reads from their folders (not imported packages).
+    package_data={"g2sd_hf": ["imagenet_subsets.json", "evaluate_modules/*/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -52,6 +53,7 @@ setup(
         "pillow>=10.0",
         "scipy>=1.10",  # the DETR family's Hungarian matcher
         "pycocotools>=2.0.7",  # COCO AP of the detection example
+        "evaluate>=0.4.1",  # the package's metrics, as evaluate modules loaded from the package (offline)
     ],
     extras_require=extras,
     classifiers=[

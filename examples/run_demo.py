@@ -51,9 +51,9 @@ from g2sd_hf.data import (
     processor_transform,
     resize_images,
 )  # noqa: E402
-from g2sd_hf.metrics import classification_metrics  # noqa: E402
+from g2sd_hf.metrics import load_metric  # noqa: E402
 from g2sd_hf.output_folders import staged_folder  # noqa: E402
-from g2sd_hf.scripts.stages import STAGE_MARKER, STARTED_MARKER, run_stage, start_demo  # noqa: E402
+from g2sd_hf.scripts.stages import STAGE_MARKER, STARTED_MARKER, run_stage, run_stages, start_demo  # noqa: E402
 
 
 logger = logging.getLogger("g2sd_demo")
@@ -464,7 +464,9 @@ def evaluate_classifier(folder: Path, split, scale: DemoScale) -> dict:
             logits.append(model(pixel_values=batch["pixel_values"].to(device())).logits.float().cpu())
             labels.append(batch["labels"])
     names = [model.config.id2label[index] for index in range(model.config.num_labels)]
-    metrics = classification_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), names)
+    metrics = load_metric("classification").compute(
+        predictions=torch.cat(logits).argmax(-1).numpy(), references=torch.cat(labels).numpy(), class_names=names
+    )
     return {f"eval_{key}": value for key, value in metrics.items()}
 
 
@@ -828,9 +830,7 @@ def main(args: list[str] | None = None) -> dict:
             )
         write_teacher_assets(scale, mae_teacher, teacher_classifier, teacher_records)
     planned = stage_arguments(scale, stages, mae_teacher, teacher_classifier)
-    records = {}
-    for index, (name, (module, arguments)) in enumerate(planned.items(), start=1):
-        records[name] = run_stage(name, module, arguments, stages / name, position=f"stage {index}/{len(planned)}: ")
+    records = run_stages(planned, stages)
 
     splits = load_elpv(task=ELPV_TASK)
     train_images = min(scale.max_train_samples or len(splits["train"]), len(splits["train"]))

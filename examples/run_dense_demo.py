@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_object_detection  # noqa: E402
 import run_semantic_segmentation  # noqa: E402
 
-from g2sd_hf.scripts.stages import run_stage, start_demo  # noqa: E402
+from g2sd_hf.scripts.stages import run_stages, start_demo  # noqa: E402
 
 
 BACKBONES = {
@@ -122,18 +122,23 @@ def main(args: list[str] | None = None) -> dict:
         "device": f"CPU, {torch.get_num_threads()} threads",
         "tasks": {},
     }
-    for task, script, metrics in (
+    tasks = (
         ("segmentation", run_semantic_segmentation, ("eval_mean_iou", "eval_pixel_accuracy")),
         ("detection", run_object_detection, ("eval_map", "eval_map_50", "eval_map_75")),
-    ):
+    )
+    roles = ("teacher", "scratch", "distilled")
+    records = run_stages(
+        {
+            f"{task}_{role}": (script, stage_arguments(task, role, stages, scale, options.seed))
+            for task, script, _ in tasks
+            for role in roles
+        },
+        stages,
+    )
+    for task, _, metrics in tasks:
         rows = {}
-        for role in ("teacher", "scratch", "distilled"):
-            record = run_stage(
-                f"{task}_{role}",
-                script,
-                stage_arguments(task, role, stages, scale, options.seed),
-                stages / f"{task}_{role}",
-            )
+        for role in roles:
+            record = records[f"{task}_{role}"]
             rows[role] = {
                 "seconds": record["seconds"],
                 "reused": record["reused"],

@@ -10,6 +10,7 @@ import os
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._deprecation import moved_names
+from .metrics import metric_name
 
 
 logger = logging.getLogger(__name__)
@@ -125,9 +126,9 @@ Trained with `g2sd_hf`'s `{{ trainer_class }}` on **{{ dataset }}**.
 {% endfor %}
 ## Results
 
-{% if results %}| Metric ({{ dataset }}, validation) | Value |
-|---|---|
-{% for name, value in results %}| {{ name }} | {{ value }} |
+{% if results %}| Metric ({{ dataset }}, validation) | Key | Value |
+|---|---|---|
+{% for name, key, value in results %}| {{ name }} | `{{ key }}` | {{ value }} |
 {% endfor %}{% else %}No evaluation was run.{% endif %}
 
 ## Intended use and limitations
@@ -146,12 +147,45 @@ def _is_quality_metric(name: str) -> bool:
     return name == "loss" or "accuracy" in name or name.startswith(("mean_iou", "iou_", "map", "mask_map"))
 
 
-def _metric_type(name: str) -> str:
+_COCO_AP_NAMES = {
+    "map": "mAP (IoU 0.50:0.95)",
+    "map_50": "mAP (IoU 0.50)",
+    "map_75": "mAP (IoU 0.75)",
+    "map_small": "mAP, small objects",
+    "map_medium": "mAP, medium objects",
+    "map_large": "mAP, large objects",
+}
+
+
+def describe_metric(name: str, class_names: dict[str, str] | None = None) -> tuple[str, str]:
+    """The Hub metric type (`accuracy`, `recall`, `mean_iou`, `iou`, `map`, `loss`) and a readable name of an
+    evaluation metric key (`eval_` removed), e.g. `accuracy_1_3` -> `("recall", "accuracy of class 1/3 (its recall)")`.
+
+    Args:
+        name (`str`): The metric key, e.g. `"balanced_accuracy"`, `"iou_circle"`, `"mask_map_50"`.
+        class_names (`dict[str, str]`, *optional*): Metric-key form of each class name -> the class name.
+    """
+    class_names = class_names or {}
     if name.startswith(("map", "mask_map")):
-        return "map"
-    if "iou" in name:
-        return "mean_iou" if name == "mean_iou" else "iou"
-    return "accuracy" if "accuracy" in name else "loss"
+        kind = "mask" if name.startswith("mask_") else "box"
+        return "map", f"{kind} {_COCO_AP_NAMES.get(name.removeprefix('mask_'), name)}"
+    if name == "mean_iou":
+        return "mean_iou", "mean IoU"
+    if name.startswith("iou_"):
+        key = name.removeprefix("iou_")
+        return "iou", f"IoU of class {class_names.get(key, key)}"
+    fixed = {
+        "accuracy": "top-1 accuracy",
+        "balanced_accuracy": "balanced accuracy (mean of the per-class accuracies)",
+        "binary_accuracy": "binary accuracy (positive classes grouped against the rest)",
+        "pixel_accuracy": "pixel accuracy",
+    }
+    if name in fixed:
+        return "accuracy", fixed[name]
+    if name.startswith("accuracy_"):
+        key = name.removeprefix("accuracy_")
+        return "recall", f"accuracy of class {class_names.get(key, key)} (its recall)"
+    return "loss", "loss" if name == "loss" else name
 
 
 def _fmt(value) -> str:
@@ -215,17 +249,19 @@ def build_model_card(
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"g2sd-{stage}")
     location = repo_id or "path/to/this/checkpoint"
 
+    labels = getattr(model.config, "id2label", None) or {}
+    class_keys = {metric_name(label): str(label) for label in labels.values()}
     eval_results = []
     for key, value in metrics.items():
-        metric = key.removeprefix("eval_")
+        metric_type, readable = describe_metric(key.removeprefix("eval_"), class_keys)
         eval_results.append(
             EvalResult(
                 task_type=info["task_type"],
                 dataset_type=dataset,
                 dataset_name=dataset,
                 dataset_split="validation",
-                metric_type=_metric_type(metric),
-                metric_name=metric,
+                metric_type=metric_type,
+                metric_name=readable,
                 metric_value=round(float(value), 6),
             )
         )
@@ -327,14 +363,17 @@ def build_model_card(
         trainer_class=trainer_class,
         dataset=dataset,
         hyperparameters=[(name, _fmt(value)) for name, value in (hyperparameters or {}).items()],
-        results=[(name.removeprefix("eval_"), _fmt(value)) for name, value in metrics.items()],
+        results=[
+            (result.metric_name, key.removeprefix("eval_"), _fmt(result.metric_value))
+            for key, result in zip(metrics, eval_results)
+        ],
         limitations=limitations,
         citation=CITATION,
         warnings=list(warnings or []),
     )
 
 
-__all__ = ["CITATION", "build_model_card"]
+__all__ = ["CITATION", "build_model_card", "describe_metric"]
 
 
 __getattr__ = moved_names(

@@ -1,18 +1,89 @@
-"""Metrics computed locally (no `evaluate.load`, which fetches its scripts from the Hub).
+"""The package's metrics, and the same metrics as `evaluate` modules shipped in the package (loaded offline).
 
-- `ClassificationMetrics`, a `compute_metrics` callable for the Trainer: top-1 accuracy, per-class accuracy (recall
-  of each class), their mean (balanced accuracy), and optionally a binary accuracy for a grouping of the classes
-  (ELPV: defective = defect probability >= 0.5).
-- `SegmentationMetrics`: mean IoU and pixel accuracy from a confusion matrix.
-- `coco_detection_metrics`: COCO box (and mask) AP through pycocotools' `COCOeval`.
+`evaluate.load("accuracy")` fetches its script from the Hub; `load_metric(name)` loads the package's own modules from
+`g2sd_hf/evaluate_modules/` instead, so they work offline and in `evaluate.evaluator(...)`:
+
+- `"classification"` (`g2sd_classification`): top-1 accuracy, per-class accuracy (recall of each class), their mean
+  (balanced accuracy), and optionally a binary accuracy for a grouping of the classes (ELPV: defective cells).
+  `ClassificationMetrics`, the Trainers' `compute_metrics`, computes through it.
+- `"mean_iou"` (`g2sd_mean_iou`): mean IoU and pixel accuracy from a confusion matrix (`SegmentationMetrics`, which
+  the segmentation Trainer streams batch by batch instead of keeping every pixel map).
+- `"coco_detection"` (`g2sd_coco_detection`): COCO box AP through pycocotools' `COCOeval` (`coco_detection_metrics`),
+  used by `evaluate_detection`.
 """
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 from transformers import EvalPrediction
+
+
+EVALUATE_MODULES = Path(__file__).parent / "evaluate_modules"
+METRIC_MODULES = {
+    "classification": "g2sd_classification",
+    "mean_iou": "g2sd_mean_iou",
+    "coco_detection": "g2sd_coco_detection",
+}
+
+
+def load_metric(name: str, **kwargs):
+    """One of the package's metrics as an `evaluate` module, loaded from the package (no network).
+
+    Args:
+        name (`str`): `"classification"`, `"mean_iou"` or `"coco_detection"`.
+        **kwargs: Passed to `evaluate.load` (by default `keep_in_memory=True`: no cache files, so processes of one
+            distributed run never share a cache file).
+
+    Example:
+
+    ```python
+    >>> metric = load_metric("classification")
+    >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0], class_names=["ok", "bad"])["balanced_accuracy"]
+    0.75
+    ```
+    """
+    import evaluate
+
+    if name not in METRIC_MODULES:
+        raise ValueError(f"Unknown metric {name!r}: the package ships {sorted(METRIC_MODULES)}.")
+    return evaluate.load(str(EVALUATE_MODULES / METRIC_MODULES[name]), **{"keep_in_memory": True, **kwargs})
+
+
+def image_classification_evaluator():
+    """`evaluate.evaluator("image-classification")`, mended for transformers 5: evaluate 0.4.6 hands the pipeline its
+    own `DatasetColumn`, which a transformers 5 pipeline takes for one image, and checks a `Pipeline` object against
+    `transformers.TFPreTrainedModel`, gone in v5. This one passes a list of images and accepts a pipeline object.
+
+    Example:
+
+    ```python
+    >>> result = image_classification_evaluator().compute(
+    ...     model_or_pipeline="g2sd-vit-small-sd",
+    ...     data=dataset,  # `image` (decoded) and `label` columns
+    ...     metric=load_metric("classification", class_names=class_names),
+    ...     label_mapping=model.config.label2id,
+    ... )
+    ```
+    """
+    from evaluate.evaluator import ImageClassificationEvaluator
+    from transformers import Pipeline
+
+    class Evaluator(ImageClassificationEvaluator):
+        def prepare_data(self, data, input_column, label_column):
+            metric_inputs, pipeline_inputs = super().prepare_data(data, input_column, label_column)
+            return metric_inputs, list(pipeline_inputs)
+
+        def prepare_pipeline(self, model_or_pipeline, *args, **kwargs):
+            if isinstance(model_or_pipeline, Pipeline):
+                if model_or_pipeline.task != self.task:
+                    raise ValueError(f"The pipeline's task is {model_or_pipeline.task!r}, not {self.task!r}.")
+                return model_or_pipeline
+            return super().prepare_pipeline(model_or_pipeline, *args, **kwargs)
+
+    return Evaluator()
 
 
 def classification_metrics(
@@ -21,7 +92,8 @@ def classification_metrics(
     class_names: Sequence[str] | None = None,
     positive_classes: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Accuracy metrics of `logits` `(num_samples, num_classes)` against integer `labels` `(num_samples,)`.
+    """Accuracy metrics of `logits` `(num_samples, num_classes)`, or of predicted class indices `(num_samples,)`,
+    against integer `labels` `(num_samples,)`.
 
     Returns:
         `dict`: `accuracy`; `accuracy_<name>` (non-alphanumerics as `_`) per class present in `labels` and `balanced_accuracy` (their mean)
@@ -36,11 +108,12 @@ def classification_metrics(
     ```
     """
     logits, labels = np.asarray(logits), np.asarray(labels).astype(np.int64)
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+    if logits.ndim not in (1, 2) or logits.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"Expected logits (num_samples, num_classes) and labels (num_samples,), got {logits.shape} and {labels.shape}."
+            "Expected logits (num_samples, num_classes) or class indices (num_samples,), and labels (num_samples,), "
+            f"got {logits.shape} and {labels.shape}."
         )
-    predictions = logits.argmax(axis=-1)
+    predictions = logits.argmax(axis=-1) if logits.ndim == 2 else logits.astype(np.int64)
     metrics = {"accuracy": float((predictions == labels).mean())}
     if class_names is not None:
         per_class = []
@@ -84,17 +157,24 @@ def check_class_names(class_names: Sequence[str]) -> None:
 
 
 class ClassificationMetrics:
-    """`compute_metrics` for `Trainer`: `ClassificationMetrics(class_names, positive_classes)(eval_prediction)`."""
+    """`compute_metrics` for `Trainer`: `ClassificationMetrics(class_names, positive_classes)(eval_prediction)`,
+    computed by the package's `evaluate` module (`load_metric("classification")`)."""
 
     def __init__(self, class_names: Sequence[str] | None = None, positive_classes: Sequence[int] | None = None):
         if class_names is not None:
             check_class_names(class_names)
         self.class_names = list(class_names) if class_names is not None else None
-        self.positive_classes = positive_classes
+        self.positive_classes = list(positive_classes) if positive_classes is not None else None
+        self.metric = load_metric("classification")
 
     def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return classification_metrics(logits, prediction.label_ids, self.class_names, self.positive_classes)
+        return self.metric.compute(
+            predictions=np.asarray(logits).argmax(axis=-1),
+            references=np.asarray(prediction.label_ids),
+            class_names=self.class_names,
+            positive_classes=self.positive_classes,
+        )
 
 
 class SegmentationMetrics:
@@ -271,7 +351,6 @@ def evaluate_detection(
     process: run it on the main one)."""
     from .dense_data import image_size_of
     from .dense_models import detections_from_outputs
-    from .metrics import coco_detection_metrics
 
     model.eval()
     device = next(model.parameters()).device
@@ -282,13 +361,28 @@ def evaluate_detection(
         outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
         predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
     for size, objects in zip(sizes, raw_dataset["objects"]):
-        annotation = {"boxes": objects["bbox"], "labels": objects["category"], "size": size}
-        annotation.update({key: objects[key] for key in ("area", "iscrowd") if key in objects})
-        truth.append(annotation)
-    return coco_detection_metrics(truth, predictions, num_labels)
+        boxes = np.asarray(objects["bbox"], dtype=np.float64).reshape(-1, 4)
+        # COCO's defaults where the data set has no such field: the box area, not a crowd.
+        area = objects["area"] if "area" in objects else (boxes[:, 2] * boxes[:, 3]).tolist()
+        iscrowd = objects["iscrowd"] if "iscrowd" in objects else [0] * len(boxes)
+        truth.append(
+            {
+                "boxes": boxes.tolist(),
+                "labels": objects["category"],
+                "size": list(size),
+                "area": area,
+                "iscrowd": iscrowd,
+            }
+        )
+    predictions = [
+        {key: np.asarray(value).tolist() for key, value in prediction.items()} for prediction in predictions
+    ]
+    return load_metric("coco_detection").compute(predictions=predictions, references=truth, num_labels=num_labels)
 
 
 __all__ = [
+    "image_classification_evaluator",
+    "load_metric",
     "evaluate_detection",
     "ClassificationMetrics",
     "SegmentationMetrics",

@@ -8,6 +8,7 @@ runs under `accelerate launch`) is the Trainer's own.
 """
 
 import os
+import platform
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -53,6 +54,24 @@ def default_dataloader_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return 0 if cpus < 2 else min(8, max(1, cpus // local_processes))
+
+
+def hardware_description(num_processes: int, device: torch.device) -> str:
+    """What a run ran on, for the model card: `"8 x NVIDIA H100 80GB HBM3"`, `"1 x CPU (AMD EPYC 9B14, 2 cores)"`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in (open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else [])
+                if line.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        name = f"{device.type.upper()} ({model}, {cores} cores)" if device.type == "cpu" else device.type
+    return f"{num_processes} x {name}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -518,6 +537,10 @@ class DistillationTrainer(RecipeTrainer):
             "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             "seed": args.seed,
         }
+        for split, dataset in (("training", self.train_dataset), ("validation", self.eval_dataset)):
+            if dataset is not None and hasattr(dataset, "__len__"):
+                values[f"{split} images"] = len(dataset)
+        values["hardware"] = hardware_description(self.accelerator.num_processes, self.args.device)
         return values
 
     def create_model_card(

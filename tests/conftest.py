@@ -70,6 +70,31 @@ def tiny_classifier_teacher(num_labels: int = 4, seed: int = 0) -> ViTForImageCl
     return ViTForImageClassification(config).eval()
 
 
+HUB_METRIC_TYPES = {"accuracy", "recall", "mean_iou", "iou", "map", "loss"}
+
+
+def assert_card_lists_every_metric(folder, metrics: dict, task_type: str, dataset: str) -> list:
+    """The folder's model card parses with `huggingface_hub.ModelCard.load`, and its `eval_results` list every
+    evaluation metric in `metrics` (task, dataset, validation split, a Hub metric type, the value)."""
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    from g2sd_hf.hub import _is_quality_metric, describe_metric
+
+    results = ModelCard.load(Path(folder) / "README.md").data.eval_results
+    expected = {
+        (describe_metric(key.removeprefix("eval_"))[0], round(float(value), 6))
+        for key, value in metrics.items()
+        if key.startswith("eval_") and isinstance(value, float) and _is_quality_metric(key.removeprefix("eval_"))
+    }
+    assert expected and {(result.metric_type, result.metric_value) for result in results} == expected
+    for result in results:
+        assert (result.task_type, result.dataset_name, result.dataset_split) == (task_type, dataset, "validation")
+        assert result.metric_type in HUB_METRIC_TYPES and result.metric_name
+    return results
+
+
 def command_line(*switches: str, **values) -> list[str]:
     """`command_line("do_train", max_steps=2)` -> `["--do_train", "--max_steps", "2"]`: a script's arguments."""
     arguments = [f"--{name}" for name in switches]

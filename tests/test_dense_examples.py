@@ -9,7 +9,7 @@ from g2sd_hf.dense_models import (
     find_backbone,
 )
 
-from .conftest import command_line
+from .conftest import assert_card_lists_every_metric, command_line
 from .dense_helpers import EXAMPLES
 
 
@@ -35,6 +35,7 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         disable_tqdm="true",
         logging_steps=1,
     )
+    runs = {}
     for script, extra in (
         (run_semantic_segmentation, []),
         (run_object_detection, ["--num_queries", "10", "--encoder_layers", "1", "--decoder_layers", "2"]),
@@ -42,8 +43,9 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         teacher = tmp_path / f"{script.__name__}-teacher"
         metrics = script.main(["--output_dir", str(teacher), "--backbone_overrides", tiny.format(64), *common, *extra])
         assert ("eval_mean_iou" in metrics) or ("eval_map" in metrics)
+        runs[teacher.name] = metrics
         student = tmp_path / f"{script.__name__}-student"
-        metrics = script.main(
+        runs[student.name] = script.main(
             [
                 "--output_dir",
                 str(student),
@@ -58,13 +60,14 @@ def test_dense_example_scripts_with_and_without_a_teacher(tmp_path):
         assert "score_distillation_loss" in (student / "trainer_state.json").read_text()
     card = (tmp_path / "run_semantic_segmentation-student" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "specific distillation for semantic segmentation" in card
-    assert "- type: mean_iou" in card and "| mean_iou |" in card
+    assert "| mean IoU | `mean_iou` |" in card
     detection_card = (tmp_path / "run_object_detection-teacher" / "README.md").read_text()
-    assert (
-        "pipeline_tag: object-detection" in detection_card
-        and "| map_50 |" in detection_card
-        and "- type: map" in detection_card
-    )
+    assert "pipeline_tag: object-detection" in detection_card and "| box mAP (IoU 0.50) | `map_50` |" in detection_card
+    # Every card the dense scripts write parses into the Hub's eval results.
+    for folder, metrics in runs.items():
+        task = "semantic-segmentation" if "segmentation" in folder else "object-detection"
+        results = assert_card_lists_every_metric(tmp_path / folder, metrics, task, "synthetic-shapes")
+        assert {"mean_iou"} <= {result.metric_type for result in results} or "map" in {r.metric_type for r in results}
     reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "run_semantic_segmentation-student")
     assert isinstance(find_backbone(reloaded), G2SDBackbone)
 

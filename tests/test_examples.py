@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, ViTImageProcessor, pipeline
 
 from g2sd_hf import G2SDForGenericDistillation, G2SDForImageClassification, MAETeacher
+from g2sd_hf.data import load_elpv
+from g2sd_hf.metrics import classification_metrics, image_classification_evaluator, load_metric
 from g2sd_hf.scripts.stages import run_stage
 
-from .conftest import command_line, tiny_classifier_teacher, tiny_mae_teacher
+from .conftest import assert_card_lists_every_metric, command_line, tiny_classifier_teacher, tiny_mae_teacher
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -87,6 +90,7 @@ def test_run_generic_writes_a_loadable_student(generic_run):
     assert not any(key.startswith(("teacher", "model.")) for key in load_file(output_dir / "model.safetensors"))
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert "masked_token_loss" in history[0] and "visible_token_loss" in history[0]
+    assert_card_lists_every_metric(output_dir, metrics, "image-feature-extraction", "elpv")
 
 
 def test_tensorboard_logging(teachers, tmp_path):
@@ -149,6 +153,32 @@ def test_run_specific_from_the_generic_checkpoint(generic_run, teachers, tmp_pat
     assert "task_loss" in history[0] and "distillation_loss" in history[0]
     card = (tmp_path / "README.md").read_text()
     assert "g2sd" in card and "image-classification" in card and "specific-distillation" in card
+    assert_card_lists_every_metric(tmp_path, metrics, "image-classification", "elpv")
+
+    # The saved student scored by `evaluate`'s image-classification evaluator (mended for transformers 5) with the
+    # package's metric module (no network), by path and as a pipeline.
+    names = list(model.config.id2label.values())
+    images = load_elpv()["test"].select(range(12)).cast_column("image", datasets.Image())
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    result = image_classification_evaluator().compute(
+        model_or_pipeline=str(tmp_path),
+        data=images,
+        metric=load_metric("classification", class_names=names),
+        label_mapping=model.config.label2id,
+    )
+    top1 = [
+        model.config.label2id[max(scores, key=lambda s: s["score"])["label"]]
+        for scores in classifier(list(images["image"]))
+    ]
+    expected = classification_metrics(np.array(top1), np.array(images["label"]), names)
+    assert {key: result[key] for key in expected} == expected and "balanced_accuracy" in expected
+    again = image_classification_evaluator().compute(
+        model_or_pipeline=classifier,
+        data=images,
+        metric=load_metric("classification"),
+        label_mapping=model.config.label2id,
+    )
+    assert again["accuracy"] == expected["accuracy"]
 
 
 def test_run_specific_refuses_unknown_positive_classes(generic_run, tmp_path):

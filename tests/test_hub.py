@@ -27,7 +27,7 @@ from g2sd_hf.hub import build_model_card
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.scripts.run import finish_training_run
 
-from .conftest import tiny_classifier_teacher, tiny_image_dataset, tiny_student_config
+from .conftest import assert_card_lists_every_metric, tiny_classifier_teacher, tiny_image_dataset, tiny_student_config
 
 
 LABELS = ["0", "1/3", "2/3", "1"]
@@ -296,9 +296,15 @@ def test_model_card_metadata_and_sections(classifier_checkpoint):
     assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
     assert {"g2sd", "knowledge-distillation"} <= set(data.tags) and data.license == "apache-2.0"
     assert data.base_model == "facebook/vit-base-patch16-224" and data.datasets == ["elpv"]
-    results = {result.metric_name: result.metric_value for result in data.eval_results}
     metrics = json.loads((classifier_checkpoint / "trainer_state.json").read_text())["log_history"][-1]
-    assert results["accuracy"] == pytest.approx(metrics["eval_accuracy"]) and "binary_accuracy" in results
+    results = assert_card_lists_every_metric(classifier_checkpoint, metrics, "image-classification", "elpv")
+    named = {result.metric_name: (result.metric_type, result.metric_value) for result in results}
+    assert named["top-1 accuracy"] == ("accuracy", round(metrics["eval_accuracy"], 6))
+    assert named["accuracy of class 1/3 (its recall)"] == ("recall", round(metrics["eval_accuracy_1_3"], 6))
+    assert named["balanced accuracy (mean of the per-class accuracies)"][0] == "accuracy"
+    assert "binary accuracy (positive classes grouped against the rest)" in named
+    assert "| training images | 8 |" in card.text and "| validation images | 8 |" in card.text
+    assert "| hardware | 1 x CPU (" in card.text
     for section in (
         "## How to use",
         "## Model",
@@ -374,7 +380,7 @@ def test_card_for_a_generic_checkpoint_names_its_teacher():
         repo_id="org/g2sd-gd",
     )
     assert card.data.base_model == "facebook/vit-mae-base" and card.data.pipeline_tag == "image-feature-extraction"
-    assert [result.metric_name for result in card.data.eval_results] == ["loss"]  # runtime is not a result
+    assert [(result.metric_type, result.metric_name) for result in card.data.eval_results] == [("loss", "loss")]
     assert "image-feature-extraction" in card.text and "not a classifier" in card.text
     assert "[facebook/vit-mae-base](https://huggingface.co/facebook/vit-mae-base)" in card.text
     local = build_model_card(model, "generic-distillation", dataset="elpv", teacher=str(Path(__file__).parent) + "/")

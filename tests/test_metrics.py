@@ -4,9 +4,16 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from transformers import EvalPrediction
 
 from g2sd_hf.data import ELPV_CLASS_NAMES
-from g2sd_hf.metrics import ClassificationMetrics, SegmentationMetrics, classification_metrics, coco_detection_metrics
+from g2sd_hf.metrics import (
+    ClassificationMetrics,
+    SegmentationMetrics,
+    classification_metrics,
+    coco_detection_metrics,
+    load_metric,
+)
 
 
 def test_metrics_by_hand():
@@ -76,3 +83,42 @@ def test_class_names_that_break_metrics_or_the_card_are_refused(names, message):
         class_names(dataset)
     with pytest.raises(ValueError, match=message):
         ClassificationMetrics(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same metrics as evaluate modules shipped in the package (loaded offline: HF_HUB_OFFLINE is set in conftest)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_evaluate_modules_give_the_package_metrics():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(40, 4)), rng.integers(0, 4, size=40)
+    names = list(ELPV_CLASS_NAMES)
+    expected = classification_metrics(logits, labels, names, positive_classes=[2, 3])
+    metric = load_metric("classification")
+    computed = metric.compute(
+        predictions=logits.argmax(-1), references=labels, class_names=names, positive_classes=[2, 3]
+    )
+    assert computed == expected and {"balanced_accuracy", "binary_accuracy", "accuracy_1_3"} <= computed.keys()
+    # Given once at load time (for evaluate.evaluator, which passes only predictions and references).
+    assert load_metric("classification", class_names=names).compute(
+        predictions=logits.argmax(-1), references=labels
+    ) == classification_metrics(logits, labels, names)
+    # The Trainers' compute_metrics goes through the module.
+    trainer_metrics = ClassificationMetrics(names, [2, 3])
+    assert trainer_metrics.metric.name == "g2sd_classification"
+    assert trainer_metrics(EvalPrediction(predictions=logits, label_ids=labels)) == expected
+
+    maps, truth = rng.integers(0, 3, size=(2, 8, 8)), rng.integers(0, 3, size=(2, 8, 8))
+    truth[0, 0] = 255  # ignored
+    segmentation = SegmentationMetrics(3, ["a", "b", "c"])
+    assert load_metric("mean_iou").compute(
+        predictions=maps, references=truth, num_labels=3, class_names=["a", "b", "c"]
+    ) == segmentation.from_confusion_matrix(segmentation.confusion_matrix(maps, truth))
+
+    boxes = [[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 8.0, 8.0]]]
+    truth_boxes = [{"boxes": boxes[0], "labels": [0, 1], "size": [40, 40], "area": [100.0, 64.0], "iscrowd": [0, 0]}]
+    predicted = [{"boxes": [[0.0, 0.0, 10.0, 9.0], [0.0, 30.0, 5.0, 5.0]], "labels": [0, 1], "scores": [0.9, 0.8]}]
+    assert load_metric("coco_detection").compute(
+        predictions=predicted, references=truth_boxes, num_labels=2
+    ) == coco_detection_metrics(truth_boxes, predicted, 2)
+    with pytest.raises(ValueError, match="Unknown metric 'accuracy': the package ships"):
+        load_metric("accuracy")

@@ -121,3 +121,35 @@ def test_a_second_main_process_on_one_output_dir_is_refused(tmp_path):
     assert checkpoint_to_resume(arguments(tmp_path)) is None  # the same process may start again
     release_output_dir(arguments(tmp_path))
     assert not (tmp_path / RUN_LOCK).exists()
+
+
+def test_stage_clock_estimates_the_time_left_by_kind_of_stage():
+    from g2sd_hf.scripts.stages import StageClock
+
+    clock = StageClock(["teacher", "generic_seed0", "g2sd_seed0", "generic_seed1", "g2sd_seed1"])
+    assert clock.position("teacher") == "stage 1/5: "  # nothing timed yet: no estimate
+    clock.finished("teacher", 600.0)
+    clock.finished("generic_seed0", 120.0)
+    clock.finished("g2sd_seed0", 60.0)
+    assert clock.seconds_left("generic_seed1") == 120.0 + 60.0  # each by its kind's first seed
+    clock.finished("generic_seed1", 180.0)
+    assert clock.seconds_left("g2sd_seed1") == 60.0 and clock.position("g2sd_seed1") == "stage 5/5, about 1 min left: "
+    other = StageClock(["a", "b", "c"])
+    other.finished("a", 90.0)
+    assert other.seconds_left("b") == 180.0  # unknown kinds take the mean stage
+
+
+def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):
+    """The bar is display only: the record that decides reuse keeps the arguments as given."""
+    import types
+
+    from g2sd_hf.scripts.stages import run_stage
+
+    seen = []
+    script = types.SimpleNamespace(__name__="script", main=lambda arguments: seen.append(arguments) or {"x": 1.0})
+    for terminal, folder in ((True, "tty"), (False, "log")):
+        monkeypatch.setattr("sys.stderr.isatty", lambda terminal=terminal: terminal)
+        record = run_stage(folder, script, ["--disable_tqdm", "true"], tmp_path / folder)
+        assert record["arguments"] == ["--disable_tqdm", "true"] and not record["reused"]
+    assert seen == [["--disable_tqdm", "true", "--disable_tqdm", "false"], ["--disable_tqdm", "true"]]
+    assert run_stage("tty", script, ["--disable_tqdm", "true"], tmp_path / "tty")["reused"]

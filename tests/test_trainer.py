@@ -273,6 +273,29 @@ class NaNAfter(MAETeacher):
         return targets * float("nan") if self.calls >= self.after else targets
 
 
+class RecordLogs(TrainerCallback):
+    """What every `report_to` integration receives: they are all TrainerCallbacks fed by `on_log`."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_loss_terms_reach_every_report_to_backend_through_the_trainers_log(tmp_path):
+    recorder = RecordLogs()
+    trainer = generic_trainer(tmp_path / "generic", max_steps=2)
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert {"loss", "masked_token_loss", "visible_token_loss", "learning_rate"} <= recorder.logs[0].keys()
+    recorder = RecordLogs()
+    trainer = specific_trainer(tmp_path / "specific")
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert {"loss", "task_loss", "distillation_loss"} <= recorder.logs[0].keys()
+
+
 class RecordSaves(TrainerCallback):
     def __init__(self):
         self.digests = {}

@@ -1,11 +1,18 @@
 """Multi-stage runs (the demos): a command line shared by the demos, and stages that each run one example script in
-its own folder and are reused when they finished with the same arguments."""
+its own folder and are reused when they finished with the same arguments.
+
+Progress: `run_stages` says which stage runs (k of n) with an estimate of the time the remaining stages take, from the
+stages already run; in a terminal each stage also shows the Trainer's progress bar (not in a log file, where a bar
+would write a line per update).
+"""
 
 import argparse
 import json
 import logging
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -67,10 +74,61 @@ def run_stage(name: str, module, arguments: list[str], folder: Path, position: s
     (folder / STARTED_MARKER).touch()
     logger.warning(f"[{name}] {position}{module.__name__}.py {' '.join(arguments)}")
     start = time.perf_counter()
-    metrics = module.main(arguments)
+    # The progress bar is display only: the stage's record (what decides reuse) keeps the arguments as given.
+    metrics = module.main(arguments + (["--disable_tqdm", "false"] if sys.stderr.isatty() else []))
     record = {"arguments": arguments, "seconds": time.perf_counter() - start, "metrics": metrics}
     marker.write_text(json.dumps(record, indent=2))
     return {**record, "reused": False}
 
 
-__all__ = ["STAGE_MARKER", "STARTED_MARKER", "run_stage", "start_demo"]
+class StageClock:
+    """Stage `k` of `n` and the time the stages left should take, from those already run: each stage is estimated by
+    the stages of its kind (its name up to `_seed`: `g2sd_seed1` is timed by `g2sd_seed0`), else by the mean stage.
+
+    Example:
+
+    ```python
+    >>> clock = StageClock(["generic_seed0", "g2sd_seed0", "generic_seed1", "g2sd_seed1"])
+    >>> clock.finished("generic_seed0", 120.0)
+    >>> clock.position("g2sd_seed0")
+    'stage 2/4, about 6 min left: '
+    ```
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.seconds: dict[str, list[float]] = {}
+
+    @staticmethod
+    def kind(name: str) -> str:
+        return name.split("_seed")[0]
+
+    def finished(self, name: str, seconds: float) -> None:
+        self.seconds.setdefault(self.kind(name), []).append(seconds)
+
+    def seconds_left(self, name: str) -> float | None:
+        """The estimate for `name` and the stages after it; `None` before any stage has a time."""
+        if not self.seconds:
+            return None
+        means = {kind: sum(values) / len(values) for kind, values in self.seconds.items()}
+        overall = sum(means.values()) / len(means)
+        return sum(means.get(self.kind(other), overall) for other in self.names[self.names.index(name) :])
+
+    def position(self, name: str) -> str:
+        left = self.seconds_left(name)
+        estimate = "" if left is None else f", about {max(1, round(left / 60))} min left"
+        return f"stage {self.names.index(name) + 1}/{len(self.names)}{estimate}: "
+
+
+def run_stages(planned: dict[str, tuple], stages: Path) -> dict[str, dict]:
+    """Run `planned` stages (`name -> (script module, arguments)`) in order, each in `stages / name`, saying the stage
+    number and the time left; returns each stage's record (`run_stage`)."""
+    clock, records = StageClock(list(planned)), {}
+    for name, (module, arguments) in planned.items():
+        records[name] = run_stage(name, module, arguments, stages / name, position=clock.position(name))
+        # A reused stage took no time now, but its recorded time is the best guess for the stages of its kind.
+        clock.finished(name, records[name]["seconds"])
+    return records
+
+
+__all__ = ["STAGE_MARKER", "STARTED_MARKER", "StageClock", "run_stage", "run_stages", "start_demo"]
