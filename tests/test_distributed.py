@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import ViTImageProcessor
 
+from g2sd_hf import G2SDForGenericDistillation
+
 from .conftest import tiny_mae_teacher
 from .test_examples import EXAMPLES, NORMALIZATION, TINY_STUDENT
 
@@ -121,3 +123,41 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
         assert (
             "is writing" in output and "ACCELERATE_USE_CPU=true" in output
         ) or "already holds a finished run" in output
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+    reason="accelerate CLI not installed",
+)
+def test_the_fsdp_config_launches_saves_a_loadable_student_and_says_it_falls_back_on_cpu(tmp_path):
+    """The shipped FSDP config, launched with 2 CPU processes. accelerate enables FSDP only on accelerators (GPUs):
+    on CPUs it runs plain data parallelism without a word, so the scripts say so. FSDP sharding itself needs a GPU
+    machine; here: the config is valid, the run trains and saves a checkpoint `from_pretrained` loads whole."""
+    teacher = tmp_path / "teacher"
+    tiny_mae_teacher(decoder_num_hidden_layers=4).save_pretrained(teacher)
+    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(teacher)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    launch = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(EXAMPLES / "accelerate_configs" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29518",
+    ]
+    command = generic_command(teacher, tmp_path / "fsdp", 4)
+    command[command.index("--save_strategy") + 1] = "steps"
+    run = subprocess.run([*launch, *command, "--save_steps", "4"], env=environment, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    assert (
+        "distributed True" in output and "The accelerate config asks for FSDP, but accelerate runs MULTI_CPU" in output
+    )
+    for folder in (tmp_path / "fsdp", tmp_path / "fsdp" / "checkpoint-4"):
+        student, info = G2SDForGenericDistillation.from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert len(logged_losses(tmp_path / "fsdp")) == 4

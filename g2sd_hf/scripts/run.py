@@ -288,6 +288,16 @@ def train_and_evaluate(
 
 def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train_metrics: dict | None) -> dict:
     args, metrics = trainer.args, {}
+    # FSDP, DeepSpeed, multi-GPU / multi-CPU data parallelism or none: what accelerate set up for the student.
+    distributed_type = trainer.accelerator.distributed_type.value
+    logger.warning(f"Process rank {args.process_index}: {distributed_type} training")
+    for requested, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true" and distributed_type != requested:
+            # accelerate falls back without a word: on CPUs, an FSDP config runs plain data parallelism.
+            logger.warning(
+                f"The accelerate config asks for {requested}, but accelerate runs {distributed_type} training here "
+                f"({requested} needs GPUs): the student is replicated on every process, not sharded."
+            )
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         trainer.save_model()
