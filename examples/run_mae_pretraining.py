@@ -3,8 +3,8 @@
 
 G2SD normally starts from a released MAE such as `facebook/vit-mae-base`; the demo, which runs offline, makes its own:
 
-    python examples/run_mae_pretraining.py --output_dir mae-teacher --config_overrides "image_size=128,hidden_size=192" \\
-        --num_train_epochs 20 --do_train
+    python examples/run_mae_pretraining.py --dataset_name elpv --output_dir mae-teacher \\
+        --config_overrides "image_size=128,hidden_size=192" --num_train_epochs 20 --do_train
 
 MAE's recipe: 75% masking, normalized-pixel loss, RandomResizedCrop(scale 0.2-1) + flip, AdamW (0.9, 0.95) with weight
 decay 0.05, base learning rate 1.5e-4 x batch / 256, cosine schedule with warm-up. The saved folder (model + image

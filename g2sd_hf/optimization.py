@@ -59,10 +59,12 @@ def find_encoder(model: nn.Module) -> tuple[str, int]:
 
 
 def declared_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The module of `model` that declares its optimizer groups (`no_weight_decay()` and `group_matcher()`: a G2SD
-    model, or the G2SD backbone inside a head) and its name prefix, or `None` when no module declares them."""
+    """The G2SD model inside `model` that declares its optimizer groups (`no_weight_decay()` and `group_matcher()`:
+    `model` itself, or the G2SD backbone inside a head) and its name prefix; `None` for other models."""
+    from .modeling_g2sd import G2SDPreTrainedModel  # (timm models declare groups too, in timm's own format)
+
     for name, module in model.named_modules():
-        if callable(getattr(module, "group_matcher", None)) and callable(getattr(module, "no_weight_decay", None)):
+        if isinstance(module, G2SDPreTrainedModel):
             name = _WRAPPER_PREFIXES.sub("", name)
             return (f"{name}." if name else ""), module
     return None

@@ -61,12 +61,12 @@ def hardware_description(num_processes: int, device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
+        lines = []
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as handle:
+                lines = handle.read().splitlines()
         model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in (open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else [])
-                if line.startswith("model name")
-            ),
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
             platform.processor() or platform.machine(),
         )
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -673,11 +673,15 @@ class GenericDistillationTrainer(DistillationTrainer):
         teacher_targets = self._run_teacher(pixel_values, noise, mask_ratio)  # (batch, 1 + num_patches, teacher width)
         # L_GD and its logged terms come from the model (losses.generic_distillation_loss), the one place it is computed.
         outputs = model(pixel_values=pixel_values, noise=noise, teacher_targets=teacher_targets)
-        loss = outputs.loss
+        # One value per GPU under nn.DataParallel (several GPUs without `accelerate launch`): their mean.
+        loss = outputs.loss.mean()
         if model.training:
             self._check_and_record(
                 loss,
-                {"masked_token_loss": outputs.masked_token_loss, "visible_token_loss": outputs.visible_token_loss},
+                {
+                    "masked_token_loss": outputs.masked_token_loss.mean(),
+                    "visible_token_loss": outputs.visible_token_loss.mean(),
+                },
             )
         return (loss, outputs) if return_outputs else loss
 

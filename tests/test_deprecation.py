@@ -39,3 +39,13 @@ def test_fine_tuning_arguments_refuse_a_teacher_loss(tmp_path):
     assert trainer.FineTuningArguments(str(tmp_path)).distillation_type == "none"
     with pytest.raises(ValueError, match="Fine-tuning has no teacher"):
         trainer.FineTuningArguments(str(tmp_path), distillation_type="hard")
+
+
+def test_the_teachers_mask_ratio_reads_with_a_warning_pointing_to_the_students_config():
+    from g2sd_hf import MAETeacher
+
+    from .conftest import tiny_mae_teacher
+
+    teacher = MAETeacher(tiny_mae_teacher(), target_layer=2)
+    with pytest.warns(FutureWarning, match="lives in the student's G2SDConfig.mask_ratio"):
+        assert teacher.mask_ratio == 0.75

@@ -290,7 +290,7 @@ def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train
     args, metrics = trainer.args, {}
     # FSDP, DeepSpeed, multi-GPU / multi-CPU data parallelism or none: what accelerate set up for the student.
     distributed_type = trainer.accelerator.distributed_type.value
-    logger.warning(f"Process rank {args.process_index}: {distributed_type} training")
+    logger.info(f"Process rank {args.process_index}: {distributed_type} training")
     for requested, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         if os.environ.get(flag, "false").lower() == "true" and distributed_type != requested:
             # accelerate falls back without a word: on CPUs, an FSDP config runs plain data parallelism.
