@@ -27,6 +27,12 @@ from tqdm.auto import tqdm
 # --------------------------------------------------------------------------------------------------------------------
 # CKA
 # --------------------------------------------------------------------------------------------------------------------
+def _hide_progress(accelerator) -> bool | None:
+    """tqdm's `disable`: hidden on the other processes of a distributed run; `None` (tqdm: hidden when the output is
+    not a terminal) on the main one, so that a log file does not get a line per update."""
+    return True if accelerator is not None and not accelerator.is_local_main_process else None
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two representations of the same `n` examples: `||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)` after
     centering the features (Kornblith et al., 2019).
@@ -126,9 +132,7 @@ def cka_matrix(
     # Sized from the configs (embeddings + each block), not from a first batch: with uneven sharding a process may
     # see no batch at all and must still take part in the cross-process sum.
     cka = MinibatchCKA(*(getattr(model, "module", model).config.num_hidden_layers + 1 for model in (model_a, model_b)))
-    for batch in tqdm(
-        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
-    ):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
         pixel_values = batch["pixel_values"]
         cka.update(
             layer_representations(model_a, pixel_values.to(_device(model_a)), pooling),
@@ -280,9 +284,7 @@ def occlusion_curve(
     correct = torch.zeros(len(fractions), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    for batch in tqdm(
-        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
-    ):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
         if order == "random":
@@ -341,9 +343,7 @@ def evaluate_accuracy(
     model.eval()
     device = _device(model)
     counts = torch.zeros(2, dtype=torch.float64)
-    for batch in tqdm(
-        loader, desc=description, disable=accelerator is not None and not accelerator.is_local_main_process
-    ):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
         logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         predictions = restrict_to_subset(logits, indices) if indices is not None else logits.argmax(dim=1)
         counts += torch.tensor(
