@@ -16,6 +16,8 @@ import re
 
 from torch import nn
 
+from .modeling_g2sd import G2SDPreTrainedModel
+
 
 # Within the encoder (the model's `base_model_prefix` module): G2SD's `layers.N`, ViT/ViTMAE's `layers.N` or
 # `encoder.layer.N`.
@@ -61,8 +63,7 @@ def find_encoder(model: nn.Module) -> tuple[str, int]:
 def declared_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The G2SD model inside `model` that declares its optimizer groups (`no_weight_decay()` and `group_matcher()`:
     `model` itself, or the G2SD backbone inside a head) and its name prefix; `None` for other models."""
-    from .modeling_g2sd import G2SDPreTrainedModel  # (timm models declare groups too, in timm's own format)
-
+    # G2SD models only: timm models declare groups too, in timm's own format.
     for name, module in model.named_modules():
         if isinstance(module, G2SDPreTrainedModel):
             name = _WRAPPER_PREFIXES.sub("", name)

@@ -7,6 +7,7 @@ message that says what to change, as in transformers' `examples/pytorch/*/run_*.
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 
@@ -29,11 +30,49 @@ from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
 from .run import parse_overrides
 
 
+class _DataSource:
+    """What the classification and the dense data arguments share: one source, `dataset_name` (a Hub data set or a
+    name in `named_sources`) or `train_dir`, never both and never none."""
+
+    named_sources: ClassVar[dict[str, str]]
+
+    @property
+    def source_name(self) -> str:
+        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
+        return self.dataset_name or Path(self.train_dir).resolve().name
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.train_dir is not None:
+            raise ValueError("Give either --dataset_name or --train_dir, not both.")
+        require_data_source(self.dataset_name, self.train_dir, self.named_sources)
+
+
+@dataclass
+class _EvaluationCrop:
+    """The evaluation crop, shared by both augmentations (it also sets the saved image processor)."""
+
+    eval_crop_ratio: float | None = field(
+        default=None,
+        kw_only=True,
+        metadata={
+            "help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
+            "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."
+        },
+    )
+
+    def __post_init__(self):
+        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
+            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
+
+    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
+        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Classification: data and augmentation
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class DataArguments:
+class DataArguments(_DataSource):
     """Where the images come from and how they are prepared (shared by the example scripts)."""
 
     dataset_name: str | None = field(
@@ -75,48 +114,29 @@ class DataArguments:
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the preparation."})
 
-    @property
-    def source_name(self) -> str:
-        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
-        return self.dataset_name or Path(self.train_dir).resolve().name
+    named_sources: ClassVar[dict[str, str]] = NAMED_DATA_SETS
 
     def __post_init__(self):
-        if self.dataset_name is not None and self.train_dir is not None:
-            raise ValueError("Give either --dataset_name or --train_dir, not both.")
-        require_data_source(self.dataset_name, self.train_dir, NAMED_DATA_SETS)
+        super().__post_init__()
         if self.validation_dir is not None and self.train_dir is None:
             raise ValueError("--validation_dir needs --train_dir.")
 
 
 @dataclass
-class MaskedImageAugmentationArguments:
+class MaskedImageAugmentationArguments(_EvaluationCrop):
     """Augmentation of generic distillation and MAE pre-training (the paper's)."""
 
     min_crop_scale: float = field(default=0.2, metadata={"help": "RandomResizedCrop's smallest area fraction."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
-    eval_crop_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation and the saved image processor: resize the shorter side to image_size / ratio, "
-            "then center-crop image_size. Default: the release's 224/256 up to 224 px, 1.0 above."
-        },
-    )
-
-    def __post_init__(self):
-        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
-            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
 
     def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
         return generic_distillation_transform(
             image_size, image_mean, image_std, self.min_crop_scale, self.horizontal_flip
         )
 
-    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
-        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
-
 
 @dataclass
-class ClassificationAugmentationArguments:
+class ClassificationAugmentationArguments(_EvaluationCrop):
     """Augmentation of fine-tuning and specific distillation: the release's (DeiT/MAE's, through timm's
     `create_transform`); mixup/cutmix are training arguments. Also the evaluation crop."""
 
@@ -138,13 +158,6 @@ class ClassificationAugmentationArguments:
             "choices": ["pixel", "rand", "const"],
         },
     )
-    eval_crop_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation: resize the shorter side to image_size / ratio, then center-crop image_size. "
-            "Default: the release's 224/256 up to 224 px, 1.0 above."
-        },
-    )
     positive_classes: str | None = field(
         default=None,
         metadata={
@@ -152,10 +165,6 @@ class ClassificationAugmentationArguments:
             "elpv: '2/3,1', the defective cells, by default; no binary accuracy otherwise)."
         },
     )
-
-    def __post_init__(self):
-        if self.eval_crop_ratio is not None and not 0 < self.eval_crop_ratio <= 1:
-            raise ValueError(f"--eval_crop_ratio must be in (0, 1], got {self.eval_crop_ratio} (the release: 0.875).")
 
     def train_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
         return classification_train_transform(
@@ -168,9 +177,6 @@ class ClassificationAugmentationArguments:
             random_erasing=self.random_erasing,
             random_erasing_mode=self.random_erasing_mode,
         )
-
-    def eval_transform(self, image_size: int, image_mean: Sequence[float], image_std: Sequence[float]):
-        return evaluation_transform(image_size, image_mean, image_std, self.eval_crop_ratio)
 
     def positive_class_indices(self, data_args: DataArguments, labels: Sequence[str]) -> list[int] | None:
         """Indices of `positive_classes` (ELPV: the defective classes by default); `None` for no binary accuracy."""
@@ -233,7 +239,7 @@ def prepare_splits(
 # Dense tasks: data and models
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class DenseDataArguments:
+class DenseDataArguments(_DataSource):
     """Where the dense-task images come from (shared by the dense example scripts)."""
 
     dataset_name: str | None = field(
@@ -263,15 +269,7 @@ class DenseDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
 
-    @property
-    def source_name(self) -> str:
-        """The data set's name for the model card: `dataset_name`, or the training folder's name."""
-        return self.dataset_name or Path(self.train_dir).resolve().name
-
-    def __post_init__(self):
-        if self.dataset_name is not None and self.train_dir is not None:
-            raise ValueError("Give either --dataset_name or --train_dir, not both.")
-        require_data_source(self.dataset_name, self.train_dir, NAMED_DENSE_DATA_SETS)
+    named_sources: ClassVar[dict[str, str]] = NAMED_DENSE_DATA_SETS
 
     def subsample(self, splits: datasets.DatasetDict) -> datasets.DatasetDict:
         for name, limit in (("train", self.max_train_samples), ("validation", self.max_eval_samples)):
