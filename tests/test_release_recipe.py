@@ -245,6 +245,22 @@ def test_head_initialization_of_a_new_student_and_of_the_mae_classifier():
     assert teacher.classifier.weight.std().item() == pytest.approx(2e-5, rel=0.1)
 
 
+def test_an_mae_built_to_pre_train_has_the_release_initialization():
+    # models_mae.py: Xavier-uniform linear layers (the patch projection over the flattened patch), zero biases, cls and
+    # mask tokens from N(0, 0.02); transformers draws linear layers from N(0, 0.02) and leaves the cls token at zero.
+    torch.manual_seed(0)
+    mae = tiny_mae_teacher(hidden_size=64, intermediate_size=256, decoder_hidden_size=48)
+    for name, module in [*mae.named_modules(), ("projection", mae.vit.embeddings.patch_embeddings.projection)]:
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert module.weight.abs().max().item() <= bound, name
+            assert module.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15), name
+            assert not module.bias.any(), name
+    for token in (mae.vit.embeddings.cls_token, mae.decoder.mask_token):
+        assert token.std().item() == pytest.approx(0.02, rel=0.3)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The generic-distillation teacher: a norm_pix_loss MAE
 # ---------------------------------------------------------------------------------------------------------------------
