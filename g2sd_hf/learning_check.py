@@ -7,6 +7,15 @@ trained nothing, or stayed at chance, says so in the log and in its model card i
 - A regression-style loss (generic distillation's L_GD, MAE's pixel loss) learned nothing when it did not fall
   below its first logged value.
 
+And whether a stage of the chain is too weak for the next one (`skill`: how far a balanced accuracy is from chance
+towards perfect, `(balanced - 1/K) / (1 - 1/K)`):
+
+- A specific-distillation teacher is too weak to teach when its skill on the validation split is below
+  `MIN_TEACHER_SKILL` (a third of the way from chance to perfect), or when it is no better than the student before
+  training; and the teacher was the weak stage when the student ends above it.
+- A fine-tuned classifier (the teacher-to-be) learned less than its first epoch suggests when its final skill is
+  below `MIN_TEACHER_SKILL`, or no more than `MIN_GAIN_AFTER_FIRST_EPOCH` above its skill after the first epoch.
+
 The functions are pure: they read a Trainer's `state.log_history` and metrics dictionaries and return warnings.
 """
 
@@ -23,6 +32,11 @@ CHANCE_LOSS_FRACTION = 0.95
 CHANCE_ACCURACY_MARGIN = 0.02
 # A regression loss whose final mean is above this fraction of its first value did not decrease.
 NO_PROGRESS_FRACTION = 0.95
+# A teacher whose skill is below this is barely above chance: most of its distillation targets are wrong. Every
+# teacher measured below it ended below a scratch student of the student's size (docs/recipes.md).
+MIN_TEACHER_SKILL = 1 / 3
+# Fine-tuning that ends less than this skill above where its first epoch got to stopped learning after it.
+MIN_GAIN_AFTER_FIRST_EPOCH = 0.02
 
 
 def chance_cross_entropy(num_labels: int) -> float:
@@ -143,12 +157,153 @@ def regression_training_warnings(
     ]
 
 
+def skill(balanced_accuracy: float, num_labels: int) -> float:
+    """How far a balanced accuracy is from chance towards perfect: `(balanced - 1/K) / (1 - 1/K)`, 0 at chance
+    (answering one class, or guessing), 1 when every class is recalled.
+
+    Example:
+
+    ```python
+    >>> skill(0.325, num_labels=10)  # a quarter of the way from 0.1 to 1
+    0.25
+    ```
+    """
+    chance = 1 / num_labels
+    return (balanced_accuracy - chance) / (1 - chance)
+
+
+def headline_accuracy(metrics: dict, prefix: str) -> tuple[str, float] | None:
+    """The metric the chain checks compare: `balanced_accuracy` when present (it is at chance for a model that
+    answers one class), else `accuracy`; `None` when the metrics hold neither."""
+    for name in ("balanced_accuracy", "accuracy"):
+        if f"{prefix}{name}" in metrics:
+            return name.replace("_", " "), float(metrics[f"{prefix}{name}"])
+    return None
+
+
+def _skill_phrase(name: str, value: float, num_labels: int) -> str:
+    return (
+        f"{name} {value:.3f}, {100 * skill(value, num_labels):.0f}% of the way from chance ({1 / num_labels:.3f}) to "
+        "perfect"
+    )
+
+
+def teacher_warnings(
+    teacher_metrics: dict, student_metrics: dict | None, num_labels: int, teacher_prefix: str = "teacher_eval_"
+) -> list[str]:
+    """Warn, before specific distillation, when the teacher is too weak to teach: its skill on the validation split
+    below `MIN_TEACHER_SKILL`, or no better than the student before training (`student_metrics`, prefix
+    `initial_eval_`).
+
+    Example:
+
+    ```python
+    >>> teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, None, num_labels=10)
+    ['The teacher is barely above chance: ...']
+    ```
+    """
+    teacher = headline_accuracy(teacher_metrics, teacher_prefix)
+    if teacher is None or num_labels < 2:
+        return []
+    name, value = teacher
+    fixes = (
+        "Distilling from it will likely make the student worse than training it without a teacher. Fine-tune the "
+        "teacher longer or from a longer-trained MAE (docs/your-data.md), or train with --distillation_type none."
+    )
+    warnings = []
+    if skill(value, num_labels) < MIN_TEACHER_SKILL:
+        warnings.append(
+            f"The teacher is barely above chance: {_skill_phrase(name, value, num_labels)} on the validation split "
+            f"(below {MIN_TEACHER_SKILL:.0%}). {fixes}"
+        )
+    start = headline_accuracy(student_metrics or {}, "initial_eval_")
+    if start is not None and start[0] == name and value <= start[1]:
+        warnings.append(
+            f"The teacher is no better than the student before training: {name} {value:.3f} against the student's "
+            f"{start[1]:.3f} on the validation split. {fixes}"
+        )
+    return warnings
+
+
+def weak_teacher_warnings(
+    metrics: dict, teacher_metrics: dict, prefix: str = "eval_", teacher_prefix: str = "teacher_eval_"
+) -> list[str]:
+    """Warn, after specific distillation, when the student ended above its teacher on the same validation split: the
+    teacher was the chain's weak stage, and the distillation term pulled the student towards a worse model.
+
+    Example:
+
+    ```python
+    >>> weak_teacher_warnings({"eval_balanced_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.3})
+    ['The student ended above its teacher: ...']
+    ```
+    """
+    student, teacher = headline_accuracy(metrics, prefix), headline_accuracy(teacher_metrics, teacher_prefix)
+    if student is None or teacher is None or student[0] != teacher[0] or student[1] <= teacher[1]:
+        return []
+    return [
+        f"The student ended above its teacher: {student[0]} {student[1]:.3f} against the teacher's {teacher[1]:.3f} on "
+        "the validation split. The teacher was the weak stage of the chain: its distillation targets pulled the "
+        "student towards a worse model. Compare with the same run without a teacher (--distillation_type none), and "
+        "fine-tune a stronger teacher (docs/your-data.md)."
+    ]
+
+
+def fine_tuning_warnings(metrics: dict, first_epoch_metrics: dict | None, num_labels: int, prefix: str = "eval_"):
+    """Warn when a fine-tuned classifier (a teacher-to-be) learned less than its first epoch suggests: its final skill
+    below `MIN_TEACHER_SKILL` (too weak to teach), or no more than `MIN_GAIN_AFTER_FIRST_EPOCH` above its skill after
+    the first epoch (`first_epoch_metrics`, same prefix): what the pre-trained initialization gave at once, the rest of
+    the run did not build on.
+
+    Example:
+
+    ```python
+    >>> fine_tuning_warnings({"eval_balanced_accuracy": 0.40}, {"eval_balanced_accuracy": 0.41}, num_labels=10)
+    ['The fine-tuning learned nothing after its first epoch: ...']
+    ```
+    """
+    final = headline_accuracy(metrics, prefix)
+    if final is None or num_labels < 2:
+        return []
+    name, value = final
+    causes = (
+        "Likely causes: an MAE pre-trained too briefly to give features to build on (pre-train it longer, or start "
+        "from a longer-trained one), too few fine-tuning steps for a model this size, or layer-wise lr decay holding "
+        "the pre-trained layers back (docs/your-data.md)."
+    )
+    warnings = []
+    first = headline_accuracy(first_epoch_metrics or {}, prefix)
+    if (
+        first is not None
+        and first[0] == name
+        and skill(value, num_labels) - skill(first[1], num_labels) <= (MIN_GAIN_AFTER_FIRST_EPOCH)
+    ):
+        warnings.append(
+            f"The fine-tuning learned nothing after its first epoch: {name} {value:.3f} at the end against "
+            f"{first[1]:.3f} after the first epoch. {causes}"
+        )
+    if skill(value, num_labels) < MIN_TEACHER_SKILL:
+        warnings.append(
+            f"This classifier is too weak to be a specific-distillation teacher: {_skill_phrase(name, value, num_labels)} "
+            f"(below {MIN_TEACHER_SKILL:.0%}); a student distilled from it would likely end worse than one trained "
+            f"without a teacher. {causes}"
+        )
+    return warnings
+
+
 __all__ = [
+    "MIN_GAIN_AFTER_FIRST_EPOCH",
+    "MIN_TEACHER_SKILL",
     "chance_cross_entropy",
     "classification_evaluation_warnings",
     "classification_training_warnings",
     "final_mean",
+    "fine_tuning_warnings",
+    "headline_accuracy",
     "logged_values",
     "no_step_warning",
     "regression_training_warnings",
+    "skill",
+    "teacher_warnings",
+    "weak_teacher_warnings",
 ]

@@ -12,8 +12,16 @@ import platform
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments, ViTMAEForPreTraining
+from transformers import (
+    EvalPrediction,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTMAEForPreTraining,
+)
 from transformers.utils import logging
 
 from ._deprecation import moved_names
@@ -22,8 +30,13 @@ from .hub import build_model_card
 from .learning_check import (
     classification_evaluation_warnings,
     classification_training_warnings,
+    fine_tuning_warnings,
+    headline_accuracy,
     no_step_warning,
     regression_training_warnings,
+    skill,
+    teacher_warnings,
+    weak_teacher_warnings,
 )
 from .losses import (
     hard_distillation_loss,
@@ -228,6 +241,14 @@ class SpecificDistillationArguments(RecipeArguments):
     warmup_steps: float = field(default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
     num_train_epochs: float = field(default=200.0, metadata={"help": "Training epochs (200 in G2SD)."})
     min_learning_rate: float = field(default=1e-6, metadata={"help": "Where the cosine schedule ends (1e-6 in G2SD)."})
+    chain_checks: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the teacher and the student's starting point on the validation split before distilling (and "
+            "a fine-tuning run after its first epoch), and warn when a stage is too weak for the next "
+            "(g2sd_hf.learning_check). Costs one or two passes over the validation split."
+        },
+    )
 
     def __post_init__(self):
         if self.distillation_type not in DISTILLATION_TYPES:
@@ -284,13 +305,21 @@ class RecipeTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._chain_warnings: list[str] = []
         self._training_warnings: list[str] = []
         self._evaluation_warnings: list[str] = []
+        self._evaluation_chain_warnings: list[str] = []
 
     @property
     def learning_warnings(self) -> list[str]:
-        """What the learning checks found in the last training and evaluation (empty when the run learned)."""
-        return self._training_warnings + self._evaluation_warnings
+        """What the checks found in the last training and evaluation (empty when the run learned): the learning checks,
+        and the chain's (a teacher too weak to teach, a fine-tuned classifier too weak to be one)."""
+        return (
+            self._chain_warnings
+            + self._training_warnings
+            + self._evaluation_warnings
+            + self._evaluation_chain_warnings
+        )
 
     @property
     def total_train_batch_size(self) -> int:
@@ -377,9 +406,39 @@ class RecipeTrainer(Trainer):
     def _check_evaluation(self, metrics: dict, metric_key_prefix: str) -> list[str]:
         return []
 
-    def _report(self, warnings: list[str]) -> None:
+    def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
+        """After an evaluation that learned something: is this stage too weak for the next one?"""
+        return []
+
+    def _report(self, warnings: list[str], label: str = "LEARNED NOTHING?") -> None:
         for warning in warnings:
-            logger.warning(f"LEARNED NOTHING? {warning}")
+            logger.warning(f"{label} {warning}")
+
+    def score_classifier(self, predict, dataset=None) -> dict[str, float]:
+        """Score `predict` (pixel values -> logits, e.g. the teacher, or the student before training) on `dataset`
+        (the evaluation set by default) with `compute_metrics` (top-1 accuracy without it), over every process.
+        Keys have no prefix."""
+        dataloader = self.get_eval_dataloader(dataset)
+        logits, labels = [], []
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            with torch.no_grad(), self.autocast_smart_context_manager():
+                batch_logits = predict(batch["pixel_values"]).float()
+            batch_logits, batch_labels = self.accelerator.gather_for_metrics((batch_logits, batch["labels"]))
+            logits.append(batch_logits.cpu().numpy())
+            labels.append(batch_labels.cpu().numpy())
+        logits, labels = np.concatenate(logits), np.concatenate(labels)
+        if self.compute_metrics is None:
+            return {"accuracy": float((logits.argmax(axis=-1) == labels).mean())}
+        return dict(self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
+
+    def _score_model(self, model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self.score_classifier(lambda pixel_values: model(pixel_values=pixel_values).logits)
+        finally:
+            model.train(was_training)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume the model's weights through `from_pretrained`, and refuse a checkpoint that does not fill the model.
@@ -446,6 +505,10 @@ class RecipeTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._evaluation_warnings = self._check_evaluation(metrics, metric_key_prefix)
         self._report(self._evaluation_warnings)
+        self._evaluation_chain_warnings = (
+            [] if self._evaluation_warnings else self._check_chain(metrics, metric_key_prefix)
+        )
+        self._report(self._evaluation_chain_warnings, "WEAK TEACHER?")
         return metrics
 
 
@@ -799,6 +862,8 @@ class SpecificDistillationTrainer(DistillationTrainer):
             self._accept_student_normalization(teacher, kwargs.get("processing_class"))
         super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
         self._batch_mix = self._make_batch_mix(model.config.num_labels)
+        # The teacher's and the student's starting scores on the validation split (`_check_teacher`).
+        self.teacher_metrics: dict[str, float] = {}
 
     @property
     def model_card_stage(self) -> str:
@@ -823,6 +888,35 @@ class SpecificDistillationTrainer(DistillationTrainer):
         return classification_evaluation_warnings(
             metrics, self._num_labels, f"{metric_key_prefix}_", self._learning_causes()
         )
+
+    def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
+        return weak_teacher_warnings(metrics, self.teacher_metrics, f"{metric_key_prefix}_")
+
+    # -- the chain's checks -------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        if self.teacher is not None and self.eval_dataset is not None and getattr(self.args, "chain_checks", True):
+            self._check_teacher()
+        result = super().train(*args, **kwargs)
+        result.metrics.update(self.teacher_metrics)
+        return result
+
+    def _check_teacher(self) -> None:
+        """Score the teacher and the student as it starts on the validation split (`teacher_metrics`, logged, and in
+        the training metrics), and warn when the teacher is too weak to teach (`learning_check.teacher_warnings`)."""
+        teacher = self.score_classifier(self._run_teacher)
+        initial = self._score_model(self.model)
+        self.teacher_metrics = {
+            **{f"teacher_eval_{key}": value for key, value in teacher.items()},
+            **{f"initial_eval_{key}": value for key, value in initial.items()},
+        }
+        shown = [
+            f"{who} {found[0]} {found[1]:.3f} ({100 * skill(found[1], self._num_labels):.0f}% of the way from chance)"
+            for who, prefix in (("teacher", "teacher_eval_"), ("student before training", "initial_eval_"))
+            if (found := headline_accuracy(self.teacher_metrics, prefix)) is not None
+        ]
+        logger.info(f"On the validation split before distilling: {'; '.join(shown)}.")
+        self._chain_warnings = teacher_warnings(self.teacher_metrics, self.teacher_metrics, self._num_labels)
+        self._report(self._chain_warnings, "WEAK TEACHER?")
 
     def _card_hyperparameters(self) -> dict:
         args = self.args
@@ -907,6 +1001,43 @@ class FineTuningTrainer(SpecificDistillationTrainer):
         if args is None:
             args = FineTuningArguments(output_dir="fine-tuning")
         super().__init__(model, teacher=None, args=args, **kwargs)
+        # The validation scores after the first epoch (`_FirstEpochScore`), for `learning_check.fine_tuning_warnings`.
+        self.first_epoch_metrics: dict[str, float] = {}
+        if self.eval_dataset is not None and getattr(self.args, "chain_checks", True):
+            self.add_callback(_FirstEpochScore(self))
+
+    def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
+        """How far above chance the classifier got (`{prefix}_skill`, logged) and, after training, whether it learned
+        less than its first epoch suggests (`learning_check.fine_tuning_warnings`)."""
+        prefix = f"{metric_key_prefix}_"
+        found = headline_accuracy(metrics, prefix)
+        if found is None:
+            return []
+        metrics[f"{prefix}skill"] = skill(found[1], self._num_labels)
+        logger.info(
+            f"The classifier's {found[0]} is {found[1]:.3f}: {100 * metrics[f'{prefix}skill']:.0f}% of the way from "
+            f"chance ({1 / self._num_labels:.3f}) to perfect."
+        )
+        trained = self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps
+        if not trained or not getattr(self.args, "chain_checks", True):
+            return []
+        first = {f"{prefix}{key}": value for key, value in self.first_epoch_metrics.items()}
+        return fine_tuning_warnings(metrics, first, self._num_labels, prefix)
+
+
+class _FirstEpochScore(TrainerCallback):
+    """Scores the model on the validation split at the end of the first epoch of a longer run (every process takes
+    part; nothing is logged to the Trainer's history)."""
+
+    def __init__(self, trainer: FineTuningTrainer):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if not self.trainer.first_epoch_metrics and state.num_train_epochs > 1 and state.global_step < state.max_steps:
+            self.trainer.first_epoch_metrics = self.trainer._score_model(self.trainer.model_wrapped)
+            found = headline_accuracy(self.trainer.first_epoch_metrics, "")
+            if found is not None:
+                logger.info(f"After the first epoch: validation {found[0]} {found[1]:.3f}.")
 
 
 def check_specific_distillation_pair(student: PreTrainedModel, teacher: ClassificationTeacher) -> None:

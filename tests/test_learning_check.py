@@ -13,8 +13,12 @@ from g2sd_hf.learning_check import (
     chance_cross_entropy,
     classification_evaluation_warnings,
     classification_training_warnings,
+    fine_tuning_warnings,
     no_step_warning,
     regression_training_warnings,
+    skill,
+    teacher_warnings,
+    weak_teacher_warnings,
 )
 from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.recipes import RECIPES, recipe_defaults
@@ -65,6 +69,47 @@ def test_a_loss_that_does_not_decrease_is_reported():
     )
     assert regression_training_warnings(history("loss", [1.0, 0.7, 0.5, 0.4]), "loss") == []
     assert no_step_warning(0) and no_step_warning(3) == []
+
+
+def test_skill_is_the_distance_from_chance_towards_perfect():
+    assert skill(0.1, 10) == pytest.approx(0.0) and skill(1.0, 10) == pytest.approx(1.0)
+    assert skill(0.325, 10) == pytest.approx(0.25) and skill(0.75, 2) == pytest.approx(0.5)
+
+
+def test_a_teacher_barely_above_chance_or_below_the_student_is_reported():
+    # The unseen set of issue 17: a teacher at 0.29 on 10 classes is 21% of the way from chance.
+    (barely,) = teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, None, 10)
+    assert "barely above chance" in barely and "21% of the way" in barely and "--distillation_type none" in barely
+    # The shipped ELPV teacher (two classes, balanced accuracy 0.754) teaches.
+    assert (
+        teacher_warnings({"teacher_eval_balanced_accuracy": 0.754}, {"initial_eval_balanced_accuracy": 0.5}, 2) == []
+    )
+    # A student that starts above its teacher (a fine-tuned classifier given as the student).
+    metrics = {"teacher_eval_balanced_accuracy": 0.70, "initial_eval_balanced_accuracy": 0.72}
+    (below,) = teacher_warnings(metrics, metrics, 2)
+    assert "no better than the student before training" in below and "0.700" in below and "0.720" in below
+    # Without balanced accuracy, plain accuracy; with neither, no check.
+    assert teacher_warnings({"teacher_eval_accuracy": 0.12}, None, 10)
+    assert teacher_warnings({"teacher_eval_loss": 9.0}, None, 10) == []
+
+
+def test_a_student_that_ends_above_its_teacher_names_the_teacher_as_the_weak_stage():
+    (warning,) = weak_teacher_warnings({"eval_balanced_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.3})
+    assert "ended above its teacher" in warning and "0.600" in warning and "0.300" in warning
+    assert weak_teacher_warnings({"eval_balanced_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.8}) == []
+    # Different metrics are not compared.
+    assert weak_teacher_warnings({"eval_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.3}) == []
+
+
+def test_a_fine_tuning_that_stalls_after_its_first_epoch_or_ends_too_weak_is_reported():
+    stalled, weak = fine_tuning_warnings({"eval_balanced_accuracy": 0.31}, {"eval_balanced_accuracy": 0.30}, 10)
+    assert "nothing after its first epoch" in stalled and "0.310" in stalled and "0.300" in stalled
+    assert "too weak to be a specific-distillation teacher" in weak and "23% of the way" in weak
+    # Learned after the first epoch, and strong enough: nothing to say.
+    assert fine_tuning_warnings({"eval_balanced_accuracy": 0.86}, {"eval_balanced_accuracy": 0.40}, 10) == []
+    # Strong at once and still better at the end: fine; no first-epoch score: only the final skill counts.
+    assert fine_tuning_warnings({"eval_balanced_accuracy": 0.93}, {"eval_balanced_accuracy": 0.90}, 10) == []
+    assert fine_tuning_warnings({"eval_balanced_accuracy": 0.86}, None, 10) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

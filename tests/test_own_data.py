@@ -1,0 +1,135 @@
+"""The chain on a user's own folder, with data nobody tuned for: generated shapes drawn with PIL, tiny models, the
+README's `--recipe small-data`. The fine-tuned teacher must beat chance by a margin, and the chain's checks must name a
+teacher too weak to teach (issue 17)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import ViTImageProcessor
+
+from g2sd_hf.learning_check import MIN_TEACHER_SKILL, skill
+from g2sd_hf.synthetic import write_classification_folder
+
+from .conftest import tiny_classifier_teacher, tiny_mae_teacher
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import run_finetune_teacher  # noqa: E402
+import run_specific  # noqa: E402
+
+
+CLASSES = ("circle", "cross", "ring")
+NUM_CLASSES = len(CLASSES)
+NORMALIZATION = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+STUDENT = "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Circles, crosses and rings of random size, color and rotation on textured backgrounds, 32 px."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_classification_folder(root / "train", "shapes", 192, image_size=32, seed=0, classes=CLASSES)
+    write_classification_folder(root / "validation", "shapes", 96, image_size=32, seed=1, classes=CLASSES)
+    return root
+
+
+def test_generated_images_are_a_pure_function_of_their_index_and_a_written_folder_is_never_overwritten(shapes):
+    from g2sd_hf.synthetic import make_classification_example
+
+    first, label = make_classification_example("digits", 13, image_size=32, seed=0)
+    again, same_label = make_classification_example("digits", 13, image_size=32, seed=0)
+    other, _ = make_classification_example("digits", 13, image_size=32, seed=1)
+    assert (first.size, label) == ((32, 32), 3) and same_label == label
+    assert first.tobytes() == again.tobytes() and first.tobytes() != other.tobytes()
+    assert sorted(path.name for path in (shapes / "train").iterdir()) == sorted(CLASSES)
+    assert sum(1 for _ in (shapes / "train").rglob("*.png")) == 192
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_classification_folder(shapes / "train", "shapes", 3, classes=CLASSES)
+    with pytest.raises(ValueError, match="'hexagon'"):
+        write_classification_folder(shapes / "new", "shapes", 3, classes=("circle", "hexagon"))
+
+
+def run_arguments(data: Path, output_dir: Path, epochs: int, **extra) -> list[str]:
+    arguments = {
+        "train_dir": data / "train",
+        "validation_dir": data / "validation",
+        "output_dir": output_dir,
+        "recipe": "small-data",
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 4,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "do_train": True,
+        "do_eval": True,
+        **extra,
+    }
+    return [f"--{name}={value}" for name, value in arguments.items()]
+
+
+@pytest.fixture(scope="module")
+def teacher(shapes, tmp_path_factory):
+    """`run_finetune_teacher.py` from a tiny MAE, on the generated folder."""
+    root = tmp_path_factory.mktemp("teacher")
+    tiny_mae_teacher().save_pretrained(root / "mae")
+    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(root / "mae")
+    metrics = run_finetune_teacher.main(
+        run_arguments(shapes, root / "classifier", epochs=20, mae_name_or_path=root / "mae")
+    )
+    return root / "classifier", metrics
+
+
+def test_the_fine_tuned_teacher_beats_chance_by_a_margin_and_says_how_far(teacher):
+    _, metrics = teacher
+    assert metrics["eval_balanced_accuracy"] > 1 / NUM_CLASSES + 0.25
+    assert metrics["eval_skill"] == pytest.approx(skill(metrics["eval_balanced_accuracy"], NUM_CLASSES))
+    assert metrics["eval_skill"] >= MIN_TEACHER_SKILL and metrics["learning_warnings"] == []
+
+
+def test_distilling_from_it_scores_the_teacher_first_without_a_warning(shapes, teacher, tmp_path):
+    classifier, teacher_metrics = teacher
+    metrics = run_specific.main(
+        run_arguments(
+            shapes,
+            tmp_path / "student",
+            epochs=2,
+            teacher_name_or_path=classifier,
+            config_overrides=f"image_size=32,patch_size=8,{STUDENT}",
+            layer_decay=1.0,
+        )
+    )
+    # The teacher's score before training is the one its own run measured on the same images.
+    assert metrics["teacher_eval_balanced_accuracy"] == pytest.approx(teacher_metrics["eval_balanced_accuracy"])
+    assert "initial_eval_balanced_accuracy" in metrics
+    assert json.loads((tmp_path / "student" / "train_results.json").read_text())["teacher_eval_accuracy"] > 0
+    assert not any("teacher" in warning for warning in metrics["learning_warnings"])
+
+
+def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(shapes, tmp_path, caplog):
+    random_teacher = tiny_classifier_teacher(num_labels=NUM_CLASSES)
+    random_teacher.config.id2label = dict(enumerate(CLASSES))
+    random_teacher.config.label2id = {name: index for index, name in random_teacher.config.id2label.items()}
+    random_teacher.save_pretrained(tmp_path / "random_teacher")
+    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(tmp_path / "random_teacher")
+
+    metrics = run_specific.main(
+        run_arguments(
+            shapes,
+            tmp_path / "student",
+            epochs=4,
+            teacher_name_or_path=tmp_path / "random_teacher",
+            config_overrides=f"image_size=32,patch_size=8,{STUDENT}",
+            layer_decay=1.0,
+        )
+    )
+    warnings = metrics["learning_warnings"]
+    assert any("teacher is barely above chance" in warning for warning in warnings)
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "teacher too weak to teach" in card and "barely above chance" in card
+    assert json.loads((tmp_path / "student" / "learning_warnings.json").read_text()) == warnings
