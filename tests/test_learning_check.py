@@ -8,7 +8,12 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from g2sd_hf import G2SDForImageClassification, SpecificDistillationArguments, SpecificDistillationTrainer
+from g2sd_hf import (
+    FineTuningArguments,
+    G2SDForImageClassification,
+    SpecificDistillationArguments,
+    SpecificDistillationTrainer,
+)
 from g2sd_hf.learning_check import (
     chance_cross_entropy,
     classification_evaluation_warnings,
@@ -202,6 +207,17 @@ def test_small_data_recipe_sets_defaults_that_flags_override(tmp_path):
     assert training.cutmix_alpha == 0.5  # given explicitly
     assert (augmentation.auto_augment, augmentation.random_erasing) == ("none", 0.0)
     assert augmentation.min_crop_scale == RECIPES["small-data"]["min_crop_scale"]
+
+
+def test_small_data_specific_distillation_has_no_layer_decay_but_the_teacher_fine_tuning_keeps_it(tmp_path):
+    arguments = ["--dataset_name", "elpv", "--output_dir", str(tmp_path), "--recipe", "small-data"]
+    *_, student = parse_arguments(SPECIFIC_DATACLASSES, arguments)
+    *_, teacher = parse_arguments((DataArguments, ClassificationAugmentationArguments, FineTuningArguments), arguments)
+    assert (student.layer_decay, teacher.layer_decay) == (1.0, 0.75)
+    *_, release = parse_arguments(SPECIFIC_DATACLASSES, arguments[:-2])
+    assert release.layer_decay == 0.75
+    *_, given = parse_arguments(SPECIFIC_DATACLASSES, [*arguments, "--layer_decay", "0.65"])
+    assert given.layer_decay == 0.65
 
 
 def test_recipes_from_a_json_file_and_unknown_names(tmp_path):

@@ -31,20 +31,22 @@ def parse_arguments(dataclass_types: Sequence[type], args: Sequence[str] | None 
     """Parse dataclasses from the command line, or from a single `.json` / `.yaml` file given as the only argument.
 
     `--recipe NAME` (a field of the training arguments) first sets the defaults of the named recipe
-    (`g2sd_hf.recipes`); flags given explicitly override them.
+    (`g2sd_hf.recipes`, for the stage named by the last dataclass, the training arguments); flags given explicitly
+    override them.
     """
     parser = HfArgumentParser(dataclass_types)
     field_names = [field.name for dataclass_type in dataclass_types for field in dataclasses.fields(dataclass_type)]
+    stage = dataclass_types[-1].__name__  # the training arguments: a recipe's values can differ by stage
     args = list(sys.argv[1:] if args is None else args)
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
         text = Path(args[0]).read_text()
         values = json.loads(text) if args[0].endswith(".json") else yaml.safe_load(text)
-        defaults = recipe_defaults(values.get("recipe", DEFAULT_RECIPE), field_names)
+        defaults = recipe_defaults(values.get("recipe", DEFAULT_RECIPE), field_names, stage)
         return parser.parse_dict({**defaults, **values})
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--recipe", default=DEFAULT_RECIPE)
     recipe = peek.parse_known_args(args)[0].recipe
-    parser.set_defaults(**recipe_defaults(recipe, field_names))
+    parser.set_defaults(**recipe_defaults(recipe, field_names, stage))
     return parser.parse_args_into_dataclasses(args=args)
 
 
