@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--mae_epochs", type=float, default=100)
     parser.add_argument("--teacher_epochs", type=float, default=10)
-    parser.add_argument("--generic_epochs", type=float, default=20)
+    parser.add_argument("--generic_epochs", type=float, default=50)
     parser.add_argument("--specific_epochs", type=float, default=10)
     args = parser.parse_args()
 

@@ -432,6 +432,11 @@ class RecipeTrainer(Trainer):
             return {"accuracy": float((logits.argmax(axis=-1) == labels).mean())}
         return dict(self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)))
 
+    @property
+    def _single_eval_dataset(self) -> bool:
+        """One evaluation set (not none, not a dict of several): what the chain checks score on."""
+        return self.eval_dataset is not None and not isinstance(self.eval_dataset, dict)
+
     def _score_model(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
@@ -894,7 +899,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
 
     # -- the chain's checks -------------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
-        if self.teacher is not None and self.eval_dataset is not None and getattr(self.args, "chain_checks", True):
+        if self.teacher is not None and self._single_eval_dataset and getattr(self.args, "chain_checks", True):
             self._check_teacher()
         result = super().train(*args, **kwargs)
         result.metrics.update(self.teacher_metrics)
@@ -1003,7 +1008,7 @@ class FineTuningTrainer(SpecificDistillationTrainer):
         super().__init__(model, teacher=None, args=args, **kwargs)
         # The validation scores after the first epoch (`_FirstEpochScore`), for `learning_check.fine_tuning_warnings`.
         self.first_epoch_metrics: dict[str, float] = {}
-        if self.eval_dataset is not None and getattr(self.args, "chain_checks", True):
+        if self._single_eval_dataset and getattr(self.args, "chain_checks", True):
             self.add_callback(_FirstEpochScore(self))
 
     def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
