@@ -6,8 +6,8 @@ docs/recipes.md ("Teacher fine-tuning on a small data set"). Run by hand; one ru
 
 Each stage is the example script with `--recipe small-data` and nothing else but sizes and step counts: an MAE
 (96-d x 6, decoder 64-d x 2), its encoder fine-tuned into the teacher, generic distillation into a 48-d x 4 student,
-specific distillation from the teacher, and the same student from scratch. Prints the balanced accuracy of each and
-the chain's warnings.
+specific distillation from the teacher, and, inside that run (the small-data recipe's `scratch_baseline`), the same
+student from scratch. Prints the balanced accuracy of each and the chain's warnings.
 """
 
 import argparse
@@ -80,10 +80,6 @@ def main() -> None:
         "run_finetune_teacher.py", runs / "teacher", common, "--do_eval",
         "--mae_name_or_path", str(runs / "mae"), "--num_train_epochs", str(args.teacher_epochs),
     )  # fmt: skip
-    results["scratch"] = run(
-        "run_specific.py", runs / "scratch", common, "--do_eval", "--distillation_type", "none",
-        "--config_overrides", f"{geometry},{STUDENT}", "--num_train_epochs", str(args.specific_epochs),
-    )  # fmt: skip
     results["generic"] = run(
         "run_generic.py", runs / "generic", common, "--teacher_name_or_path", str(runs / "mae"), "--target_layer", "2",
         "--config_overrides", f"{geometry},{STUDENT},{GD_DECODER}", "--num_train_epochs", str(args.generic_epochs),
@@ -99,10 +95,17 @@ def main() -> None:
     for name, (metrics, seconds) in results.items():
         accuracy = metrics.get("eval_balanced_accuracy")
         shown = f"{accuracy:.3f}" if accuracy is not None else "-"
-        if name == "g2sd" and "teacher_eval_balanced_accuracy" in metrics:
-            shown += f" (teacher before distilling {metrics['teacher_eval_balanced_accuracy']:.3f})"
-        warnings = " / ".join(warning.split(":")[0] for warning in metrics.get("warnings", [])) or "-"
+        for key, label in (("teacher_eval_", "teacher before distilling"), ("scratch_eval_", "scratch baseline")):
+            if f"{key}balanced_accuracy" in metrics:
+                shown += f" ({label} {metrics[f'{key}balanced_accuracy']:.3f})"
+        warnings = " / ".join(short_warning(warning) for warning in metrics.get("warnings", [])) or "-"
         print(f"| {name} | {shown} | {seconds:.0f} | {warnings} |")
+
+
+def short_warning(warning: str) -> str:
+    """The finding and, when the warning names one, the weak stage."""
+    weak = warning.split("The weak stage is ")[1].split(":")[0] if "The weak stage is " in warning else None
+    return warning.split(":")[0] + (f" (weak stage: {weak})" if weak else "")
 
 
 if __name__ == "__main__":

@@ -302,10 +302,13 @@ def stage_arguments(scale: DemoScale, stages: Path, mae_teacher: Path, teacher_c
         generic = stages / f"generic_seed{seed}"
 
         def specific(name, seed=seed):
+            # The demo trains the scratch student as a stage of its own, for every seed: no scratch baseline inside.
             return common_arguments(scale, stages / f"{name}_seed{seed}", scale.specific_epochs, seed) + [
                 "--do_eval",
                 "--min_crop_scale",
                 str(scale.min_crop_scale),
+                "--scratch_baseline",
+                "false",
             ]
 
         stages_to_run.update(

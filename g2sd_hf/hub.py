@@ -94,7 +94,7 @@ A **G2SD student** ({{ architecture }}, {{ parameters }} parameters) from {{ sta
 
 This checkpoint is {{ summary }}
 {% if warnings %}
-## Warning: this run may have learned nothing, or from a teacher too weak to teach
+## Warning: this run may have learned nothing, or built on a stage too weak to build on
 
 The training checks of `g2sd_hf` found:
 

@@ -13,6 +13,9 @@ towards perfect, `(balanced - 1/K) / (1 - 1/K)`):
 - A specific-distillation teacher is too weak to teach when its skill on the validation split is below
   `MIN_TEACHER_SKILL` (a third of the way from chance to perfect), or when it is no better than the student before
   training; and the teacher was the weak stage when the student ends above it.
+- A distilled student that ends below the scratch baseline (the same student trained from a random initialization,
+  same recipe, no teacher) names the weak stage: the teacher when it is no better than that baseline, else the
+  student's starting point (its generic distillation).
 - A fine-tuned classifier (the teacher-to-be) learned less than its first epoch suggests when its final skill is
   below `MIN_TEACHER_SKILL`, or no more than `MIN_GAIN_AFTER_FIRST_EPOCH` above its skill after the first epoch.
 
@@ -181,28 +184,35 @@ def headline_accuracy(metrics: dict, prefix: str) -> tuple[str, float] | None:
     return None
 
 
-def _skill_phrase(name: str, value: float, num_labels: int) -> str:
+def skill_phrase(name: str, value: float, num_labels: int) -> str:
+    """A score and its skill in words, as the logs and warnings write them.
+
+    Example:
+
+    ```python
+    >>> skill_phrase("balanced accuracy", 0.325, num_labels=10)
+    'balanced accuracy 0.325, 25% of the way from chance (0.100) to perfect'
+    ```
+    """
     return (
         f"{name} {value:.3f}, {100 * skill(value, num_labels):.0f}% of the way from chance ({1 / num_labels:.3f}) to "
         "perfect"
     )
 
 
-def teacher_warnings(
-    teacher_metrics: dict, student_metrics: dict | None, num_labels: int, teacher_prefix: str = "teacher_eval_"
-) -> list[str]:
+def teacher_warnings(metrics: dict, num_labels: int) -> list[str]:
     """Warn, before specific distillation, when the teacher is too weak to teach: its skill on the validation split
-    below `MIN_TEACHER_SKILL`, or no better than the student before training (`student_metrics`, prefix
-    `initial_eval_`).
+    (`teacher_eval_*` in `metrics`) below `MIN_TEACHER_SKILL`, or no better than the student before training
+    (`initial_eval_*`, when present).
 
     Example:
 
     ```python
-    >>> teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, None, num_labels=10)
+    >>> teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, num_labels=10)
     ['The teacher is barely above chance: ...']
     ```
     """
-    teacher = headline_accuracy(teacher_metrics, teacher_prefix)
+    teacher = headline_accuracy(metrics, "teacher_eval_")
     if teacher is None or num_labels < 2:
         return []
     name, value = teacher
@@ -213,10 +223,10 @@ def teacher_warnings(
     warnings = []
     if skill(value, num_labels) < MIN_TEACHER_SKILL:
         warnings.append(
-            f"The teacher is barely above chance: {_skill_phrase(name, value, num_labels)} on the validation split "
+            f"The teacher is barely above chance: {skill_phrase(name, value, num_labels)} on the validation split "
             f"(below {MIN_TEACHER_SKILL:.0%}). {fixes}"
         )
-    start = headline_accuracy(student_metrics or {}, "initial_eval_")
+    start = headline_accuracy(metrics, "initial_eval_")
     if start is not None and start[0] == name and value <= start[1]:
         warnings.append(
             f"The teacher is no better than the student before training: {name} {value:.3f} against the student's "
@@ -247,6 +257,89 @@ def weak_teacher_warnings(
         "student towards a worse model. Compare with the same run without a teacher (--distillation_type none), and "
         "fine-tune a stronger teacher (docs/your-data.md)."
     ]
+
+
+def comparison_noise(first: float, second: float, num_images: int) -> float:
+    """About one standard error of the difference between two accuracies measured on the same `num_images` images,
+    `sqrt(2 p (1 - p) / n)` with `p` their mean: differences within it are what another seed or split could give.
+
+    Example:
+
+    ```python
+    >>> round(comparison_noise(0.45, 0.45, num_images=600), 3)
+    0.029
+    ```
+    """
+    mean = (first + second) / 2
+    return math.sqrt(2 * mean * (1 - mean) / max(num_images, 1))
+
+
+def scratch_baseline_warnings(
+    metrics: dict,
+    teacher_metrics: dict,
+    scratch_metrics: dict,
+    num_images: int,
+    student_checkpoint: str | None = None,
+    prefix: str = "eval_",
+) -> list[str]:
+    """Warn, after specific distillation, when the student ended below the same student trained from scratch without
+    a teacher (`scratch_eval_*` in `scratch_metrics`, the scratch baseline) by more than `comparison_noise` on the
+    `num_images` validation images, and name the weak stage:
+
+    - the teacher, when it is no better than the scratch student (`teacher_eval_*` in `teacher_metrics`);
+    - else the student's starting point: its checkpoint (`student_checkpoint`, a generic distillation too short to
+      build on) or, for a student that started from a random initialization, distillation at this budget.
+
+    Example:
+
+    ```python
+    >>> scratch_baseline_warnings(
+    ...     {"eval_balanced_accuracy": 0.377},
+    ...     {"teacher_eval_balanced_accuracy": 0.500},
+    ...     {"scratch_eval_balanced_accuracy": 0.453},
+    ...     num_images=600,
+    ...     student_checkpoint="shapes-gd",
+    ... )
+    ['The student ended below the same student trained from scratch: ... its generic distillation (shapes-gd) ...']
+    ```
+    """
+    student, scratch = headline_accuracy(metrics, prefix), headline_accuracy(scratch_metrics, "scratch_eval_")
+    if student is None or scratch is None or student[0] != scratch[0]:
+        return []
+    noise = comparison_noise(student[1], scratch[1], num_images)
+    if student[1] >= scratch[1] - noise:
+        return []
+    name = student[0]
+    finding = (
+        f"The student ended below the same student trained from scratch: {name} {student[1]:.3f} against the scratch "
+        f"baseline's {scratch[1]:.3f} on the {num_images} validation images (more than the {noise:.3f} two runs can "
+        "differ by chance; the baseline has the same recipe and steps, a random initialization and no teacher)."
+    )
+    teacher = headline_accuracy(teacher_metrics, "teacher_eval_")
+    if teacher is None or teacher[0] != name:
+        weak = (
+            "unknown, the teacher or the student's initialization: the teacher was not scored (--chain_checks false). "
+            "Rerun with --chain_checks true to have it named."
+        )
+    elif teacher[1] <= scratch[1]:
+        weak = (
+            f"the teacher: at {teacher[1]:.3f} it is no better than the scratch student, so its targets cannot lift "
+            "the student above it. Fine-tune the teacher longer or from a longer-trained MAE (on small data, an MAE of "
+            "about 1,000 optimizer steps or more; docs/your-data.md), or keep the scratch student."
+        )
+    elif student_checkpoint:
+        weak = (
+            f"the student's starting point, its generic distillation ({student_checkpoint}): the teacher "
+            f"({teacher[1]:.3f}) is above the scratch student, yet the student distilled from that checkpoint ended "
+            "below it. Give the generic distillation about as many optimizer steps as the MAE had (docs/your-data.md)."
+        )
+    else:
+        weak = (
+            f"the distillation at this budget: the student started from a random initialization like the baseline and "
+            f"its teacher ({teacher[1]:.3f}) is above the scratch student, yet learning from both slowed it down. "
+            "Train longer, start from a generic distillation (--student_name_or_path), or keep the scratch student."
+        )
+    return [f"{finding} The weak stage is {weak}"]
 
 
 def fine_tuning_warnings(metrics: dict, first_epoch_metrics: dict | None, num_labels: int, prefix: str = "eval_"):
@@ -284,7 +377,7 @@ def fine_tuning_warnings(metrics: dict, first_epoch_metrics: dict | None, num_la
         )
     if skill(value, num_labels) < MIN_TEACHER_SKILL:
         warnings.append(
-            f"This classifier is too weak to be a specific-distillation teacher: {_skill_phrase(name, value, num_labels)} "
+            f"This classifier is too weak to be a specific-distillation teacher: {skill_phrase(name, value, num_labels)} "
             f"(below {MIN_TEACHER_SKILL:.0%}); a student distilled from it would likely end worse than one trained "
             f"without a teacher. {causes}"
         )
@@ -297,13 +390,16 @@ __all__ = [
     "chance_cross_entropy",
     "classification_evaluation_warnings",
     "classification_training_warnings",
+    "comparison_noise",
     "final_mean",
     "fine_tuning_warnings",
     "headline_accuracy",
     "logged_values",
     "no_step_warning",
     "regression_training_warnings",
+    "scratch_baseline_warnings",
     "skill",
+    "skill_phrase",
     "teacher_warnings",
     "weak_teacher_warnings",
 ]

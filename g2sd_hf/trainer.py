@@ -7,8 +7,11 @@ else (gradient accumulation, mixed precision, gradient checkpointing, checkpoint
 runs under `accelerate launch`) is the Trainer's own.
 """
 
+import copy
+import dataclasses
 import os
 import platform
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -21,6 +24,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
     ViTMAEForPreTraining,
+    set_seed,
 )
 from transformers.utils import logging
 
@@ -34,7 +38,9 @@ from .learning_check import (
     headline_accuracy,
     no_step_warning,
     regression_training_warnings,
+    scratch_baseline_warnings,
     skill,
+    skill_phrase,
     teacher_warnings,
     weak_teacher_warnings,
 )
@@ -249,6 +255,15 @@ class SpecificDistillationArguments(RecipeArguments):
             "(g2sd_hf.learning_check). Costs one or two passes over the validation split."
         },
     )
+    scratch_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "After distilling, train the same student from a random initialization with the same recipe and "
+            "steps but no teacher (and no layer-wise lr decay), score it on the validation split (scratch_eval_*), "
+            "and warn, naming the weak stage, when the distilled student ended below it. Doubles the training time "
+            "of a small student; on by default in --recipe small-data. Needs a teacher and one evaluation set."
+        },
+    )
 
     def __post_init__(self):
         if self.distillation_type not in DISTILLATION_TYPES:
@@ -407,7 +422,7 @@ class RecipeTrainer(Trainer):
         return []
 
     def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
-        """After an evaluation that learned something: is this stage too weak for the next one?"""
+        """After an evaluation of the evaluation set: is this stage too weak for the next one?"""
         return []
 
     def _report(self, warnings: list[str], label: str = "LEARNED NOTHING?") -> None:
@@ -510,10 +525,10 @@ class RecipeTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         self._evaluation_warnings = self._check_evaluation(metrics, metric_key_prefix)
         self._report(self._evaluation_warnings)
-        self._evaluation_chain_warnings = (
-            [] if self._evaluation_warnings else self._check_chain(metrics, metric_key_prefix)
-        )
-        self._report(self._evaluation_chain_warnings, "WEAK TEACHER?")
+        # The chain's scores before training were taken on the evaluation set: compare only with an evaluation of it.
+        same_set = eval_dataset is None or eval_dataset is self.eval_dataset
+        self._evaluation_chain_warnings = self._check_chain(metrics, metric_key_prefix) if same_set else []
+        self._report(self._evaluation_chain_warnings, "WEAK STAGE?")
         return metrics
 
 
@@ -867,8 +882,10 @@ class SpecificDistillationTrainer(DistillationTrainer):
             self._accept_student_normalization(teacher, kwargs.get("processing_class"))
         super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
         self._batch_mix = self._make_batch_mix(model.config.num_labels)
-        # The teacher's and the student's starting scores on the validation split (`_check_teacher`).
+        # The teacher's and the student's starting scores on the validation split (`_check_teacher`), and the scratch
+        # baseline's (`train_scratch_baseline`).
         self.teacher_metrics: dict[str, float] = {}
+        self.scratch_metrics: dict[str, float] = {}
 
     @property
     def model_card_stage(self) -> str:
@@ -895,14 +912,24 @@ class SpecificDistillationTrainer(DistillationTrainer):
         )
 
     def _check_chain(self, metrics: dict, metric_key_prefix: str) -> list[str]:
-        return weak_teacher_warnings(metrics, self.teacher_metrics, f"{metric_key_prefix}_")
+        prefix = f"{metric_key_prefix}_"
+        warnings = weak_teacher_warnings(metrics, self.teacher_metrics, prefix)
+        if self.scratch_metrics:
+            student_checkpoint = self.accelerator.unwrap_model(self.model).name_or_path or None  # "": built new
+            warnings += scratch_baseline_warnings(
+                metrics, self.teacher_metrics, self.scratch_metrics, len(self.eval_dataset), student_checkpoint, prefix
+            )
+        return warnings
 
     # -- the chain's checks -------------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
-        if self.teacher is not None and self._single_eval_dataset and getattr(self.args, "chain_checks", True):
+        chain = self.teacher is not None and self._single_eval_dataset
+        if chain and getattr(self.args, "chain_checks", True):
             self._check_teacher()
         result = super().train(*args, **kwargs)
-        result.metrics.update(self.teacher_metrics)
+        if chain and getattr(self.args, "scratch_baseline", False) and self.state.global_step > 0:
+            self.scratch_metrics = self.train_scratch_baseline()
+        result.metrics.update({**self.teacher_metrics, **self.scratch_metrics})
         return result
 
     def _check_teacher(self) -> None:
@@ -915,13 +942,54 @@ class SpecificDistillationTrainer(DistillationTrainer):
             **{f"initial_eval_{key}": value for key, value in initial.items()},
         }
         shown = [
-            f"{who} {found[0]} {found[1]:.3f} ({100 * skill(found[1], self._num_labels):.0f}% of the way from chance)"
+            f"{who} {skill_phrase(*found, self._num_labels)}"
             for who, prefix in (("teacher", "teacher_eval_"), ("student before training", "initial_eval_"))
             if (found := headline_accuracy(self.teacher_metrics, prefix)) is not None
         ]
         logger.info(f"On the validation split before distilling: {'; '.join(shown)}.")
-        self._chain_warnings = teacher_warnings(self.teacher_metrics, self.teacher_metrics, self._num_labels)
-        self._report(self._chain_warnings, "WEAK TEACHER?")
+        self._chain_warnings = teacher_warnings(self.teacher_metrics, self._num_labels)
+        self._report(self._chain_warnings, "WEAK STAGE?")
+
+    def train_scratch_baseline(self) -> dict[str, float]:
+        """Train the same student from a random initialization (seeded with `args.seed`) with the same recipe, data
+        and steps, without a teacher and without layer-wise lr decay (nothing pre-trained to keep), and score it on the
+        validation split. Returns its scores as `scratch_eval_*`, which evaluation compares the distilled student with
+        (`learning_check.scratch_baseline_warnings`). Nothing of the baseline is saved."""
+        student = self.accelerator.unwrap_model(self.model)
+        logger.info(
+            f"Scratch baseline: the same student from a random initialization, {self.state.global_step} steps of the "
+            "same recipe without a teacher."
+        )
+        # The Trainer makes its output_dir at once: the baseline's is a temporary one, outside the run's folder.
+        with tempfile.TemporaryDirectory(prefix="g2sd-scratch-baseline-") as output_dir:
+            args = dataclasses.replace(
+                self.args,
+                output_dir=output_dir,
+                distillation_type="none",
+                layer_decay=1.0,
+                scratch_baseline=False,
+                chain_checks=False,
+                eval_strategy="no",
+                save_strategy="no",
+                load_best_model_at_end=False,
+                push_to_hub=False,
+                report_to="none",
+            )
+            set_seed(args.seed)
+            baseline = SpecificDistillationTrainer(
+                model=type(student)(copy.deepcopy(student.config)),
+                args=args,
+                train_dataset=self.train_dataset,
+                eval_dataset=self.eval_dataset,
+                data_collator=self.data_collator,
+                processing_class=self.processing_class,
+                compute_metrics=self.compute_metrics,
+            )
+            baseline.train()
+        scores = {f"scratch_eval_{key}": value for key, value in baseline._score_model(baseline.model).items()}
+        if (found := headline_accuracy(scores, "scratch_eval_")) is not None:
+            logger.info(f"Scratch baseline on the validation split: {skill_phrase(*found, self._num_labels)}.")
+        return scores
 
     def _card_hyperparameters(self) -> dict:
         args = self.args
@@ -932,6 +1000,12 @@ class SpecificDistillationTrainer(DistillationTrainer):
             )
         values["label smoothing"] = args.label_smoothing_factor
         values["mixup / cutmix alpha"] = f"{getattr(args, 'mixup_alpha', 0)} / {getattr(args, 'cutmix_alpha', 0)}"
+        for row, scores, prefix in (
+            ("teacher on the validation split", self.teacher_metrics, "teacher_eval_"),
+            ("scratch baseline on the validation split", self.scratch_metrics, "scratch_eval_"),
+        ):
+            if (found := headline_accuracy(scores, prefix)) is not None:
+                values[row] = skill_phrase(*found, self._num_labels)
         return values
 
     def _make_batch_mix(self, num_labels: int):
@@ -1019,12 +1093,10 @@ class FineTuningTrainer(SpecificDistillationTrainer):
         if found is None:
             return []
         metrics[f"{prefix}skill"] = skill(found[1], self._num_labels)
-        logger.info(
-            f"The classifier's {found[0]} is {found[1]:.3f}: {100 * metrics[f'{prefix}skill']:.0f}% of the way from "
-            f"chance ({1 / self._num_labels:.3f}) to perfect."
-        )
+        logger.info(f"The classifier's {skill_phrase(*found, self._num_labels)}.")
         trained = self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps
-        if not trained or not getattr(self.args, "chain_checks", True):
+        # A classifier at chance has been told so (`_check_evaluation`); "too weak to teach" would only repeat it.
+        if not trained or self._evaluation_warnings or not getattr(self.args, "chain_checks", True):
             return []
         first = {f"{prefix}{key}": value for key, value in self.first_epoch_metrics.items()}
         return fine_tuning_warnings(metrics, first, self._num_labels, prefix)

@@ -18,9 +18,11 @@ from g2sd_hf.learning_check import (
     chance_cross_entropy,
     classification_evaluation_warnings,
     classification_training_warnings,
+    comparison_noise,
     fine_tuning_warnings,
     no_step_warning,
     regression_training_warnings,
+    scratch_baseline_warnings,
     skill,
     teacher_warnings,
     weak_teacher_warnings,
@@ -83,19 +85,17 @@ def test_skill_is_the_distance_from_chance_towards_perfect():
 
 def test_a_teacher_barely_above_chance_or_below_the_student_is_reported():
     # The unseen set of issue 17: a teacher at 0.29 on 10 classes is 21% of the way from chance.
-    (barely,) = teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, None, 10)
+    (barely,) = teacher_warnings({"teacher_eval_balanced_accuracy": 0.29}, 10)
     assert "barely above chance" in barely and "21% of the way" in barely and "--distillation_type none" in barely
     # The shipped ELPV teacher (two classes, balanced accuracy 0.754) teaches.
-    assert (
-        teacher_warnings({"teacher_eval_balanced_accuracy": 0.754}, {"initial_eval_balanced_accuracy": 0.5}, 2) == []
-    )
+    assert teacher_warnings({"teacher_eval_balanced_accuracy": 0.754, "initial_eval_balanced_accuracy": 0.5}, 2) == []
     # A student that starts above its teacher (a fine-tuned classifier given as the student).
     metrics = {"teacher_eval_balanced_accuracy": 0.70, "initial_eval_balanced_accuracy": 0.72}
-    (below,) = teacher_warnings(metrics, metrics, 2)
+    (below,) = teacher_warnings(metrics, 2)
     assert "no better than the student before training" in below and "0.700" in below and "0.720" in below
     # Without balanced accuracy, plain accuracy; with neither, no check.
-    assert teacher_warnings({"teacher_eval_accuracy": 0.12}, None, 10)
-    assert teacher_warnings({"teacher_eval_loss": 9.0}, None, 10) == []
+    assert teacher_warnings({"teacher_eval_accuracy": 0.12}, 10)
+    assert teacher_warnings({"teacher_eval_loss": 9.0}, 10) == []
 
 
 def test_a_student_that_ends_above_its_teacher_names_the_teacher_as_the_weak_stage():
@@ -104,6 +104,45 @@ def test_a_student_that_ends_above_its_teacher_names_the_teacher_as_the_weak_sta
     assert weak_teacher_warnings({"eval_balanced_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.8}) == []
     # Different metrics are not compared.
     assert weak_teacher_warnings({"eval_accuracy": 0.6}, {"teacher_eval_balanced_accuracy": 0.3}) == []
+
+
+def test_two_accuracies_on_the_same_images_differ_by_chance_by_about_one_standard_error():
+    # sqrt(2 p (1 - p) / n): 0.45 on 600 images -> 0.0287; the mean of the two is what counts.
+    assert comparison_noise(0.45, 0.45, 600) == pytest.approx(math.sqrt(2 * 0.45 * 0.55 / 600))
+    assert comparison_noise(0.40, 0.50, 600) == comparison_noise(0.45, 0.45, 600)
+    assert comparison_noise(0.45, 0.45, 96) > comparison_noise(0.45, 0.45, 600)
+
+
+def test_a_student_below_the_scratch_baseline_names_the_weak_stage():
+    scratch = {"scratch_eval_balanced_accuracy": 0.788}
+    # The digits of docs/recipes.md, 20-epoch MAE: teacher 0.713 below scratch 0.788, G2SD 0.581 (597 images).
+    (teacher,) = scratch_baseline_warnings(
+        {"eval_balanced_accuracy": 0.581}, {"teacher_eval_balanced_accuracy": 0.713}, scratch, 597, "digits-gd"
+    )
+    assert "0.581 against the scratch baseline's 0.788 on the 597 validation images" in teacher
+    assert "The weak stage is the teacher: at 0.713" in teacher
+    # The generated shapes with a 360-step generic distillation: teacher 0.500 above scratch 0.453, G2SD 0.377.
+    shapes = {"scratch_eval_balanced_accuracy": 0.453}
+    (generic,) = scratch_baseline_warnings(
+        {"eval_balanced_accuracy": 0.377}, {"teacher_eval_balanced_accuracy": 0.500}, shapes, 600, "shapes-gd"
+    )
+    assert "its generic distillation (shapes-gd)" in generic and "as many optimizer steps as the MAE" in generic
+    # A student that started from a random initialization, as the baseline did: the distillation is named.
+    (budget,) = scratch_baseline_warnings(
+        {"eval_balanced_accuracy": 0.377}, {"teacher_eval_balanced_accuracy": 0.500}, shapes, 600, None
+    )
+    assert "The weak stage is the distillation at this budget" in budget
+    # Without the teacher's score the stage is unknown, and said to be.
+    (unknown,) = scratch_baseline_warnings({"eval_balanced_accuracy": 0.377}, {}, shapes, 600, "shapes-gd")
+    assert "unknown" in unknown and "--chain_checks true" in unknown
+    # Within the noise of two runs on the same images (0.029 here), or above the baseline: no warning.
+    teacher_metrics = {"teacher_eval_balanced_accuracy": 0.500}
+    assert scratch_baseline_warnings({"eval_balanced_accuracy": 0.430}, teacher_metrics, shapes, 600) == []
+    assert scratch_baseline_warnings({"eval_balanced_accuracy": 0.453}, teacher_metrics, shapes, 600) == []
+    assert scratch_baseline_warnings({"eval_balanced_accuracy": 0.420}, teacher_metrics, shapes, 600)
+    # No baseline, or another metric: nothing to compare.
+    assert scratch_baseline_warnings({"eval_balanced_accuracy": 0.1}, teacher_metrics, {}, 600) == []
+    assert scratch_baseline_warnings({"eval_accuracy": 0.1}, teacher_metrics, shapes, 600) == []
 
 
 def test_a_fine_tuning_that_stalls_after_its_first_epoch_or_ends_too_weak_is_reported():
@@ -214,8 +253,10 @@ def test_small_data_specific_distillation_has_no_layer_decay_but_the_teacher_fin
     *_, student = parse_arguments(SPECIFIC_DATACLASSES, arguments)
     *_, teacher = parse_arguments((DataArguments, ClassificationAugmentationArguments, FineTuningArguments), arguments)
     assert (student.layer_decay, teacher.layer_decay) == (1.0, 0.75)
+    # The small-data recipe trains the scratch baseline beside a distilled student; the release's does not.
+    assert student.scratch_baseline and not teacher.scratch_baseline
     *_, release = parse_arguments(SPECIFIC_DATACLASSES, arguments[:-2])
-    assert release.layer_decay == 0.75
+    assert release.layer_decay == 0.75 and not release.scratch_baseline
     *_, given = parse_arguments(SPECIFIC_DATACLASSES, [*arguments, "--layer_decay", "0.65"])
     assert given.layer_decay == 0.65
 

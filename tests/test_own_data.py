@@ -131,5 +131,31 @@ def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(
     warnings = metrics["learning_warnings"]
     assert any("teacher is barely above chance" in warning for warning in warnings)
     card = (tmp_path / "student" / "README.md").read_text()
-    assert "teacher too weak to teach" in card and "barely above chance" in card
+    assert "a stage too weak to build on" in card and "barely above chance" in card
+    # The small-data recipe's scratch baseline learned from the labels; the student of the random teacher did not,
+    # and the teacher is named as the weak stage.
+    assert metrics["scratch_eval_balanced_accuracy"] > metrics["eval_balanced_accuracy"] + 0.1
+    (below_scratch,) = [warning for warning in warnings if "below the same student trained from scratch" in warning]
+    assert "The weak stage is the teacher" in below_scratch and "scratch baseline on the validation split" in card
     assert json.loads((tmp_path / "student" / "learning_warnings.json").read_text()) == warnings
+
+
+def test_the_scratch_baseline_is_the_scratch_run_of_the_readme_and_leaves_no_files(shapes, teacher, tmp_path):
+    """`--scratch_baseline` (on in the small-data recipe) trains what `run_specific.py --distillation_type none` from
+    a new student trains, with the same seed, and saves nothing of it."""
+    classifier, _ = teacher
+    student = {"config_overrides": f"image_size=32,patch_size=8,{STUDENT}", "layer_decay": 1.0}
+    distilled = run_specific.main(
+        run_arguments(shapes, tmp_path / "distilled", epochs=3, teacher_name_or_path=classifier, **student)
+    )
+    scratch = run_specific.main(
+        run_arguments(shapes, tmp_path / "scratch", epochs=3, distillation_type="none", **student)
+    )
+    assert "scratch_eval_balanced_accuracy" not in scratch  # no teacher, no baseline
+    for name in ("accuracy", "balanced_accuracy"):
+        assert distilled[f"scratch_eval_{name}"] == pytest.approx(scratch[f"eval_{name}"], abs=1e-6)
+    recorded = json.loads((tmp_path / "distilled" / "train_results.json").read_text())
+    assert recorded["scratch_eval_balanced_accuracy"] == pytest.approx(distilled["scratch_eval_balanced_accuracy"])
+    assert not (tmp_path / "distilled" / "scratch-baseline").exists()
+    card = (tmp_path / "distilled" / "README.md").read_text()
+    assert f"{distilled['scratch_eval_balanced_accuracy']:.3f}" in card and "teacher on the validation split" in card
