@@ -290,6 +290,8 @@ def scratch_baseline_warnings(
     - else the student's starting point: its checkpoint (`student_checkpoint`, a generic distillation too short to
       build on) or, for a student that started from a random initialization, distillation at this budget.
 
+    A teacher no better than the scratch baseline is also named when the student did not end below it.
+
     Example:
 
     ```python
@@ -306,16 +308,24 @@ def scratch_baseline_warnings(
     student, scratch = headline_accuracy(metrics, prefix), headline_accuracy(scratch_metrics, "scratch_eval_")
     if student is None or scratch is None or student[0] != scratch[0]:
         return []
-    noise = comparison_noise(student[1], scratch[1], num_images)
-    if student[1] >= scratch[1] - noise:
-        return []
     name = student[0]
+    noise = comparison_noise(student[1], scratch[1], num_images)
+    teacher = headline_accuracy(teacher_metrics, "teacher_eval_")
+    if student[1] >= scratch[1] - noise:
+        if teacher is None or teacher[0] != name or teacher[1] > scratch[1]:
+            return []
+        # The student held its own, but a teacher no better than scratch is the stage to improve first.
+        return [
+            f"The teacher is no better than the same student trained from scratch: {name} {teacher[1]:.3f} against "
+            f"the scratch baseline's {scratch[1]:.3f} on the validation split (the student ended at {student[1]:.3f}). "
+            "The weak stage is the teacher: fine-tune it longer or from a longer-trained MAE (on small data, an MAE "
+            "of about 1,000 optimizer steps or more; docs/your-data.md) before relying on what it teaches."
+        ]
     finding = (
         f"The student ended below the same student trained from scratch: {name} {student[1]:.3f} against the scratch "
         f"baseline's {scratch[1]:.3f} on the {num_images} validation images (more than the {noise:.3f} two runs can "
         "differ by chance; the baseline has the same recipe and steps, a random initialization and no teacher)."
     )
-    teacher = headline_accuracy(teacher_metrics, "teacher_eval_")
     if teacher is None or teacher[0] != name:
         weak = (
             "unknown, the teacher or the student's initialization: the teacher was not scored (--chain_checks false). "

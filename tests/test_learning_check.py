@@ -135,6 +135,12 @@ def test_a_student_below_the_scratch_baseline_names_the_weak_stage():
     # Without the teacher's score the stage is unknown, and said to be.
     (unknown,) = scratch_baseline_warnings({"eval_balanced_accuracy": 0.377}, {}, shapes, 600, "shapes-gd")
     assert "unknown" in unknown and "--chain_checks true" in unknown
+    # A teacher no better than scratch is named even when the student held its own.
+    (weak_teacher,) = scratch_baseline_warnings(
+        {"eval_balanced_accuracy": 0.80}, {"teacher_eval_balanced_accuracy": 0.713}, scratch, 597, "digits-gd"
+    )
+    assert "The teacher is no better than the same student trained from scratch" in weak_teacher
+    assert "The weak stage is the teacher" in weak_teacher
     # Within the noise of two runs on the same images (0.029 here), or above the baseline: no warning.
     teacher_metrics = {"teacher_eval_balanced_accuracy": 0.500}
     assert scratch_baseline_warnings({"eval_balanced_accuracy": 0.430}, teacher_metrics, shapes, 600) == []
