@@ -18,7 +18,12 @@ from transformers import AutoImageProcessor, ViTMAEModel, set_seed
 from g2sd_hf import FineTuningArguments, FineTuningTrainer
 from g2sd_hf.data import ImageTransform, class_names, image_processor
 from g2sd_hf.metrics import ClassificationMetrics
-from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
+from g2sd_hf.scripts.arguments import (
+    ClassificationAugmentationArguments,
+    DataArguments,
+    check_unlabeled_arguments,
+    prepare_splits,
+)
 from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
@@ -42,6 +47,7 @@ def main(args: list[str] | None = None) -> dict:
         (ModelArguments, DataArguments, ClassificationAugmentationArguments, FineTuningArguments), args
     )
     setup_logging(training_args)
+    check_unlabeled_arguments(data_args, training_args, with_teacher=False)  # --label_fraction: the labeled alone
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 

@@ -28,7 +28,12 @@ from g2sd_hf import (
     MAETeacher,
 )
 from g2sd_hf.data import ImageTransform, image_processor
-from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, prepare_splits
+from g2sd_hf.scripts.arguments import (
+    DataArguments,
+    MaskedImageAugmentationArguments,
+    every_training_image,
+    prepare_splits,
+)
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
     finish_training_run,
@@ -127,7 +132,8 @@ def main(args: list[str] | None = None) -> dict:
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
-    train_dataset = splits["train"].with_transform(ImageTransform(train_transform))
+    # No labels are used: every training image, the unlabeled ones included.
+    train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
     eval_dataset = splits["validation"].with_transform(
         ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std))
     )

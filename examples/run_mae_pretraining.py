@@ -19,7 +19,12 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from g2sd_hf import MAEPretrainingArguments, initialize_mae_from_scratch
 from g2sd_hf.data import ImageTransform, image_processor
-from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, prepare_splits
+from g2sd_hf.scripts.arguments import (
+    DataArguments,
+    MaskedImageAugmentationArguments,
+    every_training_image,
+    prepare_splits,
+)
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
     parse_arguments,
@@ -64,7 +69,7 @@ def main(args: list[str] | None = None) -> dict:
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size
     processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augmentation_args.eval_crop_ratio)
-    train_dataset = splits["train"].with_transform(
+    train_dataset = every_training_image(splits).with_transform(  # no labels: the unlabeled images too
         ImageTransform(augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     )
     eval_dataset = splits["validation"].with_transform(

@@ -9,6 +9,10 @@
 The same script trains the baselines: `--distillation_type none` fine-tunes without a teacher, and without
 `--student_name_or_path` the student starts from scratch (`--student_preset`). Data: `--dataset_name` (a Hub data set,
 or `elpv`) or `--train_dir` (a local image folder). Arguments can also come from a single JSON or YAML file.
+
+Few labels: `--label_fraction F` keeps a stratified fraction of the training labels, and `--unlabeled_train_dir` /
+`--unlabeled_dataset_name` add unlabeled images; with a teacher, the student learns from the teacher on every image
+and from the labels on the labeled ones (docs/few-labels.md).
 """
 
 import logging
@@ -26,8 +30,14 @@ from g2sd_hf import (
 )
 from g2sd_hf.checkpoints import load_image_classifier
 from g2sd_hf.data import ImageTransform, class_names, image_processor
+from g2sd_hf.few_labels import check_unlabeled_sizes, with_unlabeled
 from g2sd_hf.metrics import ClassificationMetrics
-from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
+from g2sd_hf.scripts.arguments import (
+    ClassificationAugmentationArguments,
+    DataArguments,
+    check_unlabeled_arguments,
+    prepare_splits,
+)
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
     finish_training_run,
@@ -125,6 +135,7 @@ def main(args: list[str] | None = None) -> dict:
     )
     setup_logging(training_args)
     logger.info(f"Training arguments {training_args}")
+    check_unlabeled_arguments(data_args, training_args, with_teacher=model_args.teacher_name_or_path is not None)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 
@@ -147,7 +158,13 @@ def main(args: list[str] | None = None) -> dict:
     processor = image_processor(image_size, image_mean, image_std, augmentation_args.eval_crop_ratio)
 
     train_transform = augmentation_args.train_transform(image_size, image_mean, image_std)
-    train_dataset = splits["train"].with_transform(ImageTransform(train_transform, with_labels=True))
+    # With a teacher, the unlabeled images join the labeled ones in one shuffled set (label masked out of the task
+    # loss); without one, the labeled images alone (--label_fraction).
+    unlabeled = splits.get("unlabeled") if teacher is not None else None
+    if unlabeled is not None and training_args.do_train:
+        check_unlabeled_sizes(splits["train"], unlabeled, image_size)
+    train_images = with_unlabeled(splits["train"], unlabeled)
+    train_dataset = train_images.with_transform(ImageTransform(train_transform, with_labels=True))
     eval_dataset = splits["validation"].with_transform(
         ImageTransform(augmentation_args.eval_transform(image_size, image_mean, image_std), with_labels=True)
     )

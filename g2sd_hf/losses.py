@@ -163,6 +163,26 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
+def labeled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labeled: torch.Tensor, label_smoothing: float):
+    """The task loss of a batch that mixes labeled and unlabeled images: the soft-target cross-entropy (with label
+    smoothing) averaged over the labeled rows only, `mean_{b labeled}( -sum_k y~[b, k] log_softmax(logits)[b, k] )`;
+    zero, with a gradient path kept, when the batch has no labeled row.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, num_classes)`): The classification head's logits.
+        labels (`torch.Tensor` of shape `(batch,)`): Class indices; any value on the unlabeled rows.
+        labeled (`torch.Tensor` of shape `(batch,)`, bool): Which rows have a label.
+        label_smoothing (`float`): epsilon of `smooth_targets`.
+
+    Returns:
+        `torch.Tensor`: the scalar loss. With every row labeled it is `soft_target_cross_entropy` of the whole batch.
+    """
+    if not bool(labeled.any()):
+        return logits.float().sum() * 0.0
+    targets = smooth_targets(labels[labeled], logits.shape[-1], label_smoothing)
+    return soft_target_cross_entropy(logits[labeled], targets)
+
+
 def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """DeiT's hard distillation: cross-entropy against the teacher's arg-max class, `CE(s, argmax t)`.
 
@@ -440,6 +460,7 @@ __all__ = [
     "feature_loss_per_token",
     "generic_distillation_loss",
     "hard_distillation_loss",
+    "labeled_cross_entropy",
     "nkd_loss",
     "normalize_teacher_features",
     "pixel_distillation_loss",

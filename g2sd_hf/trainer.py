@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from ._deprecation import moved_names
 from .configuration_g2sd import to_pair
+from .few_labels import UNLABELED, count_unlabeled, labeled_rows
 from .hub import build_model_card
 from .learning_check import (
     classification_evaluation_warnings,
@@ -46,6 +47,7 @@ from .learning_check import (
 )
 from .losses import (
     hard_distillation_loss,
+    labeled_cross_entropy,
     nkd_loss,
     smooth_targets,
     soft_distillation_loss,
@@ -829,8 +831,12 @@ class SpecificDistillationTrainer(DistillationTrainer):
       classification head: `hard`, `soft` or `nkd` (see `SpecificDistillationArguments`). The teacher sees the same
       (mixed) images. Without a teacher (`distillation_type="none"`), both heads learn the task loss.
     - Layer-wise learning-rate decay over the encoder; no weight decay on biases, norms, position embeddings and tokens.
+    - Unlabeled images (`label == few_labels.UNLABELED` in the training set, e.g. from `few_labels.with_unlabeled`):
+      `L_KD` on every image, `L_task` averaged over the labeled images of each batch only
+      (`losses.labeled_cross_entropy`; zero for a batch without any). Needs a teacher, and no mixup/cutmix.
 
-    Logged terms: `task_loss` and `distillation_loss`. Evaluation reports the cross-entropy of `logits` (the average of
+    Logged terms: `task_loss` and `distillation_loss`, and `labeled_share` (the labeled fraction of the batches) with
+    unlabeled images. Evaluation reports the cross-entropy of `logits` (the average of
     the two heads); pass `compute_metrics` for accuracy.
 
     Args:
@@ -880,8 +886,24 @@ class SpecificDistillationTrainer(DistillationTrainer):
                 )
             check_specific_distillation_pair(model, teacher)
             self._accept_student_normalization(teacher, kwargs.get("processing_class"))
+        # Unlabeled images (`label == few_labels.UNLABELED`) learn from the teacher alone: refused without one, and
+        # with mixup/cutmix, which would mix an unlabeled image's missing label into a labeled one's.
+        self.num_unlabeled_images = count_unlabeled(kwargs.get("train_dataset"))
+        if self.num_unlabeled_images and (teacher is None or distillation_type == "none"):
+            raise ValueError(
+                f"The training set holds {self.num_unlabeled_images} unlabeled images, and only the teacher can teach "
+                "from them: give a teacher (--teacher_name_or_path, with a distillation_type other than 'none'), or "
+                "train on the labeled images alone (no --unlabeled_train_dir / --unlabeled_dataset_name; a "
+                "--label_fraction below 1 then simply leaves the other images out of fine-tuning)."
+            )
         super().__init__(model, teacher if distillation_type != "none" else None, args, **kwargs)
         self._batch_mix = self._make_batch_mix(model.config.num_labels)
+        if self.num_unlabeled_images and self._batch_mix is not None:
+            raise ValueError(
+                f"mixup/cutmix (alpha {getattr(args, 'mixup_alpha', 0)} / {getattr(args, 'cutmix_alpha', 0)}) cannot "
+                "mix unlabeled images with labeled ones: set --mixup_alpha 0 --cutmix_alpha 0 (as --recipe "
+                "small-data does) when training with unlabeled images."
+            )
         # The teacher's and the student's starting scores on the validation split (`_check_teacher`), and the scratch
         # baseline's (`train_scratch_baseline`).
         self.teacher_metrics: dict[str, float] = {}
@@ -930,6 +952,8 @@ class SpecificDistillationTrainer(DistillationTrainer):
         if chain and getattr(self.args, "scratch_baseline", False) and self.state.global_step > 0:
             self.scratch_metrics = self.train_scratch_baseline()
         result.metrics.update({**self.teacher_metrics, **self.scratch_metrics})
+        if self.num_unlabeled_images:
+            result.metrics["train_unlabeled_images"] = self.num_unlabeled_images
         return result
 
     def _check_teacher(self) -> None:
@@ -951,14 +975,14 @@ class SpecificDistillationTrainer(DistillationTrainer):
         self._report(self._chain_warnings, "WEAK STAGE?")
 
     def train_scratch_baseline(self) -> dict[str, float]:
-        """Train the same student from a random initialization (seeded with `args.seed`) with the same recipe, data
-        and steps, without a teacher and without layer-wise lr decay (nothing pre-trained to keep), and score it on the
-        validation split. Returns its scores as `scratch_eval_*`, which evaluation compares the distilled student with
+        """Train the same student from a random initialization (seeded with `args.seed`) with the same recipe and
+        epochs on the labeled training images, without a teacher and without layer-wise lr decay (nothing pre-trained
+        to keep), and score it on the validation split. Returns its scores as `scratch_eval_*`, which evaluation compares the distilled student with
         (`learning_check.scratch_baseline_warnings`). Nothing of the baseline is saved."""
         student = self.accelerator.unwrap_model(self.model)
         logger.info(
-            f"Scratch baseline: the same student from a random initialization, {self.state.global_step} steps of the "
-            "same recipe without a teacher."
+            "Scratch baseline: the same student from a random initialization, the same recipe on the labeled images, "
+            "without a teacher."
         )
         # The Trainer makes its output_dir at once: the baseline's is a temporary one, outside the run's folder.
         with tempfile.TemporaryDirectory(prefix="g2sd-scratch-baseline-") as output_dir:
@@ -979,7 +1003,7 @@ class SpecificDistillationTrainer(DistillationTrainer):
             baseline = SpecificDistillationTrainer(
                 model=type(student)(copy.deepcopy(student.config)),
                 args=args,
-                train_dataset=self.train_dataset,
+                train_dataset=labeled_rows(self.train_dataset) if self.num_unlabeled_images else self.train_dataset,
                 eval_dataset=self.eval_dataset,
                 data_collator=self.data_collator,
                 processing_class=self.processing_class,
@@ -988,7 +1012,10 @@ class SpecificDistillationTrainer(DistillationTrainer):
             baseline.train()
         scores = {f"scratch_eval_{key}": value for key, value in baseline._score_model(baseline.model).items()}
         if (found := headline_accuracy(scores, "scratch_eval_")) is not None:
-            logger.info(f"Scratch baseline on the validation split: {skill_phrase(*found, self._num_labels)}.")
+            logger.info(
+                f"Scratch baseline after {baseline.state.global_step} steps, on the validation split: "
+                f"{skill_phrase(*found, self._num_labels)}."
+            )
         return scores
 
     def _card_hyperparameters(self) -> dict:
@@ -997,6 +1024,11 @@ class SpecificDistillationTrainer(DistillationTrainer):
         if self.teacher is not None:
             values["distillation"] = (
                 f"{args.distillation_type}, beta {args.distillation_beta}, temperature {args.distillation_temperature}"
+            )
+        if self.num_unlabeled_images:
+            labeled = len(self.train_dataset) - self.num_unlabeled_images
+            values["labeled / unlabeled training images"] = (
+                f"{labeled} / {self.num_unlabeled_images} (task loss on the labeled, distillation on all)"
             )
         values["label smoothing"] = args.label_smoothing_factor
         values["mixup / cutmix alpha"] = f"{getattr(args, 'mixup_alpha', 0)} / {getattr(args, 'cutmix_alpha', 0)}"
@@ -1027,22 +1059,33 @@ class SpecificDistillationTrainer(DistillationTrainer):
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        # With unlabeled images in the training set (no mixing then): which rows have a label.
+        labeled = labels != UNLABELED if self.num_unlabeled_images else None
         if self._batch_mix is not None and labels.ndim == 1:
             pixel_values, labels = self._batch_mix(pixel_values, labels)  # labels: (batch, num_labels) probabilities
         outputs = model(pixel_values=pixel_values)
         num_labels = outputs.logits.shape[-1]
         cls_logits = getattr(outputs, "cls_logits", None)
         cls_logits = outputs.logits if cls_logits is None else cls_logits
-        targets = smooth_targets(labels, num_labels, self.args.label_smoothing_factor)
-        task_loss = soft_target_cross_entropy(cls_logits, targets)
+        smoothing = self.args.label_smoothing_factor
+        if labeled is None:
+            targets = smooth_targets(labels, num_labels, smoothing)
+            task_loss = soft_target_cross_entropy(cls_logits, targets)
+        else:
+            task_loss = labeled_cross_entropy(cls_logits, labels, labeled, smoothing)
         distillation_logits = getattr(outputs, "distillation_logits", None)
         terms = {"task_loss": task_loss}
         loss = task_loss
         if self.teacher is not None:
             teacher_logits = self._run_teacher(pixel_values)
             student_logits = cls_logits if distillation_logits is None else distillation_logits
+            if labeled is not None:
+                # NKD's target class: the label where there is one, the teacher's class elsewhere.
+                labels = torch.where(labeled, labels, teacher_logits.argmax(dim=-1))
             distillation_loss = self._distillation_loss(student_logits, teacher_logits, labels)
             terms["distillation_loss"] = distillation_loss
+            if labeled is not None:
+                terms["labeled_share"] = labeled.float().mean()
             loss = specific_distillation_loss(task_loss, distillation_loss, self.args.distillation_beta)
         elif distillation_logits is not None:
             # Without a teacher both heads learn the task: the prediction averages them.

@@ -124,3 +124,62 @@ def tiny_image_dataset(num_images: int = 16, num_labels: int | None = None, seed
     if num_labels is not None:
         columns["labels"] = [index % num_labels for index in range(num_images)]
     return datasets.Dataset.from_dict(columns).with_format("torch")
+
+
+# -- a generated folder with real structure, and a teacher fine-tuned on it (issues 17 and 18) --------------------------
+SHAPE_CLASSES = ("circle", "cross", "ring")
+NORMALIZATION = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+SHAPES_STUDENT = "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32"
+
+
+def run_arguments(data, output_dir, epochs: int, **extra) -> list[str]:
+    """An example script's arguments on a `train` / `validation` folder with the README's `--recipe small-data`."""
+    arguments = {
+        "train_dir": data / "train",
+        "validation_dir": data / "validation",
+        "output_dir": output_dir,
+        "recipe": "small-data",
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 4,
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "do_train": True,
+        "do_eval": True,
+        **extra,
+    }
+    return [f"--{name}={value}" for name, value in arguments.items()]
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """Circles, crosses and rings of random size, color and rotation on textured backgrounds, 32 px: 192 training
+    images (64 per class) and 96 validation images."""
+    from g2sd_hf.synthetic import write_classification_folder
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_classification_folder(root / "train", "shapes", 192, image_size=32, seed=0, classes=SHAPE_CLASSES)
+    write_classification_folder(root / "validation", "shapes", 96, image_size=32, seed=1, classes=SHAPE_CLASSES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_teacher(shapes_folder, tmp_path_factory):
+    """`run_finetune_teacher.py` from a tiny MAE on the shapes: the classifier's folder and its metrics."""
+    import sys
+    from pathlib import Path
+
+    from transformers import ViTImageProcessor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import run_finetune_teacher
+
+    root = tmp_path_factory.mktemp("teacher")
+    tiny_mae_teacher().save_pretrained(root / "mae")
+    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(root / "mae")
+    metrics = run_finetune_teacher.main(
+        run_arguments(shapes_folder, root / "classifier", epochs=20, mae_name_or_path=root / "mae")
+    )
+    return root / "classifier", metrics

@@ -12,32 +12,27 @@ from transformers import ViTImageProcessor
 from g2sd_hf.learning_check import MIN_TEACHER_SKILL, skill
 from g2sd_hf.synthetic import write_classification_folder
 
-from .conftest import tiny_classifier_teacher, tiny_mae_teacher
+from .conftest import (
+    NORMALIZATION,
+    SHAPE_CLASSES,
+    SHAPES_STUDENT,
+    run_arguments,
+    tiny_classifier_teacher,
+)
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import run_finetune_teacher  # noqa: E402
 import run_specific  # noqa: E402
 
 
-CLASSES = ("circle", "cross", "ring")
+CLASSES = SHAPE_CLASSES
 NUM_CLASSES = len(CLASSES)
-NORMALIZATION = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-STUDENT = "hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32"
+STUDENT = SHAPES_STUDENT
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """Circles, crosses and rings of random size, color and rotation on textured backgrounds, 32 px."""
-    root = tmp_path_factory.mktemp("shapes")
-    write_classification_folder(root / "train", "shapes", 192, image_size=32, seed=0, classes=CLASSES)
-    write_classification_folder(root / "validation", "shapes", 96, image_size=32, seed=1, classes=CLASSES)
-    return root
-
-
-def test_generated_images_are_a_pure_function_of_their_index_and_a_written_folder_is_never_overwritten(shapes):
+def test_generated_images_are_a_pure_function_of_their_index_and_a_written_folder_is_never_overwritten(shapes_folder):
     from g2sd_hf.synthetic import make_classification_example
 
     first, label = make_classification_example("digits", 13, image_size=32, seed=0)
@@ -45,58 +40,26 @@ def test_generated_images_are_a_pure_function_of_their_index_and_a_written_folde
     other, _ = make_classification_example("digits", 13, image_size=32, seed=1)
     assert (first.size, label) == ((32, 32), 3) and same_label == label
     assert first.tobytes() == again.tobytes() and first.tobytes() != other.tobytes()
-    assert sorted(path.name for path in (shapes / "train").iterdir()) == sorted(CLASSES)
-    assert sum(1 for _ in (shapes / "train").rglob("*.png")) == 192
+    assert sorted(path.name for path in (shapes_folder / "train").iterdir()) == sorted(CLASSES)
+    assert sum(1 for _ in (shapes_folder / "train").rglob("*.png")) == 192
     with pytest.raises(FileExistsError, match="not empty"):
-        write_classification_folder(shapes / "train", "shapes", 3, classes=CLASSES)
+        write_classification_folder(shapes_folder / "train", "shapes", 3, classes=CLASSES)
     with pytest.raises(ValueError, match="'hexagon'"):
-        write_classification_folder(shapes / "new", "shapes", 3, classes=("circle", "hexagon"))
+        write_classification_folder(shapes_folder / "new", "shapes", 3, classes=("circle", "hexagon"))
 
 
-def run_arguments(data: Path, output_dir: Path, epochs: int, **extra) -> list[str]:
-    arguments = {
-        "train_dir": data / "train",
-        "validation_dir": data / "validation",
-        "output_dir": output_dir,
-        "recipe": "small-data",
-        "num_train_epochs": epochs,
-        "per_device_train_batch_size": 16,
-        "logging_steps": 4,
-        "save_strategy": "no",
-        "report_to": "none",
-        "dataloader_num_workers": 0,
-        "seed": 0,
-        "do_train": True,
-        "do_eval": True,
-        **extra,
-    }
-    return [f"--{name}={value}" for name, value in arguments.items()]
-
-
-@pytest.fixture(scope="module")
-def teacher(shapes, tmp_path_factory):
-    """`run_finetune_teacher.py` from a tiny MAE, on the generated folder."""
-    root = tmp_path_factory.mktemp("teacher")
-    tiny_mae_teacher().save_pretrained(root / "mae")
-    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(root / "mae")
-    metrics = run_finetune_teacher.main(
-        run_arguments(shapes, root / "classifier", epochs=20, mae_name_or_path=root / "mae")
-    )
-    return root / "classifier", metrics
-
-
-def test_the_fine_tuned_teacher_beats_chance_by_a_margin_and_says_how_far(teacher):
-    _, metrics = teacher
+def test_the_fine_tuned_teacher_beats_chance_by_a_margin_and_says_how_far(shapes_teacher):
+    _, metrics = shapes_teacher
     assert metrics["eval_balanced_accuracy"] > 1 / NUM_CLASSES + 0.25
     assert metrics["eval_skill"] == pytest.approx(skill(metrics["eval_balanced_accuracy"], NUM_CLASSES))
     assert metrics["eval_skill"] >= MIN_TEACHER_SKILL and metrics["learning_warnings"] == []
 
 
-def test_distilling_from_it_scores_the_teacher_first_without_a_warning(shapes, teacher, tmp_path):
-    classifier, teacher_metrics = teacher
+def test_distilling_from_it_scores_the_teacher_first_without_a_warning(shapes_folder, shapes_teacher, tmp_path):
+    classifier, teacher_metrics = shapes_teacher
     metrics = run_specific.main(
         run_arguments(
-            shapes,
+            shapes_folder,
             tmp_path / "student",
             epochs=2,
             teacher_name_or_path=classifier,
@@ -111,7 +74,7 @@ def test_distilling_from_it_scores_the_teacher_first_without_a_warning(shapes, t
     assert not any("teacher" in warning for warning in metrics["learning_warnings"])
 
 
-def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(shapes, tmp_path, caplog):
+def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(shapes_folder, tmp_path, caplog):
     random_teacher = tiny_classifier_teacher(num_labels=NUM_CLASSES)
     random_teacher.config.id2label = dict(enumerate(CLASSES))
     random_teacher.config.label2id = {name: index for index, name in random_teacher.config.id2label.items()}
@@ -120,7 +83,7 @@ def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(
 
     metrics = run_specific.main(
         run_arguments(
-            shapes,
+            shapes_folder,
             tmp_path / "student",
             epochs=4,
             teacher_name_or_path=tmp_path / "random_teacher",
@@ -140,16 +103,18 @@ def test_a_random_teacher_is_named_as_the_weak_stage_in_the_log_and_on_the_card(
     assert json.loads((tmp_path / "student" / "learning_warnings.json").read_text()) == warnings
 
 
-def test_the_scratch_baseline_is_the_scratch_run_of_the_readme_and_leaves_no_files(shapes, teacher, tmp_path):
+def test_the_scratch_baseline_is_the_scratch_run_of_the_readme_and_leaves_no_files(
+    shapes_folder, shapes_teacher, tmp_path
+):
     """`--scratch_baseline` (on in the small-data recipe) trains what `run_specific.py --distillation_type none` from
     a new student trains, with the same seed, and saves nothing of it."""
-    classifier, _ = teacher
+    classifier, _ = shapes_teacher
     student = {"config_overrides": f"image_size=32,patch_size=8,{STUDENT}", "layer_decay": 1.0}
     distilled = run_specific.main(
-        run_arguments(shapes, tmp_path / "distilled", epochs=3, teacher_name_or_path=classifier, **student)
+        run_arguments(shapes_folder, tmp_path / "distilled", epochs=3, teacher_name_or_path=classifier, **student)
     )
     scratch = run_specific.main(
-        run_arguments(shapes, tmp_path / "scratch", epochs=3, distillation_type="none", **student)
+        run_arguments(shapes_folder, tmp_path / "scratch", epochs=3, distillation_type="none", **student)
     )
     assert "scratch_eval_balanced_accuracy" not in scratch  # no teacher, no baseline
     for name in ("accuracy", "balanced_accuracy"):

@@ -27,6 +27,7 @@ from ..data import (
     resize_images,
 )
 from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
+from ..few_labels import load_unlabeled_images, split_labels
 from .run import parse_overrides
 
 
@@ -113,6 +114,36 @@ class DataArguments(_DataSource):
         },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the preparation."})
+    label_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Keep the labels of this stratified fraction of the training images (drawn with "
+            "--label_fraction_seed); the other training images become unlabeled images. For experiments with few "
+            "labels: specific distillation learns from the teacher on them, fine-tuning leaves them out, generic "
+            "distillation uses every image anyway."
+        },
+    )
+    label_fraction_seed: int = field(
+        default=0,
+        metadata={
+            "help": "The seed of --label_fraction's draw, apart from the training seed: give the teacher's fine-tuning "
+            "and every student the same one, so that they share the labeled images."
+        },
+    )
+    unlabeled_train_dir: str | None = field(
+        default=None,
+        metadata={"help": "A folder of unlabeled training images (any layout; sub-folder names are ignored)."},
+    )
+    unlabeled_dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub data set of unlabeled training images (its labels, if any, ignored)."}
+    )
+    unlabeled_dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The unlabeled data set's configuration."}
+    )
+    unlabeled_split: str = field(default="train", metadata={"help": "The unlabeled data set's split."})
+    unlabeled_image_column_name: str = field(
+        default="image", metadata={"help": "The unlabeled data set's image column."}
+    )
 
     named_sources: ClassVar[dict[str, str]] = NAMED_DATA_SETS
 
@@ -120,6 +151,17 @@ class DataArguments(_DataSource):
         super().__post_init__()
         if self.validation_dir is not None and self.train_dir is None:
             raise ValueError("--validation_dir needs --train_dir.")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction} (1 keeps every label).")
+        if self.unlabeled_train_dir is not None and self.unlabeled_dataset_name is not None:
+            raise ValueError("Give either --unlabeled_train_dir or --unlabeled_dataset_name, not both.")
+
+    @property
+    def has_unlabeled_images(self) -> bool:
+        """Whether training has unlabeled images: a label fraction below 1, or an unlabeled folder or data set."""
+        return (
+            self.label_fraction < 1 or self.unlabeled_train_dir is not None or self.unlabeled_dataset_name is not None
+        )
 
 
 @dataclass
@@ -232,7 +274,67 @@ def prepare_splits(
         if data_args.max_image_side is not None:
             split = resize_images(split, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
         splits[name] = split
+    _prepare_unlabeled_images(splits, data_args, counts, cache_dir, token)
     return splits, counts
+
+
+def _prepare_unlabeled_images(
+    splits: datasets.DatasetDict, data_args: DataArguments, counts: dict, cache_dir: str | None, token: str | None
+) -> None:
+    """`splits["unlabeled"]`, when there are unlabeled images: the training images whose labels `--label_fraction`
+    left out, and those of `--unlabeled_train_dir` / `--unlabeled_dataset_name` (checked and shrunk like the others)."""
+    parts = []
+    if data_args.label_fraction < 1:
+        splits["train"], rest = split_labels(splits["train"], data_args.label_fraction, data_args.label_fraction_seed)
+        parts.append(rest)
+    if data_args.unlabeled_train_dir is not None or data_args.unlabeled_dataset_name is not None:
+        images = load_unlabeled_images(
+            train_dir=data_args.unlabeled_train_dir,
+            dataset_name=data_args.unlabeled_dataset_name,
+            dataset_config_name=data_args.unlabeled_dataset_config_name,
+            split=data_args.unlabeled_split,
+            image_column_name=data_args.unlabeled_image_column_name,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        if data_args.drop_unreadable_images:
+            images, skipped = drop_unreadable_images(images, num_proc=data_args.preprocessing_num_workers)
+            counts["skipped_unlabeled_images"] = len(skipped)
+        if data_args.max_image_side is not None:
+            images = resize_images(images, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
+        parts.append(images)
+    parts = [part for part in parts if len(part)]
+    if parts:
+        splits["unlabeled"] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def every_training_image(splits: datasets.DatasetDict) -> datasets.Dataset:
+    """The training images with the unlabeled ones, labels dropped: what the label-free stages (MAE pre-training,
+    generic distillation) train on."""
+    images = splits["train"].select_columns(["image"])
+    if "unlabeled" in splits:
+        images = datasets.concatenate_datasets([images, splits["unlabeled"].select_columns(["image"])])
+    return images
+
+
+def check_unlabeled_arguments(data_args: DataArguments, training_args, with_teacher: bool) -> None:
+    """Refuse, before any data is read, unlabeled images where they cannot be used: without a teacher (fine-tuning,
+    `--distillation_type none`), or, in distillation, with mixup/cutmix. A `--label_fraction` without a teacher
+    simply trains on the labeled images."""
+    distilling = with_teacher and getattr(training_args, "distillation_type", "none") != "none"
+    source = data_args.unlabeled_train_dir or data_args.unlabeled_dataset_name
+    if source is not None and not distilling:
+        raise ValueError(
+            f"Unlabeled images ({source}) need a teacher to learn from: only specific distillation "
+            "(run_specific.py with --teacher_name_or_path and a distillation_type other than 'none') uses them. "
+            "Drop --unlabeled_train_dir / --unlabeled_dataset_name here, or give a teacher."
+        )
+    mixing = getattr(training_args, "mixup_alpha", 0) > 0 or getattr(training_args, "cutmix_alpha", 0) > 0
+    if distilling and data_args.has_unlabeled_images and mixing:
+        raise ValueError(
+            f"mixup/cutmix (alpha {training_args.mixup_alpha} / {training_args.cutmix_alpha}) cannot mix unlabeled "
+            "images with labeled ones: set --mixup_alpha 0 --cutmix_alpha 0 (as --recipe small-data does)."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
