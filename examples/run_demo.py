@@ -23,6 +23,7 @@ Every stage runs with `--recipe small-data`. Finished stages are reused on a sec
 
 import json
 import logging
+import math
 import shutil
 import statistics
 import sys
@@ -90,6 +91,8 @@ class DemoScale:
     throughput_batch: int = 64
     analysis_batch: int = 64
     bf16: bool = False  # mixed precision (on a GPU)
+    # The few-labels track: this stratified fraction of the training labels (None: no such track).
+    low_label_fraction: float | None = 0.1
 
 
 TEACHER_192x6 = (
@@ -151,6 +154,7 @@ SCALES = {
         specific_epochs=1,
         seeds=(0, 1),
         pretraining_batch_size=16,
+        low_label_fraction=0.25,
         max_train_samples=48,
         max_eval_samples=32,
         throughput_batch=8,
@@ -164,12 +168,26 @@ STUDENTS = {
     "sd_only": "SD only (scratch + SD)",
     "scratch": "Scratch (supervised only)",
 }
+# The few-labels track (`low_label_fraction`): the same students on a fraction of the labels, and G2SD whose specific
+# distillation also learns from the teacher on the other training images, unlabeled.
+LOW_LABEL_STUDENTS = {
+    "low_g2sd_unlabeled": "G2SD + unlabeled SD (SD on every image)",
+    "low_g2sd": "G2SD (GD + SD on the labeled images)",
+    "low_gd_only": "GD only (GD + fine-tuning)",
+    "low_sd_only": "SD only (scratch + SD on the labeled images)",
+    "low_scratch": "Scratch (supervised only)",
+}
 DESCRIPTIONS = {
     "teacher": ("MAE pre-training", "-"),
     "g2sd": ("generic distillation", "hard distillation"),
     "gd_only": ("generic distillation", "-"),
     "sd_only": ("random", "hard distillation"),
     "scratch": ("random", "-"),
+    "low_g2sd_unlabeled": ("generic distillation", "hard distillation, every image"),
+    "low_g2sd": ("generic distillation", "hard distillation, labeled images"),
+    "low_gd_only": ("generic distillation", "-"),
+    "low_sd_only": ("random", "hard distillation, labeled images"),
+    "low_scratch": ("random", "-"),
 }
 PRIMARY_METRIC = "balanced_accuracy"
 PRIMARY_METRIC_REASON = (
@@ -293,8 +311,31 @@ def teacher_classifier_arguments(scale: DemoScale, output_dir: Path, mae_teacher
     ]
 
 
-def stage_arguments(scale: DemoScale, stages: Path, mae_teacher: Path, teacher_classifier: Path) -> dict[str, tuple]:
-    """The student stages of every seed: (script module, arguments), in the order they run."""
+def low_label_teacher_arguments(scale: DemoScale, output_dir: Path, mae_teacher: Path) -> list[str]:
+    """The classification teacher of the few-labels track: the MAE teacher fine-tuned like the full-label one, on the
+    labeled fraction alone."""
+    return teacher_classifier_arguments(scale, output_dir, mae_teacher) + [
+        "--label_fraction",
+        str(scale.low_label_fraction),
+    ]
+
+
+def low_label_steps(scale: DemoScale, train_images: int) -> int:
+    """The optimizer steps of every student of the few-labels track: those of a full-label student
+    (`specific_epochs` over every training image), whichever images it learns from."""
+    return math.ceil(train_images / scale.batch_size) * math.ceil(scale.specific_epochs)
+
+
+def stage_arguments(
+    scale: DemoScale,
+    stages: Path,
+    mae_teacher: Path,
+    teacher_classifier: Path,
+    low_label_teacher: Path | None = None,
+    train_images: int = 0,
+) -> dict[str, tuple]:
+    """The student stages of every seed: (script module, arguments), in the order they run; with
+    `low_label_teacher`, the few-labels track's students too (`train_images`: the size of the full training set)."""
     student_shape = f"image_size={scale.image_size},patch_size={scale.patch_size},{scale.student}"
     teacher = str(teacher_classifier)
     stages_to_run = {}
@@ -364,6 +405,53 @@ def stage_arguments(scale: DemoScale, stages: Path, mae_teacher: Path, teacher_c
                     run_specific,
                     specific("scratch")
                     + ["--config_overrides", student_shape, "--distillation_type", "none", "--layer_decay", "1.0"],
+                ),
+            }
+        )
+        if low_label_teacher is None:
+            continue
+
+        def few_labels(name, unlabeled_rest=False):
+            # Every student of the track takes the same optimizer steps, whether it sees 10% of the images or all.
+            return specific(name) + [
+                "--label_fraction",
+                str(scale.low_label_fraction),
+                "--unlabeled_rest",
+                str(unlabeled_rest).lower(),
+                "--max_steps",
+                str(low_label_steps(scale, train_images)),
+            ]
+
+        low_teacher = str(low_label_teacher)
+        from_generic = ["--student_name_or_path", str(generic), "--layer_decay", "0.75"]
+        from_scratch = ["--config_overrides", student_shape, "--layer_decay", "1.0"]
+        stages_to_run.update(
+            {
+                f"low_g2sd_unlabeled_seed{seed}": (
+                    run_specific,
+                    few_labels("low_g2sd_unlabeled", unlabeled_rest=True)
+                    + from_generic
+                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                ),
+                f"low_g2sd_seed{seed}": (
+                    run_specific,
+                    few_labels("low_g2sd")
+                    + from_generic
+                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                ),
+                f"low_gd_only_seed{seed}": (
+                    run_specific,
+                    few_labels("low_gd_only") + from_generic + ["--distillation_type", "none"],
+                ),
+                f"low_sd_only_seed{seed}": (
+                    run_specific,
+                    few_labels("low_sd_only")
+                    + from_scratch
+                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                ),
+                f"low_scratch_seed{seed}": (
+                    run_specific,
+                    few_labels("low_scratch") + from_scratch + ["--distillation_type", "none"],
                 ),
             }
         )
@@ -550,6 +638,52 @@ def evaluate_models(stages: Path, scale: DemoScale, records: dict, teacher_class
         row["images_per_second"] = images_per_second(model, scale.image_size, scale.throughput_batch)
         models[name] = row
     return models
+
+
+def evaluate_low_label_track(
+    stages: Path, scale: DemoScale, records: dict, low_label_teacher: Path, test_split, full_label_models: dict
+) -> dict:
+    """The few-labels track: its teacher and students on the held-out cells (mean +- std over the seeds), how many
+    images were labeled, and G2SD + unlabeled SD against each baseline of the track and its teacher."""
+    teacher_metrics = evaluate_classifier(low_label_teacher, test_split, scale)
+    models = {"teacher": {"balanced_accuracy": summarize([teacher_metrics[f"eval_{PRIMARY_METRIC}"]])}}
+    for metric in ("accuracy", "accuracy_functional", "accuracy_defective"):
+        if f"eval_{metric}" in teacher_metrics:
+            models["teacher"][metric] = summarize([teacher_metrics[f"eval_{metric}"]])
+    for name in LOW_LABEL_STUDENTS:
+        metrics = [records[f"{name}_seed{seed}"]["metrics"] for seed in scale.seeds]
+        models[name] = {
+            metric: summarize([values[f"eval_{metric}"] for values in metrics])
+            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
+            if all(f"eval_{metric}" in values for values in metrics)
+        }
+    first = records[f"low_g2sd_unlabeled_seed{scale.seeds[0]}"]["metrics"]
+    unlabeled = first.get("train_unlabeled_images", 0)
+    best = models["low_g2sd_unlabeled"][PRIMARY_METRIC]
+    baselines = {}
+    for name in ("low_scratch", "low_sd_only", "low_gd_only", "low_g2sd"):
+        baseline = models[name][PRIMARY_METRIC]
+        spread = max(best["std"], baseline["std"])
+        baselines[name] = {
+            "difference": best["mean"] - baseline["mean"],
+            "spread": spread,
+            "beats_by_more_than_twice_the_spread": best["mean"] - baseline["mean"] > 2 * spread,
+            "every_seed_above": best["min"] > baseline["max"],
+        }
+    teacher = models["teacher"][PRIMARY_METRIC]["mean"]
+    return {
+        "label_fraction": scale.low_label_fraction,
+        "labeled_images": first["train_samples"] - unlabeled,
+        "unlabeled_images": unlabeled,
+        "steps": low_label_steps(scale, first["train_samples"]),
+        "models": models,
+        "comparison": {
+            "baselines": baselines,
+            "fraction_of_teacher": best["mean"] / teacher,
+            "teacher_over_scratch": teacher - models["low_scratch"][PRIMARY_METRIC]["mean"],
+            "full_label_g2sd": full_label_models["g2sd"][PRIMARY_METRIC]["mean"],
+        },
+    }
 
 
 OCCLUSION_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -757,6 +891,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"({results['specific_epochs']} epochs); the G2SD and GD-only students also had {results['generic_epochs']} "
         "epochs of generic distillation. The split is random per cell, so cells of one module can be on both sides.",
     ]
+    if "low_labels" in results:
+        lines += low_label_lines(results)
     if results["warnings"]:
         lines += ["", "## Learning warnings", ""]
         lines += [f"- `{stage}`: {warning}" for stage, warnings in results["warnings"].items() for warning in warnings]
@@ -806,6 +942,61 @@ def write_markdown(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def low_label_lines(results: dict) -> list[str]:
+    """The few-labels track's section of results.md."""
+    track, seeds = results["low_labels"], results["seeds"]
+    models, comparison = track["models"], track["comparison"]
+    lines = [
+        "",
+        f"## Few labels: {track['label_fraction']:.0%} of the training labels",
+        "",
+        f"The teacher fine-tuned on {track['labeled_images']} labeled cells (stratified, `--label_fraction "
+        f"{track['label_fraction']}`, the same cells for every model); every student takes {track['steps']} optimizer "
+        f"steps (a full-label student's budget). G2SD + unlabeled SD also learns from the teacher on the other "
+        f"{track['unlabeled_images']} training cells, unlabeled. Generic distillation (no labels) is the full-label "
+        "track's.",
+        "",
+        "| Model | Initialization | Teacher signal | Accuracy | Balanced acc. | Recall functional | Recall defective |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = [
+        ("teacher", f"Teacher (MAE ViT, fine-tuned on {track['labeled_images']} labels)"),
+        *LOW_LABEL_STUDENTS.items(),
+    ]
+    for name, label in rows:
+        row = models[name]
+        init, signal = ("MAE pre-training", "-") if name == "teacher" else DESCRIPTIONS[name]
+        cells = [
+            _cell(row[metric]) if metric in row else "-"
+            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
+        ]
+        lines.append(f"| {label} | {init} | {signal} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Per seed ({METRIC_NAMES[PRIMARY_METRIC]}): "
+        + "; ".join(
+            f"{LOW_LABEL_STUDENTS[name].split(' (')[0]} "
+            + ", ".join(f"{value:.3f}" for value in models[name][PRIMARY_METRIC]["values"])
+            for name in LOW_LABEL_STUDENTS
+        )
+        + f" (seeds {', '.join(map(str, seeds))}).",
+        "",
+    ]
+    for name, row in comparison["baselines"].items():
+        verdict = "beats" if row["beats_by_more_than_twice_the_spread"] else "does **not** beat"
+        lines.append(
+            f"- G2SD + unlabeled SD {verdict} {LOW_LABEL_STUDENTS[name]} by more than twice the seed-to-seed spread: "
+            f"{row['difference'] * 100:+.1f} points against 2 x {row['spread'] * 100:.1f}; every seed above every "
+            f"baseline seed: {'yes' if row['every_seed_above'] else 'no'}."
+        )
+    lines.append(
+        f"- It reaches {comparison['fraction_of_teacher'] * 100:.1f}% of its teacher's {METRIC_NAMES[PRIMARY_METRIC]} "
+        f"(goal: at least 95%); the teacher is {comparison['teacher_over_scratch'] * 100:+.1f} points from the "
+        f"scratch student of this track; the full-label G2SD student scored {comparison['full_label_g2sd']:.3f}."
+    )
+    return lines
+
+
 def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
     """Copy a student stage into a pipeline-ready folder (weights, config, processor, model card) through
     `staged_folder`: a folder the demo wrote before is replaced, a folder holding anything else is refused."""
@@ -832,11 +1023,19 @@ def main(args: list[str] | None = None) -> dict:
                 "--write_assets writes the cpu scale's teachers after --rebuild_teacher: pass both, with --scale cpu."
             )
         write_teacher_assets(scale, mae_teacher, teacher_classifier, teacher_records)
-    planned = stage_arguments(scale, stages, mae_teacher, teacher_classifier)
-    records = run_stages(planned, stages)
-
     splits = load_elpv(task=ELPV_TASK)
     train_images = min(scale.max_train_samples or len(splits["train"]), len(splits["train"]))
+    planned = {}
+    low_label_teacher = None
+    if scale.low_label_fraction is not None:
+        low_label_teacher = stages / "low_label_teacher"
+        planned["low_label_teacher"] = (
+            run_finetune_teacher,
+            low_label_teacher_arguments(scale, low_label_teacher, mae_teacher),
+        )
+    planned.update(stage_arguments(scale, stages, mae_teacher, teacher_classifier, low_label_teacher, train_images))
+    records = run_stages(planned, stages)
+
     eval_labels = splits["test"]["label"][: scale.max_eval_samples or len(splits["test"])]
     test_split = splits["test"].select(range(len(eval_labels)))
     models = evaluate_models(stages, scale, records, teacher_classifier, test_split)
@@ -868,6 +1067,10 @@ def main(args: list[str] | None = None) -> dict:
         },
     }
     results["comparison"] = compare(results)
+    if low_label_teacher is not None:
+        results["low_labels"] = evaluate_low_label_track(
+            stages, scale, records, low_label_teacher, test_split, results["models"]
+        )
 
     checkpoint = output_dir / "g2sd-student"
     save_student(stages, f"g2sd_seed{scale.seeds[0]}", checkpoint)

@@ -204,7 +204,28 @@ def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
         "mae_teacher",
         "teacher_classifier",
         *(f"{name}_seed{seed}" for seed in seeds for name in ("generic", "g2sd", "gd_only", "sd_only", "scratch")),
+        "low_label_teacher",
+        *(f"{name}_seed{seed}" for seed in seeds for name in run_demo.LOW_LABEL_STUDENTS),
     } == set(stages)
+    # The few-labels track: a quarter of the 48 smoke cells keep their labels; the same steps for every student.
+    track = results["low_labels"]
+    assert track["labeled_images"] + track["unlabeled_images"] == results["train_images"]
+    assert 0 < track["labeled_images"] <= round(0.25 * results["train_images"]) + 1
+    assert track["steps"] == run_demo.low_label_steps(run_demo.SCALES["smoke"], results["train_images"])
+    assert set(track["models"]) == {"teacher", *run_demo.LOW_LABEL_STUDENTS}
+    for name in run_demo.LOW_LABEL_STUDENTS:
+        assert len(track["models"][name]["balanced_accuracy"]["values"]) == len(seeds)
+        assert stages[f"{name}_seed{seeds[0]}"]["seconds"] > 0
+    unlabeled_run = json.loads(
+        (tmp_path / "stages" / f"low_g2sd_unlabeled_seed{seeds[0]}" / "train_results.json").read_text()
+    )
+    labeled_run = json.loads((tmp_path / "stages" / f"low_g2sd_seed{seeds[0]}" / "train_results.json").read_text())
+    assert unlabeled_run["train_unlabeled_images"] == track["unlabeled_images"]
+    assert "train_unlabeled_images" not in labeled_run and labeled_run["train_samples"] == track["labeled_images"]
+    assert track["comparison"]["baselines"]["low_scratch"]["difference"] == pytest.approx(
+        track["models"]["low_g2sd_unlabeled"]["balanced_accuracy"]["mean"]
+        - track["models"]["low_scratch"]["balanced_accuracy"]["mean"]
+    )
     assert not any(stage["reused"] for stage in stages.values()) and not results["teachers_shipped"]
     comparison = results["comparison"]
     primary = run_demo.PRIMARY_METRIC
@@ -221,6 +242,9 @@ def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| G2SD (GD + SD) |" in table and "| Scratch (supervised only) |" in table and "Primary metric" in table
     assert "patches dropped from the token sequence" in table
+    assert (
+        "## Few labels: 25% of the training labels" in table and "| G2SD + unlabeled SD (SD on every image) |" in table
+    )
     with Image.open(tmp_path / "results.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 500
     classifier = pipeline("image-classification", model=str(tmp_path / "g2sd-student"))

@@ -130,6 +130,13 @@ class DataArguments(_DataSource):
             "and every student the same one, so that they share the labeled images."
         },
     )
+    unlabeled_rest: bool = field(
+        default=True,
+        metadata={
+            "help": "With --label_fraction below 1: the training images whose labels were left out are unlabeled "
+            "images (for a teacher to teach from). false leaves them out (the paper's recipe on the few labels)."
+        },
+    )
     unlabeled_train_dir: str | None = field(
         default=None,
         metadata={"help": "A folder of unlabeled training images (any layout; sub-folder names are ignored)."},
@@ -160,7 +167,9 @@ class DataArguments(_DataSource):
     def has_unlabeled_images(self) -> bool:
         """Whether training has unlabeled images: a label fraction below 1, or an unlabeled folder or data set."""
         return (
-            self.label_fraction < 1 or self.unlabeled_train_dir is not None or self.unlabeled_dataset_name is not None
+            (self.label_fraction < 1 and self.unlabeled_rest)
+            or self.unlabeled_train_dir is not None
+            or self.unlabeled_dataset_name is not None
         )
 
 
@@ -286,7 +295,8 @@ def _prepare_unlabeled_images(
     parts = []
     if data_args.label_fraction < 1:
         splits["train"], rest = split_labels(splits["train"], data_args.label_fraction, data_args.label_fraction_seed)
-        parts.append(rest)
+        if data_args.unlabeled_rest:
+            parts.append(rest)
     if data_args.unlabeled_train_dir is not None or data_args.unlabeled_dataset_name is not None:
         images = load_unlabeled_images(
             train_dir=data_args.unlabeled_train_dir,
