@@ -93,6 +93,10 @@ class DemoScale:
     bf16: bool = False  # mixed precision (on a GPU)
     # The few-labels track: this stratified fraction of the training labels (None: no such track).
     low_label_fraction: float | None = 0.1
+    # What each kind of stage took in a measured run of this scale (results.json, "stages"), and the evaluation and
+    # analysis after them: the progress line's time-left estimate (StageClock) scales them by this machine's speed.
+    stage_seconds: dict[str, float] | None = None
+    results_seconds: float = 0.0
 
 
 TEACHER_192x6 = (
@@ -116,6 +120,21 @@ SCALES = {
         specific_epochs=5,
         shipped_teachers=True,
         max_image_side=128,
+        # Measured by `make demo` on 2 cores of an Intel Xeon (results.json of 2026-12-03, 15.4 min in all).
+        stage_seconds={
+            "low_label_teacher": 25,
+            "generic": 52,
+            "g2sd": 34,
+            "gd_only": 23,
+            "sd_only": 34,
+            "scratch": 24,
+            "low_g2sd_unlabeled": 34,
+            "low_g2sd": 26,
+            "low_gd_only": 17,
+            "low_sd_only": 26,
+            "low_scratch": 17,
+        },
+        results_seconds=40,
     ),
     # One GPU: 224x224 cells, a ViT-S-sized MAE teacher pre-trained for 400 epochs, a ViT-Ti-sized student.
     "gpu": DemoScale(
@@ -938,6 +957,15 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for stage, record in results["stages"].items():
         lines.append(f"| {stage} | {record['seconds']:.0f} | {'yes' if record['reused'] else 'no'} |")
+    estimates = results.get("time_left_estimates", [])
+    if len(estimates) > 1 and estimates[1]["estimated_seconds_left"] is not None:
+        second = estimates[1]
+        lines += [
+            "",
+            f"The progress line's time-left estimate at stage 2 ({second['stage']}): "
+            f"{second['estimated_seconds_left'] / 60:.1f} min announced, {second['real_seconds_left'] / 60:.1f} min "
+            f"real ({100 * (second['estimated_seconds_left'] / second['real_seconds_left'] - 1):+.0f}%).",
+        ]
     lines += ["", "![results](results.png)", "", "![occlusion](occlusion.png)", "", "![cka](cka.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -997,6 +1025,19 @@ def low_label_lines(results: dict) -> list[str]:
     return lines
 
 
+def time_left_estimates(records: dict, seconds_from_first_stage: float) -> list[dict]:
+    """For each stage: the time left the progress line announced when it started, and the real time left then
+    (until the demo ended)."""
+    return [
+        {
+            "stage": name,
+            "estimated_seconds_left": record["estimated_seconds_left"],
+            "real_seconds_left": seconds_from_first_stage - record["started_after_seconds"],
+        }
+        for name, record in records.items()
+    ]
+
+
 def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
     """Copy a student stage into a pipeline-ready folder (weights, config, processor, model card) through
     `staged_folder`: a folder the demo wrote before is replaced, a folder holding anything else is refused."""
@@ -1034,7 +1075,8 @@ def main(args: list[str] | None = None) -> dict:
             low_label_teacher_arguments(scale, low_label_teacher, mae_teacher),
         )
     planned.update(stage_arguments(scale, stages, mae_teacher, teacher_classifier, low_label_teacher, train_images))
-    records = run_stages(planned, stages)
+    stages_started = time.perf_counter() - start
+    records = run_stages(planned, stages, scale.stage_seconds, scale.results_seconds)
 
     eval_labels = splits["test"]["label"][: scale.max_eval_samples or len(splits["test"])]
     test_split = splits["test"].select(range(len(eval_labels)))
@@ -1085,6 +1127,7 @@ def main(args: list[str] | None = None) -> dict:
     results["analysis"] = analyze(stages, scale, test_split, output_dir, teacher_classifier)
 
     results["total_seconds"] = time.perf_counter() - start
+    results["time_left_estimates"] = time_left_estimates(records, results["total_seconds"] - stages_started)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, output_dir / "results.md")
     write_figure(results, stages, output_dir / "results.png")

@@ -261,7 +261,8 @@ class SpecificDistillationArguments(RecipeArguments):
         default=False,
         metadata={
             "help": "After distilling, train the same student from a random initialization with the same recipe and "
-            "steps but no teacher (and no layer-wise lr decay), score it on the validation split (scratch_eval_*), "
+            "epochs on the labeled images but no teacher (and no layer-wise lr decay), score it on the validation "
+            "split (scratch_eval_*), "
             "and warn, naming the weak stage, when the distilled student ended below it. Doubles the training time "
             "of a small student; on by default in --recipe small-data. Needs a teacher and one evaluation set."
         },

@@ -255,6 +255,20 @@ def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
     assert again["models"]["g2sd"]["accuracy"] == results["models"]["g2sd"]["accuracy"]
 
 
+def test_the_cpu_demo_times_every_kind_of_stage_it_runs(tmp_path):
+    """The progress line's estimate scales the measured seconds of each kind of stage: every kind the `cpu` demo
+    plans has one, so no stage falls back to the mean."""
+    from g2sd_hf.scripts.stages import StageClock
+
+    scale = run_demo.SCALES["cpu"]
+    planned = run_demo.stage_arguments(scale, tmp_path, tmp_path / "mae", tmp_path / "teacher", tmp_path / "low", 1968)
+    kinds = {StageClock.kind(name) for name in ["low_label_teacher", *planned]}
+    assert kinds == set(scale.stage_seconds) and scale.results_seconds > 0
+    # Before any stage has run, the estimate is the measured demo's (15.4 min in all).
+    clock = StageClock(["low_label_teacher", *planned], scale.stage_seconds, scale.results_seconds)
+    assert 13 * 60 < clock.seconds_left("low_label_teacher") < 17 * 60
+
+
 def test_teachers_written_as_assets_are_used_as_shipped(tmp_path, monkeypatch):
     import dataclasses
 

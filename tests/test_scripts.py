@@ -137,6 +137,19 @@ def test_stage_clock_estimates_the_time_left_by_kind_of_stage():
     other = StageClock(["a", "b", "c"])
     other.finished("a", 90.0)
     assert other.seconds_left("b") == 180.0  # unknown kinds take the mean stage
+    # With the seconds each kind took in a measured run (and the work after the stages): an estimate from stage 1,
+    # then scaled by this machine's speed on the stages finished so far.
+    measured = StageClock(
+        ["teacher", "generic_seed0", "g2sd_seed0", "generic_seed1", "g2sd_seed1"],
+        {"teacher": 50.0, "generic": 70.0, "g2sd": 40.0},
+        tail_seconds=300.0,
+    )
+    assert measured.seconds_left("teacher") == 50.0 + 2 * (70.0 + 40.0) + 300.0
+    measured.finished("teacher", 100.0)  # twice as slow as measured
+    assert measured.seconds_left("generic_seed0") == 2 * (2 * (70.0 + 40.0) + 300.0)
+    measured.finished("generic_seed0", 70.0)  # generic is now known; the speed is (100 + 70) / (50 + 70)
+    speed = 170.0 / 120.0
+    assert measured.seconds_left("g2sd_seed0") == pytest.approx(40.0 * speed + 70.0 + 40.0 * speed + 300.0 * speed)
 
 
 def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):

@@ -82,8 +82,11 @@ def run_stage(name: str, module, arguments: list[str], folder: Path, position: s
 
 
 class StageClock:
-    """Stage `k` of `n` and the time the stages left should take, from those already run: each stage is estimated by
-    the stages of its kind (its name up to `_seed`: `g2sd_seed1` is timed by `g2sd_seed0`), else by the mean stage.
+    """Stage `k` of `n` and the time the stages left should take. A stage whose kind (its name up to `_seed`:
+    `g2sd_seed1` is of kind `g2sd`) has run is estimated by the mean of its kind. Other kinds: by `expected_seconds`
+    (what each kind took in a measured run of the same scale), scaled by how fast this machine ran the stages
+    finished so far against their expected times; without expectations, by the mean stage. `tail_seconds`, scaled the
+    same way, is the work after the last stage (evaluation, analysis).
 
     Example:
 
@@ -92,11 +95,19 @@ class StageClock:
     >>> clock.finished("generic_seed0", 120.0)
     >>> clock.position("g2sd_seed0")
     'stage 2/4, about 6 min left: '
+    >>> measured = StageClock(["generic_seed0", "g2sd_seed0"], {"generic": 60.0, "g2sd": 30.0}, tail_seconds=30.0)
+    >>> measured.finished("generic_seed0", 120.0)  # this machine runs at half the measured speed
+    >>> measured.seconds_left("g2sd_seed0")
+    120.0
     ```
     """
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(
+        self, names: Sequence[str], expected_seconds: dict[str, float] | None = None, tail_seconds: float = 0.0
+    ):
         self.names = list(names)
+        self.expected = dict(expected_seconds or {})
+        self.tail_seconds = tail_seconds
         self.seconds: dict[str, list[float]] = {}
 
     @staticmethod
@@ -106,13 +117,30 @@ class StageClock:
     def finished(self, name: str, seconds: float) -> None:
         self.seconds.setdefault(self.kind(name), []).append(seconds)
 
+    def _speed(self) -> float:
+        """Seconds taken here per expected second, over the finished stages of expected kinds (1 before any)."""
+        taken = expected = 0.0
+        for kind, values in self.seconds.items():
+            if kind in self.expected:
+                taken += sum(values)
+                expected += self.expected[kind] * len(values)
+        return taken / expected if expected else 1.0
+
     def seconds_left(self, name: str) -> float | None:
-        """The estimate for `name` and the stages after it; `None` before any stage has a time."""
-        if not self.seconds:
+        """The estimate for `name`, the stages after it and the tail; `None` when nothing says anything yet."""
+        if not self.seconds and not self.expected:
             return None
         means = {kind: sum(values) / len(values) for kind, values in self.seconds.items()}
-        overall = sum(means.values()) / len(means)
-        return sum(means.get(self.kind(other), overall) for other in self.names[self.names.index(name) :])
+        speed = self._speed()
+        overall = sum(means.values()) / len(means) if means else 0.0
+
+        def estimate(kind: str) -> float:
+            if kind in means:
+                return means[kind]
+            return self.expected[kind] * speed if kind in self.expected else overall
+
+        left = sum(estimate(self.kind(other)) for other in self.names[self.names.index(name) :])
+        return left + self.tail_seconds * speed
 
     def position(self, name: str) -> str:
         left = self.seconds_left(name)
@@ -120,12 +148,26 @@ class StageClock:
         return f"stage {self.names.index(name) + 1}/{len(self.names)}{estimate}: "
 
 
-def run_stages(planned: dict[str, tuple], stages: Path) -> dict[str, dict]:
+def run_stages(
+    planned: dict[str, tuple],
+    stages: Path,
+    expected_seconds: dict[str, float] | None = None,
+    tail_seconds: float = 0.0,
+) -> dict[str, dict]:
     """Run `planned` stages (`name -> (script module, arguments)`) in order, each in `stages / name`, saying the stage
-    number and the time left; returns each stage's record (`run_stage`)."""
-    clock, records = StageClock(list(planned)), {}
+    number and the time left (`StageClock`, with the measured `expected_seconds` by kind and `tail_seconds` when
+    given); returns each stage's record (`run_stage`), with when it started (`started_after_seconds`, from the first
+    stage's start) and the time left the clock announced then (`estimated_seconds_left`), to check the estimate."""
+    clock, records, start = StageClock(list(planned), expected_seconds, tail_seconds), {}, time.perf_counter()
     for name, (module, arguments) in planned.items():
-        records[name] = run_stage(name, module, arguments, stages / name, position=clock.position(name))
+        announced = {
+            "started_after_seconds": time.perf_counter() - start,
+            "estimated_seconds_left": clock.seconds_left(name),
+        }
+        records[name] = {
+            **run_stage(name, module, arguments, stages / name, position=clock.position(name)),
+            **announced,
+        }
         # A reused stage took no time now, but its recorded time is the best guess for the stages of its kind.
         clock.finished(name, records[name]["seconds"])
     return records
