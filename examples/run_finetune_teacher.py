@@ -13,7 +13,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, ViTMAEModel, set_seed
+from transformers import ViTMAEModel, set_seed
 
 from g2sd_hf import FineTuningArguments, FineTuningTrainer
 from g2sd_hf.data import ImageTransform, class_names, image_processor
@@ -24,7 +24,13 @@ from g2sd_hf.scripts.arguments import (
     check_unlabeled_arguments,
     prepare_splits,
 )
-from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
+from g2sd_hf.scripts.run import (
+    checkpoint_normalization,
+    checkpoint_to_resume,
+    parse_arguments,
+    setup_logging,
+    train_and_evaluate,
+)
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, classifier_from_mae
 
 
@@ -58,12 +64,10 @@ def main(args: list[str] | None = None) -> dict:
     load = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     encoder = ViTMAEModel.from_pretrained(model_args.mae_name_or_path, **load)
     model = classifier_from_mae(encoder, num_labels=len(labels), id2label=dict(enumerate(labels)))
-    try:
-        mae_processor = AutoImageProcessor.from_pretrained(model_args.mae_name_or_path, **load)
-        image_mean, image_std = list(mae_processor.image_mean), list(mae_processor.image_std)
-    except (OSError, ValueError):
+    found = checkpoint_normalization(model_args.mae_name_or_path, **load)
+    if found is None:
         logger.warning(f"No image processor in {model_args.mae_name_or_path}: using ImageNet's normalization, MAE's.")
-        image_mean, image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    image_mean, image_std = found or (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
     size = model.config.image_size
     processor = image_processor(size, image_mean, image_std, augmentation_args.eval_crop_ratio)
 

@@ -19,7 +19,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, set_seed
+from transformers import set_seed
 
 from g2sd_hf import (
     ClassificationTeacher,
@@ -39,6 +39,7 @@ from g2sd_hf.scripts.arguments import (
     prepare_splits,
 )
 from g2sd_hf.scripts.run import (
+    checkpoint_normalization,
     checkpoint_to_resume,
     finish_training_run,
     parse_arguments,
@@ -116,16 +117,17 @@ def build_student(
 
 def student_normalization(model_args: ModelArguments, teacher: ClassificationTeacher | None) -> tuple[list, list]:
     """The student's pixel normalization: its checkpoint's processor, else the teacher's, else ImageNet's."""
+    fallback = (teacher.image_mean, teacher.image_std) if teacher is not None else None
     if model_args.student_name_or_path is not None:
-        try:
-            processor = AutoImageProcessor.from_pretrained(
-                model_args.student_name_or_path, cache_dir=model_args.cache_dir
-            )
-            return list(processor.image_mean), list(processor.image_std)
-        except (OSError, ValueError):
-            logger.info(f"No image processor in {model_args.student_name_or_path}.")
-    if teacher is not None:
-        return list(teacher.image_mean), list(teacher.image_std)
+        found = checkpoint_normalization(model_args.student_name_or_path, cache_dir=model_args.cache_dir)
+        if found is not None:
+            return found
+        logger.warning(
+            f"No image processor in {model_args.student_name_or_path}: the student is normalized like "
+            f"{'its teacher' if fallback else 'ImageNet'}."
+        )
+    if fallback is not None:
+        return list(fallback[0]), list(fallback[1])
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 

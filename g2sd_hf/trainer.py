@@ -163,6 +163,7 @@ class RecipeArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_counts()
         if self.min_learning_rate < 0:
             raise ValueError(f"min_learning_rate must be >= 0, got {self.min_learning_rate}.")
         if self.recipe not in RECIPES:
@@ -178,6 +179,25 @@ class RecipeArguments(TrainingArguments):
                 **(kwargs if isinstance(kwargs, dict) else {}),
                 "min_lr": self.min_learning_rate,
             }
+
+    def _check_counts(self) -> None:
+        """Refuse, before any work, counts that would train nothing or fail late: batch sizes and accumulation steps
+        below 1, negative workers, and a run with neither steps nor epochs (it would save its initial weights as a
+        finished model)."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(
+                f"--dataloader_num_workers must be >= 0 (0: load in the main process), got {self.dataloader_num_workers}."
+            )
+        if self.num_train_epochs < 0:
+            raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
+        if self.do_train and self.max_steps <= 0 and self.num_train_epochs == 0:
+            raise ValueError(
+                "--num_train_epochs 0 without --max_steps trains nothing: the initial weights would be saved as a "
+                "finished model. Give a positive --num_train_epochs or --max_steps."
+            )
 
 
 @dataclass

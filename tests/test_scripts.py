@@ -166,3 +166,70 @@ def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):
         assert record["arguments"] == ["--disable_tqdm", "true"] and not record["reused"]
     assert seen == [["--disable_tqdm", "true", "--disable_tqdm", "false"], ["--disable_tqdm", "true"]]
     assert run_stage("tty", script, ["--disable_tqdm", "true"], tmp_path / "tty")["reused"]
+
+
+@pytest.mark.parametrize(
+    ("switch", "value", "message"),
+    [
+        ("per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+        ("per_device_eval_batch_size", "0", "--per_device_eval_batch_size must be at least 1, got 0"),
+        ("gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
+        ("num_train_epochs", "-1", "--num_train_epochs must be positive, got -1"),
+        ("num_train_epochs", "0", "--num_train_epochs 0 without --max_steps trains nothing"),
+        ("dataloader_num_workers", "-1", "--dataloader_num_workers must be >= 0"),
+    ],
+)
+def test_counts_that_would_train_nothing_are_refused_before_any_data_is_read(tmp_path, switch, value, message):
+    """Issue 19: a negative epoch count used to exit 0 with the initial weights saved as a finished model."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import run_specific
+
+    missing = tmp_path / "no-such-folder"  # the data pass would fail on it: the count must be refused first
+    arguments = [
+        "--train_dir",
+        str(missing),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--do_train",
+        f"--{switch}",
+        value,
+    ]
+    with pytest.raises(ValueError, match=message):
+        run_specific.main(arguments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_processor_file_is_an_error_and_a_missing_one_falls_back(tmp_path):
+    """Issue 19: an unreadable preprocessor_config.json made run_specific.py use the teacher's normalization with an
+    INFO line."""
+    from transformers import ViTImageProcessor
+
+    from g2sd_hf.scripts.run import checkpoint_normalization
+
+    ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "good")
+    assert checkpoint_normalization(str(tmp_path / "good")) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    (tmp_path / "missing").mkdir()
+    assert checkpoint_normalization(str(tmp_path / "missing")) is None
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "preprocessor_config.json").write_text('{"image_mean": [0.1, ')
+    with pytest.raises(ValueError, match=r"damaged/preprocessor_config.json cannot be read"):
+        checkpoint_normalization(str(tmp_path / "damaged"))
+
+
+def test_run_finetune_teacher_refuses_an_mae_whose_processor_file_is_damaged(shapes_folder, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from .conftest import run_arguments, tiny_mae_teacher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import run_finetune_teacher
+
+    tiny_mae_teacher().save_pretrained(tmp_path / "mae")
+    (tmp_path / "mae" / "preprocessor_config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="preprocessor_config.json cannot be read"):
+        run_finetune_teacher.main(run_arguments(shapes_folder, tmp_path / "out", 1, mae_name_or_path=tmp_path / "mae"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()

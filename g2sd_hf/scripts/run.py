@@ -215,6 +215,37 @@ def _read_lock(path: Path, attempts: int = 20) -> dict:
     return {}
 
 
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def checkpoint_normalization(name_or_path: str, **load) -> tuple[list[float], list[float]] | None:
+    """The pixel normalization (`image_mean`, `image_std`) of a checkpoint's image processor; `None` when it has none,
+    for the caller to fall back with a warning that says to what.
+
+    Raises:
+        ValueError: naming the file, when the checkpoint has a processor file that cannot be read (a damaged file is
+            never taken for a missing one: the model would be trained or served with another normalization).
+    """
+    from transformers import AutoImageProcessor
+
+    local = Path(name_or_path)
+    if local.is_dir() and not (local / PROCESSOR_FILE).is_file():
+        return None
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **load)
+    except (OSError, ValueError) as error:
+        if local.is_dir():
+            raise ValueError(
+                f"{local / PROCESSOR_FILE} cannot be read ({error}). Repair or remove it (without it, the normalization "
+                "falls back with a warning saying to what)."
+            ) from error
+        return None  # a Hub checkpoint without a processor
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        raise ValueError(f"The image processor of {name_or_path} has no image_mean / image_std: add them to it.")
+    return list(mean), list(std)
+
+
 def release_output_dir(training_args: TrainingArguments) -> None:
     """Remove this process's claim on `output_dir` (at the end of `train_and_evaluate`, or at exit)."""
     lock = Path(training_args.output_dir) / RUN_LOCK
