@@ -1,4 +1,6 @@
-"""Loading a saved image classifier without ever using silently random weights.
+"""Saved checkpoints: loading an image classifier without ever using silently random weights, and telling a complete
+training checkpoint from one a killed save or a full disk left half-written (`checkpoint_problem`,
+`last_complete_checkpoint`).
 
 `from_pretrained` fills whatever a checkpoint lacks with freshly initialized weights and only logs it: an MAE
 checkpoint given as a student trains from random blocks, and a generic-distillation checkpoint given to the analysis
@@ -6,9 +8,13 @@ or the exporter is scored with a random head. `load_image_classifier` refuses a 
 weights, and refuses a new head (or, when a head is to be trained, says so).
 """
 
+import json
 import os
+import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
@@ -106,3 +112,77 @@ def load_image_classifier(
 
 
 __all__ = ["load_image_classifier", "readable_weights"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# The Trainer writes the trainer state last: a checkpoint without it is a save that did not finish.
+TRAINER_STATE = "trainer_state.json"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a `.safetensors` file is not whole (its header's last tensor ends beyond the file), or `None`."""
+    try:
+        with open(path, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError) as error:
+        return f"{path.name} cannot be read ({error.__class__.__name__})"
+    expected = 8 + header_size + end
+    size = path.stat().st_size
+    return None if size == expected else f"{path.name} is truncated ({size} of {expected} bytes)"
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint folder is not complete, or `None` when it is: no `trainer_state.json` (written last,
+    so the save stopped before its end), an unreadable one, no model weights, or a truncated `.safetensors` file.
+
+    Example:
+
+    ```python
+    >>> checkpoint_problem("run/checkpoint-200")
+    'no trainer_state.json (the save stopped before its end)'
+    ```
+    """
+    folder = Path(folder)
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE} (the save stopped before its end)"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE} cannot be read"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("pytorch_model*.bin")):
+        return "no model weights"
+    for path in weights:
+        if (problem := _safetensors_problem(path)) is not None:
+            return problem
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
+    """The newest complete `checkpoint-N` in `output_dir` (or `None`), and the newer ones skipped, with why.
+
+    Example:
+
+    ```python
+    >>> last_complete_checkpoint("run")
+    ('run/checkpoint-100', {'checkpoint-200': 'model.safetensors is truncated (1024 of 4096 bytes)'})
+    ```
+    """
+    folders = [
+        (int(match.group(1)), path)
+        for path in Path(output_dir).iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+    ]
+    skipped = {}
+    for _, path in sorted(folders, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), skipped
+        skipped[path.name] = problem
+    return None, skipped

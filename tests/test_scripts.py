@@ -14,11 +14,50 @@ def arguments(output_dir, **overrides):
     return GenericDistillationArguments(**{**values, **overrides})
 
 
+def write_checkpoint(folder, step: int) -> None:
+    """A complete Trainer checkpoint as far as resuming can tell: weights, then the trainer state (written last)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"weight": torch.full((4, 4), float(step))}, str(folder / "model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
 def interrupted_run(output_dir, training_args, data_args):
     """What a run killed after its second checkpoint leaves: its arguments record and two checkpoint folders."""
     assert checkpoint_to_resume(training_args, data_args) is None  # a new folder: a new run, recorded
     for step in (2, 4):
-        (output_dir / f"checkpoint-{step}").mkdir()
+        write_checkpoint(output_dir / f"checkpoint-{step}", step)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no trainer state", "unreadable trainer state"])
+def test_resuming_skips_an_incomplete_checkpoint_and_says_why(tmp_path, damage, caplog):
+    """Issue 19: a save cut short (a full disk, a kill) left a checkpoint that resume picked and died on."""
+    data = DataArguments(dataset_name="elpv")
+    interrupted_run(tmp_path, arguments(tmp_path), data)
+    latest = tmp_path / "checkpoint-4"
+    if damage == "truncated weights":
+        weights = latest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-20])
+        reason = "model.safetensors is truncated"
+    elif damage == "no trainer state":
+        (latest / "trainer_state.json").unlink()
+        reason = "no trainer_state.json"
+    else:
+        (latest / "trainer_state.json").write_text('{"global_step": ')
+        reason = "trainer_state.json cannot be read"
+    with caplog.at_level("WARNING"):
+        assert checkpoint_to_resume(arguments(tmp_path), data) == str(tmp_path / "checkpoint-2")
+    assert f"Skipping {latest}, an incomplete checkpoint: {reason}" in caplog.text
+    assert latest.is_dir()  # skipped, not removed
+    # Given explicitly, it is refused with the reason.
+    with pytest.raises(ValueError, match=rf"not a complete checkpoint: {reason}"):
+        checkpoint_to_resume(arguments(tmp_path, resume_from_checkpoint=str(latest)), data)
+    # With no complete checkpoint left, the rerun is refused rather than started anew over them.
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="none of them complete"):
+        checkpoint_to_resume(arguments(tmp_path), data)
 
 
 def test_a_rerun_with_the_same_arguments_resumes_its_last_checkpoint(tmp_path):

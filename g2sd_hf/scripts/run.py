@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoints import checkpoint_problem, last_complete_checkpoint
 from ..recipes import DEFAULT_RECIPE, recipe_defaults
 
 
@@ -269,8 +270,14 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
     """
     if training_args.do_train:
         claim_output_dir(training_args)
-    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
-        return training_args.resume_from_checkpoint
+    given = training_args.resume_from_checkpoint
+    if isinstance(given, str) and os.path.isdir(given) and (problem := checkpoint_problem(given)) is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {given} is not a complete checkpoint: {problem}. Resume from an earlier "
+            "checkpoint of the run."
+        )
+    if given is not None or not training_args.do_train:
+        return given
     output_dir = Path(training_args.output_dir)
     current = run_arguments(training_args, *argument_groups)
     record = output_dir / RUN_ARGUMENTS
@@ -295,8 +302,14 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
             )
         if last is None:
             raise ValueError(f"{output_dir} already holds {what} of this same run, finished. {ways}")
-        logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {last}.")
-        resume = last
+        resume, skipped = last_complete_checkpoint(output_dir)
+        for name, problem in skipped.items():
+            logger.warning(f"Skipping {output_dir / name}, an incomplete checkpoint: {problem}.")
+        if resume is None:
+            raise ValueError(
+                f"{output_dir} holds checkpoints of this same run, none of them complete ({skipped}). {ways}"
+            )
+        logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {resume}.")
     elif last is not None or finished:
         logger.warning(f"--overwrite_output_dir: a new run in {output_dir}; its earlier checkpoints are not resumed.")
     if training_args.should_save:
