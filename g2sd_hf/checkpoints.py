@@ -8,6 +8,7 @@ or the exporter is scored with a random head. `load_image_classifier` refuses a 
 weights, and refuses a new head (or, when a head is to be trained, says so).
 """
 
+import errno
 import json
 import os
 import re
@@ -186,3 +187,24 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None,
             return str(path), skipped
         skipped[path.name] = problem
     return None, skipped
+
+
+# torch.save reports a full disk as an enforce failure of its zip writer, not as ENOSPC.
+_WRITE_FAILURES = ("No space left on device", "file write failed", "failed writing file")
+
+
+@contextmanager
+def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a save that failed for want of disk space (`ENOSPC`, or torch's "file write failed" enforce error) into
+    `OSError(ENOSPC, "No space left on the device while saving <path>...")`; other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = getattr(error, "errno", None) == errno.ENOSPC or any(text in str(error) for text in _WRITE_FAILURES)
+        if not full:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on the device while saving {path}. What it was writing is incomplete (automatic resume "
+            "skips an incomplete checkpoint); free some space or choose another --output_dir, then run again to resume.",
+        ) from error

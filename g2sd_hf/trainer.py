@@ -29,6 +29,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ._deprecation import moved_names
+from .checkpoints import reporting_full_disk
 from .configuration_g2sd import to_pair
 from .few_labels import UNLABELED, count_unlabeled, labeled_rows
 from .hub import build_model_card
@@ -482,6 +483,15 @@ class RecipeTrainer(Trainer):
             return self.score_classifier(lambda pixel_values: model(pixel_values=pixel_values).logits)
         finally:
             model.train(was_training)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        with reporting_full_disk(folder):
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with reporting_full_disk(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume the model's weights through `from_pretrained`, and refuse a checkpoint that does not fill the model.

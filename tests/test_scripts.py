@@ -69,6 +69,24 @@ def test_a_rerun_with_the_same_arguments_resumes_its_last_checkpoint(tmp_path):
     assert checkpoint_to_resume(rerun, data) == str(tmp_path / "checkpoint-4")
 
 
+def test_resuming_with_another_number_of_processes_is_refused_naming_the_batch_and_learning_rate(
+    tmp_path, monkeypatch
+):
+    """Issue 19: a run started on 1 process and resumed on 2 silently doubled its global batch. (The second launch is
+    simulated by the world size the arguments report; a real 2-process run is in test_distributed.py.)"""
+    data = DataArguments(dataset_name="elpv")
+    interrupted_run(tmp_path, arguments(tmp_path, per_device_train_batch_size=32), data)
+    record = json.loads((tmp_path / RUN_ARGUMENTS).read_text())
+    assert (record["num_processes"], record["global_batch_size"]) == (1, 32)
+    assert record["peak_learning_rate"] == pytest.approx(1e-3 * 32 / 256)
+    monkeypatch.setattr(GenericDistillationArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError) as refused:
+        checkpoint_to_resume(arguments(tmp_path, per_device_train_batch_size=32), data)
+    message = str(refused.value)
+    assert "global_batch_size: 32 then, 64 now" in message and "num_processes: 1 then, 2 now" in message
+    assert "peak_learning_rate: 0.000125 then, 0.00025 now" in message and "--resume_from_checkpoint" in message
+
+
 @pytest.mark.parametrize("change", ["training", "data"])
 def test_a_run_with_other_arguments_is_refused_and_names_the_difference(tmp_path, change):
     interrupted_run(tmp_path, arguments(tmp_path), DataArguments(dataset_name="elpv"))
@@ -79,7 +97,9 @@ def test_a_run_with_other_arguments_is_refused_and_names_the_difference(tmp_path
         else DataArguments(dataset_name="elpv")
     )
     expected = (
-        "learning_rate: 0.001 then, 0.0005 now" if change == "training" else "max_train_samples: None then, 100 now"
+        "learning_rate: 0.001 then, 0.0005 now; peak_learning_rate: 3.125e-05 then, 1.5625e-05 now"
+        if change == "training"
+        else "max_train_samples: None then, 100 now"
     )
     with pytest.raises(
         ValueError, match=rf"other arguments \({expected}\).*--overwrite_output_dir.*--resume_from_checkpoint"

@@ -563,3 +563,32 @@ def test_classification_teacher_wrapper_is_used_for_models(tmp_path):
     assert isinstance(trainer.teacher, ClassificationTeacher)
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
     assert NUM_PATCHES == 16
+
+
+@pytest.mark.parametrize("failure", ["safetensors", "torch.save"])
+def test_a_full_disk_while_saving_is_reported_as_such_naming_the_checkpoint(tmp_path, monkeypatch, failure):
+    """Issue 19: a disk that filled during a save surfaced as a torch enforce failure. A full disk cannot be made
+    here, so the two writers raise what they raise on one (ENOSPC; torch's zip-writer enforce failure)."""
+    import errno
+
+    trainer = specific_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    if failure == "safetensors":
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(trainer.model, "save_pretrained", full)
+    else:
+
+        def full(*args, **kwargs):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+
+        monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(
+        OSError, match=r"No space left on the device while saving .*checkpoint-1\. .*free some space"
+    ) as raised:
+        trainer.train()
+    assert raised.value.errno == errno.ENOSPC

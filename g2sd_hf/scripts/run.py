@@ -116,8 +116,21 @@ FINISHED_RUN_FILES = ("model.safetensors", "pytorch_model.bin", "all_results.jso
 
 
 def run_arguments(training_args: TrainingArguments, *argument_groups) -> dict:
-    """The arguments that decide what a run computes, as JSON values (the record `checkpoint_to_resume` compares)."""
-    values = {key: value for key, value in training_args.to_dict().items()}
+    """The arguments that decide what a run computes, as JSON values (the record `checkpoint_to_resume` compares),
+    with what the launch decides: the number of processes, the global batch and the peak learning rate (resuming
+    with another number of processes would change the batch, the steps and the learning-rate curve)."""
+    global_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.world_size
+        * training_args.gradient_accumulation_steps
+    )
+    scaled = getattr(training_args, "scale_lr_with_batch_size", False)
+    values = {
+        **training_args.to_dict(),
+        "num_processes": training_args.world_size,
+        "global_batch_size": global_batch,
+        "peak_learning_rate": training_args.learning_rate * (global_batch / 256 if scaled else 1),
+    }
     for group in argument_groups:
         values.update(dataclasses.asdict(group))
     values = json.loads(json.dumps(values, default=str))
