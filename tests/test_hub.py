@@ -366,7 +366,7 @@ def test_push_to_hub_prepares_everything_up_to_the_upload(tmp_path, monkeypatch)
         upload["files"]
     )
     assert 'model="g2sd-org/g2sd-tiny-elpv"' in upload["card"] and "knowledge-distillation" in upload["card"]
-    assert "checkpoint-*" in upload["ignore_patterns"]
+    assert "checkpoint-*" in upload["ignore_patterns"] and "_*" in upload["ignore_patterns"]  # _earlier_run_<k>/
 
 
 def test_card_for_a_generic_checkpoint_names_its_teacher():

@@ -123,9 +123,19 @@ def test_overwrite_output_dir_starts_a_new_run_and_explicit_resume_is_kept(tmp_p
     interrupted_run(tmp_path, arguments(tmp_path), DataArguments(dataset_name="elpv"))
     assert checkpoint_to_resume(arguments(tmp_path, learning_rate=5e-4, overwrite_output_dir=True)) is None
     assert json.loads((tmp_path / RUN_ARGUMENTS).read_text())["learning_rate"] == 5e-4
-    assert (tmp_path / "checkpoint-4").is_dir()  # not resumed, not removed
-    explicit = arguments(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-2"), learning_rate=1.0)
-    assert checkpoint_to_resume(explicit) == str(tmp_path / "checkpoint-2")
+    # Issue 19: the earlier run's checkpoints are moved aside whole (not resumed, not removed, out of the rotation).
+    earlier = tmp_path / "_earlier_run_1"
+    assert sorted(path.name for path in earlier.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(tmp_path.glob("checkpoint-*"))
+    # The overwriting run killed before its first checkpoint, then rerun as is: a new start, not the earlier run's
+    # last checkpoint (which it used to resume, training 0 steps and keeping the old weights).
+    assert checkpoint_to_resume(arguments(tmp_path, learning_rate=5e-4)) is None
+    explicit = arguments(tmp_path, resume_from_checkpoint=str(earlier / "checkpoint-2"), learning_rate=1.0)
+    assert checkpoint_to_resume(explicit) == str(earlier / "checkpoint-2")
+    # A second overwrite over new checkpoints keeps both earlier runs apart.
+    write_checkpoint(tmp_path / "checkpoint-6", 6)
+    assert checkpoint_to_resume(arguments(tmp_path, learning_rate=2e-4, overwrite_output_dir=True)) is None
+    assert [path.name for path in (tmp_path / "_earlier_run_2").iterdir()] == ["checkpoint-6"]
 
 
 def test_config_overrides_are_parsed_and_unknown_names_refused():
@@ -292,3 +302,37 @@ def test_run_finetune_teacher_refuses_an_mae_whose_processor_file_is_damaged(sha
     with pytest.raises(ValueError, match="preprocessor_config.json cannot be read"):
         run_finetune_teacher.main(run_arguments(shapes_folder, tmp_path / "out", 1, mae_name_or_path=tmp_path / "mae"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_an_overwriting_run_with_a_save_limit_keeps_the_earlier_runs_checkpoints(shapes_folder, tmp_path):
+    """Issue 19: transformers' checkpoint rotation removed the earlier run's checkpoints after an overwrite."""
+    import sys
+    from pathlib import Path
+
+    from .conftest import SHAPES_STUDENT, run_arguments
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import run_specific
+
+    def run(**extra):
+        return run_specific.main(
+            run_arguments(
+                shapes_folder,
+                tmp_path / "run",
+                1,
+                distillation_type="none",
+                config_overrides=f"image_size=32,patch_size=8,{SHAPES_STUDENT}",
+                save_strategy="steps",
+                save_steps=4,
+                do_eval=False,
+                **extra,
+            )
+        )
+
+    run(learning_rate=1e-3, max_steps=8)
+    first = {path.name: (path / "model.safetensors").read_bytes() for path in (tmp_path / "run").glob("checkpoint-*")}
+    assert sorted(first) == ["checkpoint-4", "checkpoint-8"]
+    run(learning_rate=5e-4, overwrite_output_dir=True, save_total_limit=1, max_steps=12)
+    earlier = tmp_path / "run" / "_earlier_run_1"
+    assert {name: (earlier / name / "model.safetensors").read_bytes() for name in first} == first
+    assert [path.name for path in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-12"]

@@ -270,6 +270,23 @@ def release_output_dir(training_args: TrainingArguments) -> None:
         pass
 
 
+EARLIER_RUN_PREFIX = "_earlier_run_"  # "_*" folders are not pushed to the Hub
+
+
+def _move_earlier_checkpoints(output_dir: Path) -> Path:
+    """Move an earlier run's `checkpoint-N` folders into `output_dir/_earlier_run_<k>/` (the first free `k`): the new
+    run's checkpoint rotation and automatic resume only ever see its own checkpoints, and nothing is deleted."""
+    index = 1
+    while (output_dir / f"{EARLIER_RUN_PREFIX}{index}").exists():
+        index += 1
+    target = output_dir / f"{EARLIER_RUN_PREFIX}{index}"
+    target.mkdir()
+    for folder in sorted(output_dir.glob("checkpoint-*")):
+        if folder.is_dir():
+            folder.rename(target / folder.name)
+    return target
+
+
 def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:
     """The checkpoint a training run starts from, after checking that `output_dir` holds nothing of another run.
 
@@ -277,7 +294,9 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
     the last one only when that run was started with the same arguments (`run_arguments.json`, written here, compares
     everything but logging, saving and data-loading settings); a folder with another run's checkpoints or with a
     finished model is refused, with the two ways on: `--resume_from_checkpoint` (continue it anyway) or
-    `--overwrite_output_dir` (start a new run there; same-named files are replaced, nothing else is removed).
+    `--overwrite_output_dir` (start a new run there; the earlier run's checkpoints are moved, whole, into
+    `_earlier_run_<k>/`, out of reach of the new run's checkpoint rotation and resume; same-named files are replaced;
+    nothing is removed).
 
     Pass every argument dataclass of the script after `training_args`: the model's and the data's arguments count.
     """
@@ -324,7 +343,12 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
             )
         logger.info(f"Checkpoint found in {output_dir} of a run with the same arguments: resuming from {resume}.")
     elif last is not None or finished:
-        logger.warning(f"--overwrite_output_dir: a new run in {output_dir}; its earlier checkpoints are not resumed.")
+        moved = _move_earlier_checkpoints(output_dir) if training_args.should_save and last is not None else None
+        logger.warning(
+            f"--overwrite_output_dir: a new run in {output_dir}"
+            + (f"; the earlier run's checkpoints are moved, whole, to {moved}" if moved else "")
+            + "."
+        )
     if training_args.should_save:
         output_dir.mkdir(parents=True, exist_ok=True)
         staging = record.with_name(f".{RUN_ARGUMENTS}.{training_args.process_index}")
