@@ -176,7 +176,7 @@ def load_image_dataset(
     else:
         for flag, folder in (("--train_dir", train_dir), ("--validation_dir", validation_dir)):
             if folder is not None:
-                _check_image_folder(flag, folder)
+                check_image_folder(flag, folder)
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
             data_files["validation"] = os.path.join(validation_dir, "**")
@@ -202,12 +202,45 @@ def load_image_dataset(
 IMAGE_SUFFIXES = frozenset(suffix.lower() for suffix in Image.registered_extensions())
 
 
-def _check_image_folder(flag: str, folder: str) -> None:
-    """Refuse a folder that does not exist or holds no image file, naming it (before `datasets` fails obscurely)."""
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a name that is not UTF-8 on disk comes back with surrogate escapes, which do not encode
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_image_folder(flag: str, folder: str) -> None:
+    """Refuse, naming it, what `datasets` would fail on obscurely or drop without a word: a folder that does not exist
+    or holds no image file, a symlinked folder inside it (skipped by the image-folder loader: a class would vanish),
+    and a file or folder whose name is not valid UTF-8; say what hidden (dot) files and folders are left out."""
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"{flag} {folder}: no such folder. Give a folder of images, with one sub-folder per class.")
-    if not any(file.suffix.lower() in IMAGE_SUFFIXES for file in path.rglob("*") if file.is_file()):
+    images, hidden = 0, []
+    for root, folders, files in os.walk(path, followlinks=False):
+        for name in folders + files:
+            if not _is_utf8(name):
+                shown = os.path.join(root, name).encode("utf-8", "surrogateescape")
+                raise ValueError(
+                    f"{flag} {folder}: the name {shown!r} is not valid UTF-8, which the data set cannot store. Rename it."
+                )
+        for name in folders:
+            if os.path.islink(os.path.join(root, name)):
+                raise ValueError(
+                    f"{flag} {folder}: {os.path.join(root, name)} is a symbolic link to a folder, which the image-folder "
+                    "loader skips (its images, a whole class if it is a class folder, would be left out). Replace the "
+                    "link with the folder itself (copy it), then run again."
+                )
+        hidden += [os.path.join(root, name) for name in folders + files if name.startswith(".")]
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        images += sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files if not name.startswith("."))
+    if hidden:
+        logger.warning(
+            f"{flag} {folder}: {len(hidden)} hidden file(s) or folder(s) left out (names starting with '.'): "
+            f"{', '.join(sorted(hidden)[:5])}{', ...' if len(hidden) > 5 else ''}."
+        )
+    if not images:
         raise ValueError(
             f"{flag} {folder} holds no image file (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:8])}, ... in it and its "
             "sub-folders). Put the images in it, one sub-folder per class."
@@ -558,6 +591,7 @@ __all__ = [
     "ELPV_DEFECTIVE_CLASSES",
     "ELPV_TASKS",
     "ImageTransform",
+    "check_image_folder",
     "class_names",
     "classification_train_transform",
     "collate_classification",

@@ -17,11 +17,12 @@ masks out of the task loss (`losses.labeled_cross_entropy`).
 import logging
 import os
 import statistics
+from pathlib import Path
 
 import datasets
 import numpy as np
 
-from .data import IMAGE_SUFFIXES, open_rgb_image
+from .data import IMAGE_SUFFIXES, check_image_folder, open_rgb_image
 
 
 logger = logging.getLogger(__name__)
@@ -102,16 +103,14 @@ def load_unlabeled_images(
     if (train_dir is None) == (dataset_name is None):
         raise ValueError("Give the unlabeled images as --unlabeled_train_dir or --unlabeled_dataset_name (one).")
     if train_dir is not None:
-        if not os.path.isdir(train_dir):
-            raise ValueError(f"--unlabeled_train_dir {train_dir}: no such folder. Give a folder of images.")
+        check_image_folder("--unlabeled_train_dir", train_dir)  # refuses links and undecodable names, says hidden
         files = sorted(
             os.path.join(root, name)
             for root, _, names in os.walk(train_dir)
+            if not any(part.startswith(".") for part in Path(root).relative_to(train_dir).parts)
             for name in names
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
         )
-        if not files:
-            raise ValueError(f"--unlabeled_train_dir {train_dir} holds no image file (in it or its sub-folders).")
         table = datasets.Dataset.from_dict({"image": files})
     else:
         table = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, token=token)

@@ -210,3 +210,36 @@ def test_transforms_produce_normalized_tensors(elpv):
     for transform in (generic_distillation_transform(64, mean, std), classification_train_transform(64, mean, std)):
         first, second = transform(image), transform(image)
         assert first.shape == (3, 64, 64) and not torch.equal(first, second)  # random augmentation
+
+
+def test_a_folder_whose_images_would_be_dropped_without_a_word_is_refused_or_said(tmp_path, caplog):
+    """Issue 19: a symlinked class folder was skipped (the class vanished from the model), a name that is not UTF-8
+    failed deep inside `datasets`, hidden folders were left out silently."""
+    import os
+
+    from PIL import Image
+
+    def images(folder, count):
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(folder / f"image{index}.png")
+
+    images(tmp_path / "data" / "cracked", 4)
+    images(tmp_path / "elsewhere" / "intact", 4)
+    os.symlink(tmp_path / "elsewhere" / "intact", tmp_path / "data" / "intact")
+    with pytest.raises(ValueError, match=r"data/intact is a symbolic link to a folder.*Replace the link"):
+        load_image_dataset(train_dir=str(tmp_path / "data"))
+    os.remove(tmp_path / "data" / "intact")
+    images(tmp_path / "data" / "intact", 4)
+
+    Image.new("RGB", (8, 8)).save(os.fsencode(tmp_path / "data" / "cracked") + b"/cell\xff.png")
+    with pytest.raises(ValueError, match=r"cell\\xff.png' is not valid UTF-8.*Rename it"):
+        load_image_dataset(train_dir=str(tmp_path / "data"))
+    os.remove(os.fsencode(tmp_path / "data" / "cracked") + b"/cell\xff.png")
+
+    images(tmp_path / "data" / ".thumbnails", 2)
+    with caplog.at_level("WARNING"):
+        splits = load_image_dataset(train_dir=str(tmp_path / "data"), validation_split=0.25)
+    assert "1 hidden file(s) or folder(s) left out" in caplog.text and ".thumbnails" in caplog.text
+    assert len(splits["train"]) + len(splits["validation"]) == 8
+    assert splits["train"].features["label"].names == ["cracked", "intact"]
