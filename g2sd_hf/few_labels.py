@@ -73,7 +73,7 @@ def split_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple
         if len(rows) and count == 0:
             raise ValueError(
                 f"--label_fraction {fraction} leaves class {name!r} ({len(rows)} training images) without a labeled "
-                f"image. Use a fraction of at least {0.5 / len(rows):.3g}, or label more images of that class."
+                f"image. Use a fraction of at least {1 / len(rows):.3g}, or label more images of that class."
             )
         keep.extend(generator.permutation(rows)[:count].tolist())
     keep = sorted(keep)

@@ -71,7 +71,7 @@ def test_a_label_fraction_is_stratified_seeded_and_keeps_the_rest_as_images():
 
 def test_a_label_fraction_that_leaves_a_class_without_a_label_or_is_out_of_range_is_refused():
     table = labeled_table({"common": 100, "rare": 4})
-    with pytest.raises(ValueError, match=r"leaves class 'rare' \(4 training images\).*at least 0.125"):
+    with pytest.raises(ValueError, match=r"leaves class 'rare' \(4 training images\).*at least 0.25"):
         split_labels(table, 0.1, seed=0)
     for fraction in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match=r"--label_fraction must be in \(0, 1\]"):
