@@ -441,22 +441,18 @@ def stage_arguments(
                 str(low_label_steps(scale, train_images)),
             ]
 
-        low_teacher = str(low_label_teacher)
         from_generic = ["--student_name_or_path", str(generic), "--layer_decay", "0.75"]
         from_scratch = ["--config_overrides", student_shape, "--layer_decay", "1.0"]
+        distilled = ["--teacher_name_or_path", str(low_label_teacher), "--distillation_type", "hard"]
         stages_to_run.update(
             {
                 f"low_g2sd_unlabeled_seed{seed}": (
                     run_specific,
-                    few_labels("low_g2sd_unlabeled", unlabeled_rest=True)
-                    + from_generic
-                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                    few_labels("low_g2sd_unlabeled", unlabeled_rest=True) + from_generic + distilled,
                 ),
                 f"low_g2sd_seed{seed}": (
                     run_specific,
-                    few_labels("low_g2sd")
-                    + from_generic
-                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                    few_labels("low_g2sd") + from_generic + distilled,
                 ),
                 f"low_gd_only_seed{seed}": (
                     run_specific,
@@ -464,9 +460,7 @@ def stage_arguments(
                 ),
                 f"low_sd_only_seed{seed}": (
                     run_specific,
-                    few_labels("low_sd_only")
-                    + from_scratch
-                    + ["--teacher_name_or_path", low_teacher, "--distillation_type", "hard"],
+                    few_labels("low_sd_only") + from_scratch + distilled,
                 ),
                 f"low_scratch_seed{seed}": (
                     run_specific,
@@ -638,6 +632,19 @@ def compare(results: dict) -> dict:
     }
 
 
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
+
+
+def summarize_runs(metrics: list[dict]) -> dict:
+    """Mean +- std of each table metric over runs (`eval_*` metrics), for the metrics every run has (a class absent
+    from a tiny split has no recall)."""
+    return {
+        metric: summarize([values[f"eval_{metric}"] for values in metrics])
+        for metric in TABLE_METRICS
+        if all(f"eval_{metric}" in values for values in metrics)
+    }
+
+
 def evaluate_models(stages: Path, scale: DemoScale, records: dict, teacher_classifier: Path, test_split) -> dict:
     models = {}
     for name in ("teacher", *STUDENTS):
@@ -648,11 +655,7 @@ def evaluate_models(stages: Path, scale: DemoScale, records: dict, teacher_class
             metrics = [records[f"{name}_seed{seed}"]["metrics"] for seed in scale.seeds]
             folder = stages / f"{name}_seed{scale.seeds[0]}"
         model = AutoModelForImageClassification.from_pretrained(folder)
-        row = {
-            metric: summarize([values[f"eval_{metric}"] for values in metrics])
-            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
-            if all(f"eval_{metric}" in values for values in metrics)
-        }  # a class absent from a tiny split has no recall
+        row = summarize_runs(metrics)
         row["parameters"] = model.num_parameters()
         row["images_per_second"] = images_per_second(model, scale.image_size, scale.throughput_batch)
         models[name] = row
@@ -664,18 +667,9 @@ def evaluate_low_label_track(
 ) -> dict:
     """The few-labels track: its teacher and students on the held-out cells (mean +- std over the seeds), how many
     images were labeled, and G2SD + unlabeled SD against each baseline of the track and its teacher."""
-    teacher_metrics = evaluate_classifier(low_label_teacher, test_split, scale)
-    models = {"teacher": {"balanced_accuracy": summarize([teacher_metrics[f"eval_{PRIMARY_METRIC}"]])}}
-    for metric in ("accuracy", "accuracy_functional", "accuracy_defective"):
-        if f"eval_{metric}" in teacher_metrics:
-            models["teacher"][metric] = summarize([teacher_metrics[f"eval_{metric}"]])
+    models = {"teacher": summarize_runs([evaluate_classifier(low_label_teacher, test_split, scale)])}
     for name in LOW_LABEL_STUDENTS:
-        metrics = [records[f"{name}_seed{seed}"]["metrics"] for seed in scale.seeds]
-        models[name] = {
-            metric: summarize([values[f"eval_{metric}"] for values in metrics])
-            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
-            if all(f"eval_{metric}" in values for values in metrics)
-        }
+        models[name] = summarize_runs([records[f"{name}_seed{seed}"]["metrics"] for seed in scale.seeds])
     first = records[f"low_g2sd_unlabeled_seed{scale.seeds[0]}"]["metrics"]
     unlabeled = first.get("train_unlabeled_images", 0)
     best = models["low_g2sd_unlabeled"][PRIMARY_METRIC]
@@ -994,10 +988,7 @@ def low_label_lines(results: dict) -> list[str]:
     for name, label in rows:
         row = models[name]
         init, signal = ("MAE pre-training", "-") if name == "teacher" else DESCRIPTIONS[name]
-        cells = [
-            _cell(row[metric]) if metric in row else "-"
-            for metric in ("accuracy", "balanced_accuracy", "accuracy_functional", "accuracy_defective")
-        ]
+        cells = [_cell(row[metric]) if metric in row else "-" for metric in TABLE_METRICS]
         lines.append(f"| {label} | {init} | {signal} | " + " | ".join(cells) + " |")
     lines += [
         "",
