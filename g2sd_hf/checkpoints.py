@@ -193,17 +193,24 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[str | None,
 _WRITE_FAILURES = ("No space left on device", "file write failed", "failed writing file")
 
 
+class FullDiskError(OSError):
+    """A save that ran out of disk space, naming what it was saving (`reporting_full_disk`)."""
+
+
 @contextmanager
 def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
     """Turn a save that failed for want of disk space (`ENOSPC`, or torch's "file write failed" enforce error) into
-    `OSError(ENOSPC, "No space left on the device while saving <path>...")`; other errors pass unchanged."""
+    `FullDiskError(ENOSPC, "No space left on the device while saving <path>...")`; other errors, and one already
+    reported by an inner save (a checkpoint's model), pass unchanged."""
     try:
         yield
+    except FullDiskError:
+        raise
     except (OSError, RuntimeError) as error:
         full = getattr(error, "errno", None) == errno.ENOSPC or any(text in str(error) for text in _WRITE_FAILURES)
         if not full:
             raise
-        raise OSError(
+        raise FullDiskError(
             errno.ENOSPC,
             f"No space left on the device while saving {path}. What it was writing is incomplete (automatic resume "
             "skips an incomplete checkpoint); free some space or choose another --output_dir, then run again to resume.",

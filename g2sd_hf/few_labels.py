@@ -36,6 +36,12 @@ MAX_SIZE_RATIO = 2.0
 SIZE_SAMPLE = 32
 
 
+def check_label_fraction(fraction: float) -> None:
+    """Refuse a label fraction outside (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--label_fraction must be in (0, 1], got {fraction} (1 keeps every label).")
+
+
 def split_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Keep the labels of a stratified fraction of `dataset`: `round(fraction * n_c)` images of each class `c`, drawn
     with `seed`; the other images are returned without their labels.
@@ -59,8 +65,7 @@ def split_labels(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple
     >>> labeled, unlabeled = split_labels(elpv_train, fraction=0.1, seed=0)  # 1,968 cells -> 197 labeled
     ```
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--label_fraction must be in (0, 1], got {fraction} (1 keeps every label).")
+    check_label_fraction(fraction)
     if fraction == 1:
         return dataset, dataset.select([]).select_columns(["image"])
     labels = np.asarray(dataset.with_format("numpy")["label"])
@@ -189,6 +194,7 @@ def check_unlabeled_sizes(labeled: datasets.Dataset, unlabeled: datasets.Dataset
 
 __all__ = [
     "UNLABELED",
+    "check_label_fraction",
     "check_unlabeled_sizes",
     "count_unlabeled",
     "labeled_rows",

@@ -592,3 +592,7 @@ def test_a_full_disk_while_saving_is_reported_as_such_naming_the_checkpoint(tmp_
     ) as raised:
         trainer.train()
     assert raised.value.errno == errno.ENOSPC
+    # Reported once, by the save that failed: the checkpoint around the model's save does not wrap it again.
+    from g2sd_hf.checkpoints import FullDiskError
+
+    assert isinstance(raised.value, FullDiskError) and not isinstance(raised.value.__cause__, FullDiskError)

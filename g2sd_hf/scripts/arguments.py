@@ -27,7 +27,7 @@ from ..data import (
     resize_images,
 )
 from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
-from ..few_labels import load_unlabeled_images, split_labels
+from ..few_labels import check_label_fraction, load_unlabeled_images, split_labels
 from .run import parse_overrides
 
 
@@ -158,8 +158,7 @@ class DataArguments(_DataSource):
         super().__post_init__()
         if self.validation_dir is not None and self.train_dir is None:
             raise ValueError("--validation_dir needs --train_dir.")
-        if not 0 < self.label_fraction <= 1:
-            raise ValueError(f"--label_fraction must be in (0, 1], got {self.label_fraction} (1 keeps every label).")
+        check_label_fraction(self.label_fraction)
         if self.unlabeled_train_dir is not None and self.unlabeled_dataset_name is not None:
             raise ValueError("Give either --unlabeled_train_dir or --unlabeled_dataset_name, not both.")
 
