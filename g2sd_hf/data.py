@@ -210,14 +210,18 @@ def _is_utf8(name: str) -> bool:
         return False
 
 
-def check_image_folder(flag: str, folder: str) -> None:
+def check_image_folder(flag: str, folder: str) -> list[str]:
     """Refuse, naming it, what `datasets` would fail on obscurely or drop without a word: a folder that does not exist
     or holds no image file, a symlinked folder inside it (skipped by the image-folder loader: a class would vanish),
-    and a file or folder whose name is not valid UTF-8; say what hidden (dot) files and folders are left out."""
+    and a file or folder whose name is not valid UTF-8; say what hidden (dot) files and folders are left out.
+
+    Returns:
+        `list[str]`: the paths of the image files it holds (hidden ones left out), sorted.
+    """
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"{flag} {folder}: no such folder. Give a folder of images, with one sub-folder per class.")
-    images, hidden = 0, []
+    images, hidden = [], []
     for root, folders, files in os.walk(path, followlinks=False):
         for name in folders + files:
             if not _is_utf8(name):
@@ -234,7 +238,11 @@ def check_image_folder(flag: str, folder: str) -> None:
                 )
         hidden += [os.path.join(root, name) for name in folders + files if name.startswith(".")]
         folders[:] = [name for name in folders if not name.startswith(".")]
-        images += sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files if not name.startswith("."))
+        images += [
+            os.path.join(root, name)
+            for name in files
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+        ]
     if hidden:
         logger.warning(
             f"{flag} {folder}: {len(hidden)} hidden file(s) or folder(s) left out (names starting with '.'): "
@@ -245,6 +253,7 @@ def check_image_folder(flag: str, folder: str) -> None:
             f"{flag} {folder} holds no image file (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:8])}, ... in it and its "
             "sub-folders). Put the images in it, one sub-folder per class."
         )
+    return sorted(images)
 
 
 def _check_class_sets(raw: datasets.DatasetDict, train_dir: str | None, validation_dir: str | None) -> None:

@@ -15,14 +15,12 @@ masks out of the task loss (`losses.labeled_cross_entropy`).
 """
 
 import logging
-import os
 import statistics
-from pathlib import Path
 
 import datasets
 import numpy as np
 
-from .data import IMAGE_SUFFIXES, check_image_folder, open_rgb_image
+from .data import check_image_folder, open_rgb_image
 
 
 logger = logging.getLogger(__name__)
@@ -108,14 +106,8 @@ def load_unlabeled_images(
     if (train_dir is None) == (dataset_name is None):
         raise ValueError("Give the unlabeled images as --unlabeled_train_dir or --unlabeled_dataset_name (one).")
     if train_dir is not None:
-        check_image_folder("--unlabeled_train_dir", train_dir)  # refuses links and undecodable names, says hidden
-        files = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(train_dir)
-            if not any(part.startswith(".") for part in Path(root).relative_to(train_dir).parts)
-            for name in names
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
-        )
+        # Refuses links and undecodable names, says what hidden files are left out, and lists the images.
+        files = check_image_folder("--unlabeled_train_dir", train_dir)
         table = datasets.Dataset.from_dict({"image": files})
     else:
         table = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, token=token)
