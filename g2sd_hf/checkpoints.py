@@ -19,6 +19,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 
@@ -118,7 +119,7 @@ __all__ = ["load_image_classifier", "readable_weights"]
 # --------------------------------------------------------------------------------------------------------------------
 # Training checkpoints
 # --------------------------------------------------------------------------------------------------------------------
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")  # the Trainer's checkpoint-N
 # The Trainer writes the trainer state last: a checkpoint without it is a save that did not finish.
 TRAINER_STATE = "trainer_state.json"
 

@@ -26,6 +26,7 @@ from transformers import (
     ViTMAEForPreTraining,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ._deprecation import moved_names
@@ -485,7 +486,7 @@ class RecipeTrainer(Trainer):
             model.train(was_training)
 
     def _save_checkpoint(self, model, trial) -> None:
-        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         with reporting_full_disk(folder):
             super()._save_checkpoint(model, trial)
 

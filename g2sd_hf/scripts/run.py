@@ -19,7 +19,7 @@ import datasets
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..checkpoints import checkpoint_problem, last_complete_checkpoint
 from ..recipes import DEFAULT_RECIPE, recipe_defaults
@@ -281,7 +281,7 @@ def _move_earlier_checkpoints(output_dir: Path) -> Path:
         index += 1
     target = output_dir / f"{EARLIER_RUN_PREFIX}{index}"
     target.mkdir()
-    for folder in sorted(output_dir.glob("checkpoint-*")):
+    for folder in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
         if folder.is_dir():
             folder.rename(target / folder.name)
     return target
