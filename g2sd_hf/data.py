@@ -2,9 +2,10 @@
 
 Every loader returns a `datasets.DatasetDict` with an `image` column that is *not* decoded by `datasets`
 (`Image(decode=False)`) and, for labeled data, a `label` `ClassLabel` column. Images are decoded by the transforms
-here, which convert grayscale, palette, RGBA and 16-bit images to RGB and name the file of any image that cannot be
-read. Unreadable files are found up front by `drop_unreadable_images` (on by default in the example scripts): each is
-named in a warning, skipped, and counted.
+here exactly as a saved checkpoint's `pipeline()` decodes them (`open_rgb_image`: transformers' `load_image`), and
+the file of any image that cannot be read, or that this decoding would clip (high bit depth), is named. Such files
+are found up front by `drop_unreadable_images` (on by default in the example scripts): each is named in a warning with
+the reason, skipped, and counted.
 
 The library never picks a data set: without a data set name or a folder, loading fails with the ways to give one.
 `elpv` names the ELPV images (Deitsch et al., Solar Energy 2019; the `elpv-dataset` package, the demo's data): 2,624
@@ -25,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
 from transformers import BitImageProcessor, ViTImageProcessor
-from transformers.image_utils import PILImageResampling
+from transformers.image_utils import PILImageResampling, load_image
 
 from ._deprecation import moved_names
 from .metrics import check_class_names
@@ -332,23 +333,61 @@ def describe_image(image: dict) -> str:
     return image.get("path") or "<in-memory image bytes>"
 
 
-def open_rgb_image(image: dict) -> Image.Image:
-    """Decode an `Image(decode=False)` value to an RGB PIL image (grayscale, palette, RGBA and 16-bit converted),
-    turned upright by its EXIF orientation as `datasets` does when it decodes.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def rescale_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grayscale image stretched min-to-max onto 0-255 (mode `L`).
+
+    The package decodes images as transformers' `pipeline()` does (`open_rgb_image`), whose 8-bit conversion clips
+    values above 255; it therefore refuses such images instead of training on inputs the served model would never
+    see. Convert them once with this function, and do the same to each image you send to the served model.
+
+    Example:
+
+    ```python
+    >>> for path in Path("scans").rglob("*.png"):
+    ...     rescale_to_8bit(Image.open(path)).save(Path("scans-8bit") / path.relative_to("scans"))
+    >>> classifier(rescale_to_8bit(Image.open("new-scan.png")))
+    ```
+    """
+    array = np.asarray(image, dtype=np.float64)
+    span = max(float(array.max() - array.min()), 1e-12)
+    return Image.fromarray(np.round((array - array.min()) / span * 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image, description: str) -> Image.Image:
+    """An opened image as the served model receives it: transformers' `load_image` (EXIF orientation applied, then
+    PIL's conversion to RGB), which `pipeline("image-classification")` applies to every file and PIL image.
 
     Raises:
-        ValueError: naming the file, when it cannot be read.
+        ValueError: for a 16-bit, 32-bit or float image with values outside 0-255, which PIL's conversion would clip
+            (training on clipped images, or on images rescaled here but clipped when served, both mislead); the
+            message names the file and `rescale_to_8bit`.
+    """
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{description} is a high-bit-depth image (mode {image.mode}, values {low}-{high}): the served "
+                "model's pipeline() converts it to 8 bits by clipping at 255, so training on it would not match "
+                "serving. Convert such images to 8 bits first, the same way for training and serving: "
+                "g2sd_hf.data.rescale_to_8bit(image) (min-to-max), or your own fixed scale."
+            )
+    return load_image(image)
+
+
+def open_rgb_image(image: dict) -> Image.Image:
+    """Decode an `Image(decode=False)` value to an RGB PIL image exactly as `pipeline()` decodes the same file
+    (`to_rgb`): upright by its EXIF orientation, converted by PIL (grayscale, palette, RGBA, CMYK, ...).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read, or is a high-bit-depth image `pipeline()` would clip.
     """
     try:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
         with Image.open(source) as opened:
             opened.load()
-            opened = ImageOps.exif_transpose(opened)
-            if opened.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                array = np.asarray(opened, dtype=np.float32)
-                span = max(float(array.max() - array.min()), 1e-6)
-                opened = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
-            return opened.convert("RGB")
     except Image.DecompressionBombError as error:
         raise ValueError(
             f"Cannot read image {describe_image(image)}: {error} Pillow refuses images this large as a possible "
@@ -359,14 +398,20 @@ def open_rgb_image(image: dict) -> Image.Image:
             f"Cannot read image {describe_image(image)}: {error}. Remove or replace the file, or let the loader skip "
             "unreadable images (drop_unreadable_images / --drop_unreadable_images true)."
         ) from error
+    return to_rgb(opened, f"Image {describe_image(image)}")
+
+
+def unreadable_reason(image: dict) -> str | None:
+    """Why `open_rgb_image` refuses `image` (its message), or `None` when it can be read."""
+    try:
+        open_rgb_image(image)
+        return None
+    except ValueError as error:
+        return str(error)
 
 
 def _is_readable(example: dict) -> bool:
-    try:
-        open_rgb_image(example["image"])
-        return True
-    except ValueError:
-        return False
+    return unreadable_reason(example["image"]) is None
 
 
 def drop_unreadable_images(
@@ -382,8 +427,9 @@ def drop_unreadable_images(
     if len(readable) != len(dataset):
         kept = {describe_image(image) for image in readable["image"]}
         skipped = [describe_image(image) for image in dataset["image"] if describe_image(image) not in kept]
-        for path in skipped:
-            logger.warning(f"Skipping unreadable image {path}")
+        for image in dataset["image"]:
+            if describe_image(image) not in kept:
+                logger.warning(f"Skipping an image: {unreadable_reason(image)}")
         logger.warning(f"Skipped {len(skipped)} unreadable image(s) of {len(dataset)}.")
     return readable, skipped
 
@@ -613,8 +659,10 @@ __all__ = [
     "load_image_dataset",
     "open_rgb_image",
     "processor_transform",
+    "rescale_to_8bit",
     "release_crop_ratio",
     "resize_images",
+    "to_rgb",
 ]
 
 

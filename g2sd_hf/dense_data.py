@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ._deprecation import moved_names
-from .data import _to_normalized_tensor, open_rgb_image, require_data_source
+from .data import _to_normalized_tensor, open_rgb_image, require_data_source, to_rgb
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 
@@ -36,7 +36,7 @@ IGNORE_INDEX = 255
 # --------------------------------------------------------------------------------------------------------------------
 def _rgb(value) -> Image.Image:
     """An RGB image from a decoded PIL image or an undecoded `datasets.Image` value."""
-    return value.convert("RGB") if isinstance(value, Image.Image) else open_rgb_image(value)
+    return to_rgb(value, "A decoded image") if isinstance(value, Image.Image) else open_rgb_image(value)
 
 
 MASK_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "1")

@@ -22,6 +22,8 @@ from g2sd_hf.data import (
 )
 from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments, prepare_splits
 
+from .conftest import NORMALIZATION
+
 
 @pytest.fixture(scope="module")
 def elpv():
@@ -76,8 +78,8 @@ def test_elpv_images_are_real_300px_grayscale_converted_to_rgb(elpv):
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA"])
 def test_images_of_any_mode_become_rgb(tmp_path, mode):
     rng = np.random.default_rng(0)
-    if mode == "I;16":
-        image = Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16))
+    if mode == "I;16":  # 16-bit storage of 8-bit values: PIL's conversion keeps them
+        image = Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint16))
     else:
         image = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode)
     path = tmp_path / "image.png"
@@ -85,7 +87,92 @@ def test_images_of_any_mode_become_rgb(tmp_path, mode):
     converted = open_rgb_image({"path": str(path), "bytes": None})
     assert converted.mode == "RGB" and converted.size == (30, 20)
     if mode == "I;16":
-        assert np.asarray(converted).max() == 255 and np.asarray(converted).min() == 0
+        assert np.array_equal(np.asarray(converted)[..., 1], np.asarray(image).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One preprocessing for training, evaluation and pipeline()
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served_classifier(tmp_path_factory):
+    """A saved classifier with the processor the scripts save, loaded by `pipeline` as a user would."""
+    from transformers import pipeline
+
+    from g2sd_hf import G2SDForImageClassification
+    from g2sd_hf.data import image_processor
+
+    from .conftest import tiny_student_config
+
+    folder = tmp_path_factory.mktemp("served")
+    G2SDForImageClassification(tiny_student_config(num_labels=2)).save_pretrained(folder)
+    image_processor(32, **NORMALIZATION).save_pretrained(folder)
+    return pipeline("image-classification", model=str(folder))
+
+
+def cell_in_mode(elpv, mode: str) -> Image.Image:
+    """A real ELPV cell (made non-square and colored, so that orientation and channels matter) in `mode`."""
+    gray = np.asarray(open_rgb_image(elpv["train"][3]["image"]).convert("L").resize((90, 60)))
+    rgb = Image.fromarray(np.stack([gray, gray[::-1], 255 - gray], axis=-1))
+    if mode in ("I;16", "I"):
+        return Image.fromarray(gray.astype(np.uint16 if mode == "I;16" else np.int32))
+    if mode == "F":
+        return Image.fromarray(gray.astype(np.float32) * 0.75)
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    return rgb.convert(mode)
+
+
+IMAGE_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"]
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES + ["JPEG rotated by EXIF"])
+def test_training_evaluation_and_pipeline_see_the_same_image(elpv, served_classifier, tmp_path, mode):
+    """The same file reaches the model identically when the scripts train or evaluate on it and when the saved
+    checkpoint serves it through `pipeline()`: one decoding (transformers' load_image), then the processor."""
+    from transformers.image_utils import load_image
+
+    if mode == "JPEG rotated by EXIF":
+        path = tmp_path / "cell.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+        cell_in_mode(elpv, "RGB").save(path, exif=exif, quality=95)
+    else:
+        path = tmp_path / ("cell.tiff" if mode in ("CMYK", "YCbCr", "I", "F") else "cell.png")
+        cell_in_mode(elpv, mode).save(path)
+        assert Image.open(path).mode == mode
+    decoded = open_rgb_image({"path": str(path), "bytes": None})
+    served = load_image(str(path))
+    assert decoded.size == served.size and np.array_equal(np.asarray(decoded), np.asarray(served))
+    if mode == "JPEG rotated by EXIF":
+        assert decoded.size == (60, 90)  # upright
+
+    training = ImageTransform(evaluation_transform(32, **NORMALIZATION))({"image": [{"path": str(path)}]})
+    pixel_values = served_classifier.preprocess(str(path))["pixel_values"][0]
+    torch.testing.assert_close(training["pixel_values"][0], pixel_values, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode, values", [("I;16", (0, 4095)), ("I", (-20, 200)), ("F", (0.0, 1000.0))])
+def test_high_bit_depth_images_that_pipeline_would_clip_are_refused_by_name(tmp_path, mode, values):
+    from transformers.image_utils import load_image
+
+    from g2sd_hf.data import rescale_to_8bit
+
+    low, high = values
+    array = np.linspace(low, high, 40 * 30).reshape(30, 40)
+    image = Image.fromarray(array.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    path = tmp_path / ("scan.png" if mode == "I;16" else "scan.tiff")
+    image.save(path)
+    with pytest.raises(
+        ValueError, match=rf"scan\.(png|tiff) is a high-bit-depth image \(mode {mode}.*rescale_to_8bit"
+    ):
+        open_rgb_image({"path": str(path), "bytes": None})
+    # The documented fix: the same conversion before training and before serving gives the same image.
+    converted = tmp_path / "scan-8bit.png"
+    rescale_to_8bit(Image.open(path)).save(converted)
+    assert np.array_equal(
+        np.asarray(open_rgb_image({"path": str(converted)})), np.asarray(load_image(rescale_to_8bit(Image.open(path))))
+    )
+    assert np.asarray(Image.open(converted)).min() == 0 and np.asarray(Image.open(converted)).max() == 255
 
 
 def make_image_folder(root, corrupt: bool = True):
