@@ -58,7 +58,7 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="preparing the data"):
-        splits, data_counts = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
+        splits, data_report = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
     labels = class_names(splits["train"])
 
     load = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
@@ -85,7 +85,7 @@ def main(args: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_metrics=ClassificationMetrics(labels, augmentation_args.positive_class_indices(data_args, labels)),
     )
-    return train_and_evaluate(trainer, last_checkpoint, data_counts)
+    return train_and_evaluate(trainer, last_checkpoint, data_report)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from g2sd_hf.scripts.run import (
     setup_logging,
     train_and_evaluate,
 )
+from g2sd_hf.trainer import check_generic_distillation_pair
 
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,6 @@ def main(args: list[str] | None = None) -> dict:
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 
-    with training_args.main_process_first(desc="preparing the data"):
-        splits, data_counts = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
-
     teacher = MAETeacher.from_pretrained(
         model_args.teacher_name_or_path,
         target_layer=model_args.target_layer,
@@ -128,6 +126,10 @@ def main(args: list[str] | None = None) -> dict:
         token=model_args.token,
     )
     student = build_student(model_args, teacher)
+    check_generic_distillation_pair(student, teacher)  # before the data pass, which decodes every image once
+
+    with training_args.main_process_first(desc="preparing the data"):
+        splits, data_report = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
     image_size = student.config.processor_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
@@ -147,7 +149,7 @@ def main(args: list[str] | None = None) -> dict:
         processing_class=processor,
     )
 
-    metrics = train_and_evaluate(trainer, last_checkpoint, data_counts)
+    metrics = train_and_evaluate(trainer, last_checkpoint, data_report)
 
     finish_training_run(trainer, model_args.teacher_name_or_path, data_args.source_name)
     return metrics

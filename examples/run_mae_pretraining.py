@@ -58,7 +58,7 @@ def main(args: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="preparing the data"):
-        splits, data_counts = prepare_splits(data_args, training_args.seed)
+        splits, data_report = prepare_splits(data_args, training_args.seed)
 
     config = ViTMAEConfig(
         layer_norm_eps=1e-6,
@@ -82,7 +82,7 @@ def main(args: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=processor,
     )
-    return train_and_evaluate(trainer, last_checkpoint, data_counts)
+    return train_and_evaluate(trainer, last_checkpoint, data_report)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.scripts.arguments import (
     ClassificationAugmentationArguments,
     DataArguments,
+    check_splits,
     check_unlabeled_arguments,
-    prepare_splits,
+    load_splits,
 )
 from g2sd_hf.scripts.run import (
     checkpoint_normalization,
@@ -48,6 +49,7 @@ from g2sd_hf.scripts.run import (
     train_and_evaluate,
 )
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from g2sd_hf.trainer import check_specific_distillation_pair
 
 
 logger = logging.getLogger(__name__)
@@ -141,8 +143,8 @@ def main(args: list[str] | None = None) -> dict:
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)
 
-    with training_args.main_process_first(desc="preparing the data"):
-        splits, data_counts = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
+    with training_args.main_process_first(desc="reading the data"):
+        splits, data_report = load_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
     labels = class_names(splits["train"])
 
     teacher = None
@@ -155,6 +157,11 @@ def main(args: list[str] | None = None) -> dict:
             trust_remote_code=model_args.trust_remote_code,
         )
     student = build_student(model_args, labels, teacher)
+    if teacher is not None:  # before the data pass, which decodes every image once
+        check_specific_distillation_pair(student, teacher)
+
+    with training_args.main_process_first(desc="checking the images"):
+        splits = check_splits(splits, data_report, data_args, model_args.cache_dir, model_args.token)
     image_size = student.config.processor_size
     image_mean, image_std = student_normalization(model_args, teacher)
     processor = image_processor(image_size, image_mean, image_std, augmentation_args.eval_crop_ratio)
@@ -181,7 +188,7 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=ClassificationMetrics(labels, augmentation_args.positive_class_indices(data_args, labels)),
     )
 
-    metrics = train_and_evaluate(trainer, last_checkpoint, data_counts)
+    metrics = train_and_evaluate(trainer, last_checkpoint, data_report)
 
     finish_training_run(trainer, model_args.teacher_name_or_path, data_args.source_name)
     return metrics

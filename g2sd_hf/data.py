@@ -161,12 +161,14 @@ def load_image_dataset(
     seed: int = ELPV_SPLIT_SEED,
     cache_dir: str | None = None,
     token: str | None = None,
+    left_out: dict[str, str] | None = None,
 ) -> datasets.DatasetDict:
     """Load images from the Hub (`dataset_name`), local folders (`train_dir`, `validation_dir`) or ELPV (`"elpv"`).
 
     Returns `train` and `validation` splits (a Hub/folder set without a validation split is split `validation_split`
     of its training set, stratified when labeled; ELPV's held-out split is its 25% test split) with the image column
-    renamed to `image` and not decoded, and the label column renamed to `label`.
+    renamed to `image` and not decoded, and the label column renamed to `label`. No image is decoded. With
+    `left_out`, the files of the folders that are not loaded are added to it, path -> reason (`check_image_folder`).
     """
     require_data_source(dataset_name, train_dir, NAMED_DATA_SETS)
     if dataset_name == ELPV_NAME:
@@ -177,7 +179,7 @@ def load_image_dataset(
     else:
         for flag, folder in (("--train_dir", train_dir), ("--validation_dir", validation_dir)):
             if folder is not None:
-                check_image_folder(flag, folder)
+                check_image_folder(flag, folder, left_out)
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
             data_files["validation"] = os.path.join(validation_dir, "**")
@@ -201,6 +203,8 @@ def load_image_dataset(
 
 
 IMAGE_SUFFIXES = frozenset(suffix.lower() for suffix in Image.registered_extensions())
+# What the image-folder loader reads besides images (labels and other columns), so not left out.
+IMAGE_FOLDER_METADATA_FILES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
 
 
 def _is_utf8(name: str) -> bool:
@@ -211,10 +215,14 @@ def _is_utf8(name: str) -> bool:
         return False
 
 
-def check_image_folder(flag: str, folder: str) -> list[str]:
+def check_image_folder(flag: str, folder: str, left_out: dict[str, str] | None = None) -> list[str]:
     """Refuse, naming it, what `datasets` would fail on obscurely or drop without a word: a folder that does not exist
     or holds no image file, a symlinked folder inside it (skipped by the image-folder loader: a class would vanish),
-    and a file or folder whose name is not valid UTF-8; say what hidden (dot) files and folders are left out.
+    and a file or folder whose name is not valid UTF-8; say what hidden (dot) files and folders, and files that are
+    not images, are left out.
+
+    Args:
+        left_out (`dict`, *optional*): When given, each file or folder left out is added to it, path -> reason.
 
     Returns:
         `list[str]`: the paths of the image files it holds (hidden ones left out), sorted.
@@ -222,7 +230,7 @@ def check_image_folder(flag: str, folder: str) -> list[str]:
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"{flag} {folder}: no such folder. Give a folder of images, with one sub-folder per class.")
-    images, hidden = [], []
+    images, hidden, others = [], [], []
     for root, folders, files in os.walk(path, followlinks=False):
         for name in folders + files:
             if not _is_utf8(name):
@@ -239,16 +247,21 @@ def check_image_folder(flag: str, folder: str) -> list[str]:
                 )
         hidden += [os.path.join(root, name) for name in folders + files if name.startswith(".")]
         folders[:] = [name for name in folders if not name.startswith(".")]
-        images += [
-            os.path.join(root, name)
-            for name in files
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
-        ]
-    if hidden:
-        logger.warning(
-            f"{flag} {folder}: {len(hidden)} hidden file(s) or folder(s) left out (names starting with '.'): "
-            f"{', '.join(sorted(hidden)[:5])}{', ...' if len(hidden) > 5 else ''}."
-        )
+        for name in files:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(os.path.join(root, name))
+            elif name not in IMAGE_FOLDER_METADATA_FILES:
+                others.append(os.path.join(root, name))
+    for paths, reason in ((hidden, "hidden (its name starts with '.')"), (others, "not an image file")):
+        if paths:
+            logger.warning(
+                f"{flag} {folder}: {len(paths)} file(s) or folder(s) left out, {reason}: "
+                f"{', '.join(sorted(paths)[:5])}{', ...' if len(paths) > 5 else ''}."
+            )
+        if left_out is not None:
+            left_out.update(dict.fromkeys(sorted(paths), reason))
     if not images:
         raise ValueError(
             f"{flag} {folder} holds no image file (looked for {', '.join(sorted(IMAGE_SUFFIXES)[:8])}, ... in it and its "
@@ -416,20 +429,20 @@ def _is_readable(example: dict) -> bool:
 
 def drop_unreadable_images(
     dataset: datasets.Dataset, num_proc: int | None = None
-) -> tuple[datasets.Dataset, list[str]]:
-    """Decode every image once and drop those that cannot be read, naming each in a warning.
+) -> tuple[datasets.Dataset, dict[str, str]]:
+    """Decode every image once and drop those that cannot be read, naming each in a warning with the reason.
 
     Returns:
-        `(dataset, skipped)`: the readable rows, and the paths of the skipped files.
+        `(dataset, skipped)`: the readable rows, and the skipped files, path -> why `open_rgb_image` refused it.
     """
     readable = dataset.filter(_is_readable, num_proc=num_proc, desc="Checking images")
-    skipped = []
+    skipped = {}
     if len(readable) != len(dataset):
         kept = {describe_image(image) for image in readable["image"]}
-        skipped = [describe_image(image) for image in dataset["image"] if describe_image(image) not in kept]
         for image in dataset["image"]:
             if describe_image(image) not in kept:
-                logger.warning(f"Skipping an image: {unreadable_reason(image)}")
+                skipped[describe_image(image)] = unreadable_reason(image)
+                logger.warning(f"Skipping an image: {skipped[describe_image(image)]}")
         logger.warning(f"Skipped {len(skipped)} unreadable image(s) of {len(dataset)}.")
     return readable, skipped
 

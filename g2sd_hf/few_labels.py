@@ -93,9 +93,11 @@ def load_unlabeled_images(
     image_column_name: str = "image",
     cache_dir: str | None = None,
     token: str | None = None,
+    left_out: dict[str, str] | None = None,
 ) -> datasets.Dataset:
     """Images without labels: a folder (any layout; sub-folder names are ignored) or a data set's `split` (its labels,
-    if any, are ignored). Returns a data set with one `image` column, not decoded.
+    if any, are ignored). Returns a data set with one `image` column, not decoded. With `left_out`, the folder's files
+    that are not loaded are added to it, path -> reason (`check_image_folder`).
 
     Example:
 
@@ -107,7 +109,7 @@ def load_unlabeled_images(
         raise ValueError("Give the unlabeled images as --unlabeled_train_dir or --unlabeled_dataset_name (one).")
     if train_dir is not None:
         # Refuses links and undecodable names, says what hidden files are left out, and lists the images.
-        files = check_image_folder("--unlabeled_train_dir", train_dir)
+        files = check_image_folder("--unlabeled_train_dir", train_dir, left_out)
         table = datasets.Dataset.from_dict({"image": files})
     else:
         table = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir, token=token)

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import os
 import platform
+import shutil
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ._deprecation import moved_names
-from .checkpoints import reporting_full_disk
+from .checkpoints import checkpoint_problem, reporting_full_disk
 from .configuration_g2sd import to_pair
 from .few_labels import UNLABELED, count_unlabeled, labeled_rows
 from .hub import build_model_card
@@ -346,6 +347,8 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._chain_warnings: list[str] = []
+        # Files of the data left out (hidden, not images, unreadable), path -> reason: named on the model card.
+        self.left_out_files: dict[str, str] = {}
         self._training_warnings: list[str] = []
         self._evaluation_warnings: list[str] = []
         self._evaluation_chain_warnings: list[str] = []
@@ -486,9 +489,19 @@ class RecipeTrainer(Trainer):
             model.train(was_training)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, complete or absent: a save that fails (a full disk, an interrupt) removes the
+        checkpoint folder it was writing, unless that folder is complete; one a killed process left is skipped by
+        automatic resume (`checkpoints.last_complete_checkpoint`)."""
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with reporting_full_disk(folder):
-            super()._save_checkpoint(model, trial)
+        existed = os.path.exists(folder)
+        try:
+            with reporting_full_disk(folder):
+                super()._save_checkpoint(model, trial)
+        except BaseException as error:
+            if not existed and self.args.should_save and os.path.isdir(folder) and checkpoint_problem(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.warning(f"Removed the incomplete checkpoint {folder}: its save failed ({error}).")
+            raise
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         with reporting_full_disk(output_dir or self.args.output_dir):
@@ -657,6 +670,12 @@ class DistillationTrainer(RecipeTrainer):
         for split, dataset in (("training", self.train_dataset), ("validation", self.eval_dataset)):
             if dataset is not None and hasattr(dataset, "__len__"):
                 values[f"{split} images"] = len(dataset)
+        if self.left_out_files:
+            names = [os.path.basename(path) for path in self.left_out_files]
+            values["files left out"] = (
+                f"{len(names)} (each with the reason in left_out.json): {', '.join(names[:5])}"
+                + (", ..." if len(names) > 5 else "")
+            )
         values["hardware"] = hardware_description(self.accelerator.num_processes, self.args.device)
         return values
 

@@ -12,6 +12,7 @@ from PIL import Image
 from g2sd_hf.data import (
     ELPV_CLASS_NAMES,
     ImageTransform,
+    check_image_folder,
     classification_train_transform,
     drop_unreadable_images,
     evaluation_transform,
@@ -193,8 +194,11 @@ def test_unreadable_images_are_skipped_named_and_counted(tmp_path, caplog):
     make_image_folder(tmp_path / "train")
     data_args = DataArguments(train_dir=str(tmp_path / "train"), validation_split=0.25)
     with caplog.at_level(logging.WARNING, logger="g2sd_hf.data"):
-        splits, counts = prepare_splits(data_args, seed=0)
-    assert counts["skipped_train_images"] + counts["skipped_validation_images"] == 1
+        splits, report = prepare_splits(data_args, seed=0)
+    assert report.counts["skipped_train_images"] + report.counts["skipped_validation_images"] == 1
+    assert list(report.left_out) == [str(tmp_path / "train" / "dog" / "broken.png")]
+    assert report.left_out[str(tmp_path / "train" / "dog" / "broken.png")].startswith("Cannot read image")
+    assert report.metrics()["left_out_files"] == 1
     assert "broken.png" in caplog.text and "Skipped 1 unreadable image" in caplog.text
     assert len(splits["train"]) + len(splits["validation"]) == 12
     assert splits["train"].features["label"].names == ["cat", "dog"]
@@ -213,7 +217,8 @@ def test_without_the_check_an_unreadable_image_is_an_error_naming_the_file(tmp_p
     with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png.*drop_unreadable_images"):
         transformed[broken]
     readable, skipped = drop_unreadable_images(dataset)
-    assert len(readable) == len(dataset) - 1 and skipped[0].endswith("broken.png")
+    assert len(readable) == len(dataset) - 1 and list(skipped)[0].endswith("broken.png")
+    assert "Cannot read image" in skipped[list(skipped)[0]]
 
 
 def test_splits_with_different_classes_are_refused(tmp_path):
@@ -325,8 +330,19 @@ def test_a_folder_whose_images_would_be_dropped_without_a_word_is_refused_or_sai
     os.remove(os.fsencode(tmp_path / "data" / "cracked") + b"/cell\xff.png")
 
     images(tmp_path / "data" / ".thumbnails", 2)
+    (tmp_path / "data" / "cracked" / "notes.txt").write_text("cell 3 looks odd")
+    left_out = {}
     with caplog.at_level("WARNING"):
-        splits = load_image_dataset(train_dir=str(tmp_path / "data"), validation_split=0.25)
-    assert "1 hidden file(s) or folder(s) left out" in caplog.text and ".thumbnails" in caplog.text
+        splits = load_image_dataset(train_dir=str(tmp_path / "data"), validation_split=0.25, left_out=left_out)
+    assert "1 file(s) or folder(s) left out, hidden" in caplog.text and ".thumbnails" in caplog.text
+    assert "1 file(s) or folder(s) left out, not an image file" in caplog.text and "notes.txt" in caplog.text
+    assert left_out == {
+        str(tmp_path / "data" / ".thumbnails"): "hidden (its name starts with '.')",
+        str(tmp_path / "data" / "cracked" / "notes.txt"): "not an image file",
+    }
+    (tmp_path / "data" / "metadata.csv").write_text("file_name,label\n")  # read by the loader: not left out
+    check_image_folder("--train_dir", str(tmp_path / "data"), left_out := {})
+    assert str(tmp_path / "data" / "cracked" / "notes.txt") in left_out
+    assert str(tmp_path / "data" / "metadata.csv") not in left_out
     assert len(splits["train"]) + len(splits["validation"]) == 8
     assert splits["train"].features["label"].names == ["cracked", "intact"]

@@ -336,3 +336,89 @@ def test_an_overwriting_run_with_a_save_limit_keeps_the_earlier_runs_checkpoints
     earlier = tmp_path / "run" / "_earlier_run_1"
     assert {name: (earlier / name / "model.safetensors").read_bytes() for name in first} == first
     assert [path.name for path in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-12"]
+
+
+@pytest.mark.parametrize("script", ["run_generic", "run_specific"])
+def test_teacher_student_mismatches_are_refused_before_any_image_is_decoded(
+    script, shapes_folder, shapes_teacher, tmp_path, monkeypatch
+):
+    """Issue 19: the pair checks ran only after every image had been decoded once (an hour on ImageNet)."""
+    import importlib
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from transformers import ViTImageProcessor
+
+    import g2sd_hf.data
+
+    from .conftest import NORMALIZATION, SHAPES_STUDENT, run_arguments, tiny_mae_teacher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    data = tmp_path / "data"  # a new folder: no data pass of another test cached by `datasets`
+    shutil.copytree(shapes_folder, data)
+    decoded = []
+    decode = g2sd_hf.data.open_rgb_image
+    monkeypatch.setattr(g2sd_hf.data, "open_rgb_image", lambda image: decoded.append(image) or decode(image))
+    if script == "run_generic":
+        tiny_mae_teacher().save_pretrained(tmp_path / "mae")
+        ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(tmp_path / "mae")
+        teacher, mismatch, message = tmp_path / "mae", "patch_size=4", "Student and teacher see different patch grids"
+        extra = {"target_layer": 2}  # the tiny MAE's decoder has 3 layers
+    else:
+        teacher, mismatch, message = shapes_teacher[0], "image_size=64", r"Student image_size \(64, 64\) differs"
+        extra = {}
+    arguments = run_arguments(
+        data,
+        tmp_path / "out",
+        epochs=1,
+        teacher_name_or_path=teacher,
+        config_overrides=f"{SHAPES_STUDENT},{mismatch}",
+        **extra,
+    )
+    with pytest.raises(ValueError, match=message):
+        importlib.import_module(script).main(arguments)
+    assert decoded == []
+    # The check is not vacuous: the same run with a matching student decodes the images.
+    arguments = [argument for argument in arguments if not argument.startswith("--config_overrides")]
+    importlib.import_module(script).main(
+        arguments + [f"--config_overrides={SHAPES_STUDENT}", "--max_steps=1", "--overwrite_output_dir=true"]
+    )
+    assert len(decoded) >= 192 + 96  # the data pass
+
+
+def test_the_files_left_out_are_counted_listed_and_named_on_the_card(shapes_folder, tmp_path):
+    """Issue 19: input that is dropped is counted and said, in the run's summary and on the card."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from .conftest import SHAPES_STUDENT, run_arguments
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import run_specific
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_folder, data)
+    (data / "train" / ".cache").mkdir()
+    (data / "train" / "ring" / "notes.txt").write_text("ring 3 is faint")
+    (data / "train" / "cross" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    metrics = run_specific.main(
+        run_arguments(
+            data,
+            tmp_path / "out",
+            epochs=1,
+            distillation_type="none",
+            config_overrides=f"image_size=32,patch_size=8,{SHAPES_STUDENT}",
+        )
+    )
+    left_out = json.loads((tmp_path / "out" / "left_out.json").read_text())
+    assert {Path(path).name: reason.split(":")[0] for path, reason in left_out.items()} == {
+        ".cache": "hidden (its name starts with '.')",
+        "notes.txt": "not an image file",
+        "broken.png": f"Cannot read image {data / 'train' / 'cross' / 'broken.png'}",
+    }
+    recorded = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert recorded["left_out_files"] == metrics["left_out_files"] == 3 and recorded["skipped_train_images"] == 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "files left out" in card and "3 (each with the reason in left_out.json)" in card and "notes.txt" in card

@@ -596,3 +596,6 @@ def test_a_full_disk_while_saving_is_reported_as_such_naming_the_checkpoint(tmp_
     from g2sd_hf.checkpoints import FullDiskError
 
     assert isinstance(raised.value, FullDiskError) and not isinstance(raised.value.__cause__, FullDiskError)
+    # A checkpoint is complete or absent: the half-written folder is removed (with torch.save failing, the weights
+    # had been written), nothing else.
+    assert not (tmp_path / "checkpoint-1").exists() and tmp_path.is_dir()

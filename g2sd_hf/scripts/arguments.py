@@ -242,14 +242,29 @@ class ClassificationAugmentationArguments(_EvaluationCrop):
         return list(ELPV_DEFECTIVE_CLASSES) if is_elpv and four_classes else None
 
 
-def prepare_splits(
+@dataclass
+class DataReport:
+    """What preparing the data set aside: the counts kept in the run's metrics (`skipped_train_images`, ...) and each
+    file left out (hidden, not an image, unreadable, a high bit depth the served model would clip), path -> reason.
+    The run writes the files to `left_out.json` and names the first ones on the model card."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, int]:
+        return {**self.counts, "left_out_files": len(self.left_out)}
+
+
+def load_splits(
     data_args: DataArguments, seed: int, cache_dir: str | None = None, token: str | None = None
-) -> tuple[datasets.DatasetDict, dict[str, int]]:
-    """Load, subsample, check and (optionally) shrink the `train` and `validation` splits of `data_args`.
+) -> tuple[datasets.DatasetDict, DataReport]:
+    """The `train` and `validation` splits of `data_args`, subsampled, without decoding any image: enough for the
+    class names, so that the checks of the models come before the long pass of `check_splits`.
 
     Returns:
-        `(splits, counts)`: the splits, and the number of unreadable images skipped in each.
+        `(splits, report)`: the splits, and a `DataReport` holding the folders' files left out so far.
     """
+    report = DataReport()
     splits = load_image_dataset(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,
@@ -261,33 +276,66 @@ def prepare_splits(
         seed=seed,
         cache_dir=cache_dir,
         token=token,
+        left_out=report.left_out,
     )
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    counts = {}
     for name, limit in limits.items():
-        split = splits[name]
         if limit is not None:
-            split = split.select(range(min(limit, len(split))))
+            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+    return splits, report
+
+
+def check_splits(
+    splits: datasets.DatasetDict,
+    report: DataReport,
+    data_args: DataArguments,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> datasets.DatasetDict:
+    """Decode every image of `load_splits`' splits once (unreadable ones skipped, counted and added to `report`, with
+    `--drop_unreadable_images`), shrink them (`--max_image_side`) and add the unlabeled images (`splits["unlabeled"]`).
+    """
+    for name in ("train", "validation"):
+        split = splits[name]
         if data_args.drop_unreadable_images:
             total = len(split)
             split, skipped = drop_unreadable_images(split, num_proc=data_args.preprocessing_num_workers)
-            counts[f"skipped_{name}_images"] = len(skipped)
+            report.counts[f"skipped_{name}_images"] = len(skipped)
+            report.left_out.update(skipped)
             if total and not len(split):
                 source = data_args.train_dir if name == "train" else (data_args.validation_dir or data_args.train_dir)
+                first, reason = next(iter(skipped.items()))
                 raise ValueError(
                     f"None of the {total} images of the {name} split{f' ({source})' if source else ''} could be read "
-                    f"(first: {skipped[0]}; each is named above). Check the files (are they images, complete, "
+                    f"(first: {first}: {reason}; each is named above). Check the files (are they images, complete, "
                     "not too large?) and the image column."
                 )
         if data_args.max_image_side is not None:
             split = resize_images(split, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
         splits[name] = split
-    _prepare_unlabeled_images(splits, data_args, counts, cache_dir, token)
-    return splits, counts
+    _prepare_unlabeled_images(splits, data_args, report, cache_dir, token)
+    return splits
+
+
+def prepare_splits(
+    data_args: DataArguments, seed: int, cache_dir: str | None = None, token: str | None = None
+) -> tuple[datasets.DatasetDict, DataReport]:
+    """Load, subsample, check and (optionally) shrink the `train` and `validation` splits of `data_args`
+    (`load_splits`, then `check_splits`).
+
+    Returns:
+        `(splits, report)`: the splits, and what was left out (`DataReport`).
+    """
+    splits, report = load_splits(data_args, seed, cache_dir, token)
+    return check_splits(splits, report, data_args, cache_dir, token), report
 
 
 def _prepare_unlabeled_images(
-    splits: datasets.DatasetDict, data_args: DataArguments, counts: dict, cache_dir: str | None, token: str | None
+    splits: datasets.DatasetDict,
+    data_args: DataArguments,
+    report: DataReport,
+    cache_dir: str | None,
+    token: str | None,
 ) -> None:
     """`splits["unlabeled"]`, when there are unlabeled images: the training images whose labels `--label_fraction`
     left out, and those of `--unlabeled_train_dir` / `--unlabeled_dataset_name` (checked and shrunk like the others)."""
@@ -305,10 +353,12 @@ def _prepare_unlabeled_images(
             image_column_name=data_args.unlabeled_image_column_name,
             cache_dir=cache_dir,
             token=token,
+            left_out=report.left_out,
         )
         if data_args.drop_unreadable_images:
             images, skipped = drop_unreadable_images(images, num_proc=data_args.preprocessing_num_workers)
-            counts["skipped_unlabeled_images"] = len(skipped)
+            report.counts["skipped_unlabeled_images"] = len(skipped)
+            report.left_out.update(skipped)
         if data_args.max_image_side is not None:
             images = resize_images(images, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
         parts.append(images)
@@ -430,9 +480,12 @@ def dense_backbone_config(arguments: DenseModelArguments, image_size: int) -> G2
 __all__ = [
     "ClassificationAugmentationArguments",
     "DataArguments",
+    "DataReport",
     "DenseDataArguments",
     "DenseModelArguments",
     "MaskedImageAugmentationArguments",
+    "check_splits",
     "dense_backbone_config",
+    "load_splits",
     "prepare_splits",
 ]

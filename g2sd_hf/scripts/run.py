@@ -357,19 +357,18 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
     return resume
 
 
-def train_and_evaluate(
-    trainer, resume_from_checkpoint: str | None = None, extra_train_metrics: dict | None = None
-) -> dict:
+def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, data_report=None) -> dict:
     """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
     metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
-    `learning_warnings.json` when not empty)."""
+    `learning_warnings.json` when not empty). With `data_report` (`prepare_splits`' `DataReport`), its counts join the
+    training metrics and the files it left out are written to `left_out.json` and named on the model card."""
     try:
-        return _train_and_evaluate(trainer, resume_from_checkpoint, extra_train_metrics)
+        return _train_and_evaluate(trainer, resume_from_checkpoint, data_report)
     finally:
         release_output_dir(trainer.args)
 
 
-def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train_metrics: dict | None) -> dict:
+def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, data_report) -> dict:
     args, metrics = trainer.args, {}
     # FSDP, DeepSpeed, multi-GPU / multi-CPU data parallelism or none: what accelerate set up for the student.
     distributed_type = trainer.accelerator.distributed_type.value
@@ -381,14 +380,22 @@ def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, extra_train
                 f"The accelerate config asks for {requested}, but accelerate runs {distributed_type} training here "
                 f"({requested} needs GPUs): the student is replicated on every process, not sharded."
             )
+    data_metrics = data_report.metrics() if data_report is not None else {}
+    if data_report is not None:
+        trainer.left_out_files = dict(data_report.left_out)
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         trainer.save_model()
-        train_metrics = {**result.metrics, **(extra_train_metrics or {}), "train_samples": len(trainer.train_dataset)}
+        train_metrics = {**result.metrics, **data_metrics, "train_samples": len(trainer.train_dataset)}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
         metrics.update(train_metrics)
+        if trainer.left_out_files and trainer.is_world_process_zero():
+            path = os.path.join(args.output_dir, "left_out.json")
+            with open(path, "w") as handle:
+                json.dump(trainer.left_out_files, handle, indent=2)
+            logger.warning(f"{len(trainer.left_out_files)} file(s) of the data were left out, each named in {path}.")
     if args.do_eval:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset)}
         trainer.log_metrics("eval", eval_metrics)
