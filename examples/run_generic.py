@@ -12,6 +12,10 @@ The paper's teacher is the MAE ViT-B pre-trained with the normalized-pixel loss,
 
 Data: `--dataset_name` (a Hub data set, or `elpv`: the ELPV solar-cell images shipped in the `elpv-dataset` package) or
 `--train_dir` (a local image folder). `--recipe small-data` suits a few thousand images. Arguments can also come from a single JSON or YAML file: `python examples/run_generic.py args.yaml`.
+
+Data at scale: `--streaming --max_steps N` reads the training images as a stream (a Hub data set, a `--train_dir` of
+WebDataset `.tar` shards written by `python -m g2sd_hf.shards`, or an image folder), each process its own shards,
+resumable mid-stream; see docs/scale.md.
 """
 
 import logging
@@ -33,6 +37,7 @@ from g2sd_hf.scripts.arguments import (
     MaskedImageAugmentationArguments,
     every_training_image,
     prepare_splits,
+    prepare_stream,
 )
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
@@ -42,6 +47,7 @@ from g2sd_hf.scripts.run import (
     setup_logging,
     train_and_evaluate,
 )
+from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream, training_stream
 from g2sd_hf.trainer import check_generic_distillation_pair
 
 
@@ -110,12 +116,20 @@ def build_student(model_args: ModelArguments, teacher: MAETeacher) -> G2SDForGen
 
 
 def main(args: list[str] | None = None) -> dict:
-    model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, GenericDistillationArguments), args
+    model_args, data_args, augmentation_args, streaming_args, training_args = parse_arguments(
+        (
+            ModelArguments,
+            DataArguments,
+            MaskedImageAugmentationArguments,
+            StreamingArguments,
+            GenericDistillationArguments,
+        ),
+        args,
     )
     setup_logging(training_args)
     logger.info(f"Training arguments {training_args}")
-    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
+    check_streaming_arguments(streaming_args, training_args, data_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args, streaming_args)
     set_seed(training_args.seed)
 
     teacher = MAETeacher.from_pretrained(
@@ -129,16 +143,26 @@ def main(args: list[str] | None = None) -> dict:
     check_generic_distillation_pair(student, teacher)  # before the data pass, which decodes every image once
 
     with training_args.main_process_first(desc="preparing the data"):
-        splits, data_report = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
+        if streaming_args.streaming:
+            stream, validation, data_report = prepare_stream(data_args, model_args.cache_dir, model_args.token)
+        else:
+            splits, data_report = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
+            validation = splits["validation"]
     image_size = student.config.processor_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
     train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
-    # No labels are used: every training image, the unlabeled ones included.
-    train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
-    eval_dataset = splits["validation"].with_transform(
-        ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std))
-    )
+    if streaming_args.streaming:  # each image decoded and transformed in the data loader's workers
+        train_dataset = training_stream(
+            stream, train_transform, training_args.seed, streaming_args.shuffle_buffer_size
+        )
+    else:  # no labels are used: every training image, the unlabeled ones included
+        train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
+    eval_dataset = None
+    if validation is not None:
+        eval_dataset = validation.with_transform(
+            ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std))
+        )
 
     trainer = GenericDistillationTrainer(
         model=student,
@@ -147,6 +171,7 @@ def main(args: list[str] | None = None) -> dict:
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=processor,
+        data_collator=collate_stream if streaming_args.streaming else None,
     )
 
     metrics = train_and_evaluate(trainer, last_checkpoint, data_report)

@@ -28,6 +28,7 @@ from ..data import (
 )
 from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
 from ..few_labels import check_label_fraction, load_unlabeled_images, split_labels
+from ..streaming import load_image_stream
 from .run import parse_overrides
 
 
@@ -367,6 +368,35 @@ def _prepare_unlabeled_images(
         splits["unlabeled"] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def prepare_stream(
+    data_args: DataArguments, cache_dir: str | None = None, token: str | None = None
+) -> tuple[datasets.IterableDataset, datasets.Dataset | None, DataReport]:
+    """`--streaming`: the training images as a stream (`streaming.load_image_stream`, nothing decoded), and the
+    `--validation_dir` images read whole and checked like the map-style splits (or `None`).
+
+    Returns:
+        `(stream, validation, report)`.
+    """
+    stream = load_image_stream(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        image_column_name=data_args.image_column_name,
+        cache_dir=cache_dir,
+        token=token,
+    )
+    report, validation = DataReport(), None
+    if data_args.validation_dir is not None:
+        validation = load_unlabeled_images(train_dir=data_args.validation_dir, left_out=report.left_out)
+        if data_args.max_eval_samples is not None:
+            validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+        if data_args.drop_unreadable_images:
+            validation, skipped = drop_unreadable_images(validation, num_proc=data_args.preprocessing_num_workers)
+            report.counts["skipped_validation_images"] = len(skipped)
+            report.left_out.update(skipped)
+    return stream, validation, report
+
+
 def every_training_image(splits: datasets.DatasetDict) -> datasets.Dataset:
     """The training images with the unlabeled ones, labels dropped: what the label-free stages (MAE pre-training,
     generic distillation) train on."""
@@ -488,4 +518,5 @@ __all__ = [
     "dense_backbone_config",
     "load_splits",
     "prepare_splits",
+    "prepare_stream",
 ]

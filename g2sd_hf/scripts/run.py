@@ -386,7 +386,9 @@ def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, data_report
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         trainer.save_model()
-        train_metrics = {**result.metrics, **data_metrics, "train_samples": len(trainer.train_dataset)}
+        train_metrics = {**result.metrics, **data_metrics}
+        if hasattr(trainer.train_dataset, "__len__"):  # a stream has no length
+            train_metrics["train_samples"] = len(trainer.train_dataset)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

@@ -1,0 +1,149 @@
+"""Streaming (issue 20): tar shards written from a folder, the streamed generic distillation, its exact resume, the
+bad input it refuses, and two machines (two `accelerate launch --num_machines 2` processes, CPU, gloo)."""
+
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from transformers import ViTImageProcessor
+
+from g2sd_hf import GenericDistillationTrainer
+from g2sd_hf.shards import write_shards
+from g2sd_hf.streaming import load_image_stream
+
+from .conftest import NORMALIZATION, SHAPES_STUDENT, tiny_mae_teacher
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import run_generic  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(shapes_folder, tmp_path_factory):
+    """The 192 training shapes as 8 shards of 24 images, and a tiny MAE teacher."""
+    root = tmp_path_factory.mktemp("streaming")
+    write_shards(str(shapes_folder / "train"), str(root / "shards"), images_per_shard=24)
+    tiny_mae_teacher().save_pretrained(root / "mae")
+    ViTImageProcessor(size={"height": 32, "width": 32}, **NORMALIZATION).save_pretrained(root / "mae")
+    return root
+
+
+def test_shards_hold_every_image_once_under_its_path_and_nothing_is_overwritten(shapes_folder, shards, tmp_path):
+    written = sorted((shards / "shards").glob("*.tar"))
+    assert [path.name for path in written] == [f"shard-{index:06d}.tar" for index in range(8)]
+    members = [name for path in written for name in tarfile.open(path).getnames()]
+    expected = sorted(
+        str(path.relative_to(shapes_folder / "train")) for path in (shapes_folder / "train").rglob("*.png")
+    )
+    assert sorted(members) == expected and len(expected) == 192
+    # The bytes are the file's, not re-encoded.
+    with tarfile.open(written[0]) as archive:
+        member = archive.getmembers()[0]
+        assert archive.extractfile(member).read() == (shapes_folder / "train" / member.name).read_bytes()
+    stream = load_image_stream(train_dir=str(shards / "shards"))
+    assert stream.n_shards == 8
+    ids = [example["image_id"] for example in stream]
+    assert len(ids) == 192 == len(set(ids)) and ids[0] == "shard-000000.tar/" + members[0].removesuffix(".png")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match=r"taken already exists and is not an empty folder"):
+        write_shards(str(shapes_folder / "train"), str(tmp_path / "taken"))
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+
+
+def streaming_arguments(data, output_dir, teacher, *extra: str) -> list[str]:
+    return [
+        f"--train_dir={data}",
+        f"--output_dir={output_dir}",
+        f"--teacher_name_or_path={teacher}",
+        "--target_layer=2",
+        f"--config_overrides={SHAPES_STUDENT}",
+        "--recipe=small-data",
+        "--streaming",
+        "--max_steps=8",
+        "--save_steps=3",
+        "--per_device_train_batch_size=8",
+        "--shuffle_buffer_size=32",
+        "--dataloader_num_workers=2",
+        "--logging_steps=1",
+        "--report_to=none",
+        "--seed=0",
+        "--do_train",
+        *extra,
+    ]
+
+
+class Interrupted(Exception):
+    pass
+
+
+COMPUTE_LOSS = GenericDistillationTrainer.compute_loss
+
+
+def recorded_run(monkeypatch, arguments, stop_at: int | None = None) -> dict[int, list[str]]:
+    """Run `run_generic.main`, recording the images of each training step; stop with an error at step `stop_at`."""
+    seen = {}
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            step = self.state.global_step + 1
+            if step == stop_at:
+                raise Interrupted(f"stopped at step {step}")
+            seen[step] = inputs["image_ids"]
+        return COMPUTE_LOSS(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GenericDistillationTrainer, "compute_loss", recording)
+    if stop_at is None:
+        run_generic.main(arguments)
+    else:
+        with pytest.raises(Interrupted):
+            run_generic.main(arguments)
+    return seen
+
+
+def test_a_stopped_streaming_run_resumes_with_exactly_the_images_of_an_uninterrupted_run(
+    shards, tmp_path, monkeypatch
+):
+    uninterrupted = recorded_run(monkeypatch, streaming_arguments(shards / "shards", tmp_path / "a", shards / "mae"))
+    assert sorted(uninterrupted) == list(range(1, 9))
+    assert all(len(ids) == 8 for ids in uninterrupted.values())
+    first_pass = [image for step in range(1, 9) for image in uninterrupted[step]]
+    assert len(set(first_pass)) > 50  # shuffled across shards, not one shard's images over and over
+
+    before = recorded_run(
+        monkeypatch, streaming_arguments(shards / "shards", tmp_path / "b", shards / "mae"), stop_at=5
+    )
+    assert sorted(before) == [1, 2, 3, 4] and (tmp_path / "b" / "checkpoint-3").is_dir()
+    # The plain rerun resumes its last checkpoint (step 3): steps 4-8 again, with the images they had.
+    after = recorded_run(monkeypatch, streaming_arguments(shards / "shards", tmp_path / "b", shards / "mae"))
+    assert sorted(after) == [4, 5, 6, 7, 8]
+    assert {**before, **after} == uninterrupted
+    assert after[4] == before[4]
+
+
+def test_streaming_refuses_what_it_cannot_do_before_any_work(shards, tmp_path):
+    teacher = shards / "mae"
+    without_steps = [argument for argument in streaming_arguments(shards / "shards", tmp_path / "x", teacher)]
+    without_steps.remove("--max_steps=8")
+    with pytest.raises(ValueError, match=r"--streaming reads an endless stream.*--max_steps"):
+        run_generic.main(without_steps)
+    with pytest.raises(ValueError, match=r"--do_eval scores a --validation_dir"):
+        run_generic.main(streaming_arguments(shards / "shards", tmp_path / "x", teacher, "--do_eval"))
+    assert not (tmp_path / "x").exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "shard-000000.tar").write_bytes(b"this is not a tar file")
+    with pytest.raises(ValueError, match=r"shard-000000.tar cannot be read as a tar file"):
+        run_generic.main(streaming_arguments(broken, tmp_path / "y", teacher))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    with tarfile.open(texts / "shard-000000.tar", "w") as archive:
+        note = tmp_path / "note.txt"
+        note.write_text("no image here")
+        archive.add(note, arcname="sample0.txt")
+    with pytest.raises(ValueError, match=r"shard-000000.tar holds no image among its first files"):
+        run_generic.main(streaming_arguments(texts, tmp_path / "z", teacher))
