@@ -1,6 +1,9 @@
 """Streaming (issue 20): tar shards written from a folder, the streamed generic distillation, its exact resume, the
 bad input it refuses, and two machines (two `accelerate launch --num_machines 2` processes, CPU, gloo)."""
 
+import json
+import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -147,3 +150,134 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(shards, tmp_path):
         archive.add(note, arcname="sample0.txt")
     with pytest.raises(ValueError, match=r"shard-000000.tar holds no image among its first files"):
         run_generic.main(streaming_arguments(texts, tmp_path / "z", teacher))
+
+
+RECORDER = """
+import json, os, sys
+sys.path.insert(0, {examples!r})
+import run_generic
+from g2sd_hf import GenericDistillationTrainer
+
+compute_loss = GenericDistillationTrainer.compute_loss
+rank, stop_at = int(os.environ["RANK"]), int(os.environ.get("STOP_AT", "0"))
+
+
+def recording(self, model, inputs, *args, **kwargs):
+    loss = compute_loss(self, model, inputs, *args, **kwargs)
+    if model.training:
+        step = self.state.global_step + 1
+        if step == stop_at:
+            raise SystemExit(3)
+        with open(os.path.join({record!r}, f"rank{{rank}}.jsonl"), "a") as handle:
+            handle.write(json.dumps({{"step": step, "ids": inputs["image_ids"], "loss": loss.item()}}) + "\\n")
+    return loss
+
+
+GenericDistillationTrainer.compute_loss = recording
+run_generic.main(sys.argv[1:])
+"""
+
+
+def launch_two_machines(shards, output_dir, record, port: int, stop_at: int = 0) -> list[int]:
+    """Machine ranks 0 and 1, one process each, on this host (CPU, gloo): what `accelerate launch` runs on 2 nodes."""
+    record.mkdir(exist_ok=True)
+    script = record / "recorder.py"
+    script.write_text(RECORDER.format(examples=str(EXAMPLES), record=str(record)))
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "ACCELERATE_USE_CPU": "true",
+        "STOP_AT": str(stop_at),
+    }
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    arguments = streaming_arguments(shards / "shards", output_dir, shards / "mae", "--max_steps=12")
+    arguments.remove("--max_steps=8")
+    processes = [
+        subprocess.Popen(
+            [
+                accelerate,
+                "launch",
+                "--multi_gpu",
+                "--num_machines=2",
+                f"--machine_rank={machine}",
+                "--num_processes=2",
+                "--main_process_ip=127.0.0.1",
+                f"--main_process_port={port}",
+                "--mixed_precision=no",
+                "--dynamo_backend=no",
+                str(script),
+                *arguments,
+            ],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for machine in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    if stop_at == 0:
+        for process, output in zip(processes, outputs):
+            assert process.returncode == 0, output[-3000:]
+    return [process.returncode for process in processes]
+
+
+def read_record(record) -> dict[int, dict[int, dict]]:
+    steps = {}
+    for rank in (0, 1):
+        lines = (record / f"rank{rank}.jsonl").read_text().splitlines()
+        steps[rank] = {entry["step"]: entry for entry in map(json.loads, lines)}
+    return steps
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate CLI not installed")
+def test_two_machines_read_disjoint_shards_average_their_losses_and_resume_exactly(shards, tmp_path):
+    launch_two_machines(shards, tmp_path / "out", tmp_path / "whole", port=29531)
+    seen = read_record(tmp_path / "whole")
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(1, 13))
+    shards_of = {
+        rank: {image.split("/")[0] for entry in seen[rank].values() for image in entry["ids"]} for rank in seen
+    }
+    assert not shards_of[0] & shards_of[1]  # each machine reads its own shards...
+    assert shards_of[0] | shards_of[1] == {f"shard-{index:06d}.tar" for index in range(8)}  # ...together all of them
+    # One loss per step, the mean of the two machines' (logged by rank 0 only, into one folder).
+    logged = {
+        entry["step"]: entry["loss"]
+        for entry in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    }
+    for step in range(1, 13):
+        mean = (seen[0][step]["loss"] + seen[1][step]["loss"]) / 2
+        assert logged[step] == pytest.approx(mean, rel=1e-4, abs=1e-6)
+    assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == [
+        "checkpoint-12",
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-9",
+    ]
+
+    # Stopped at step 8 on both machines, then launched again: it resumes checkpoint-6 and each machine trains steps
+    # 7-12 on the images it had.
+    codes = launch_two_machines(shards, tmp_path / "again", tmp_path / "stopped", port=29532, stop_at=8)
+    assert codes != [0, 0] and not (tmp_path / "again" / "model.safetensors").exists()
+    launch_two_machines(shards, tmp_path / "again", tmp_path / "resumed", port=29533)
+    before, after = read_record(tmp_path / "stopped"), read_record(tmp_path / "resumed")
+    for rank in (0, 1):
+        assert sorted(after[rank]) == list(range(7, 13))
+        combined = {**{step: entry["ids"] for step, entry in before[rank].items() if step <= 6}}
+        combined.update({step: entry["ids"] for step, entry in after[rank].items()})
+        assert combined == {step: entry["ids"] for step, entry in seen[rank].items()}
+
+
+def test_a_checkpoint_is_resumed_only_by_a_run_that_reads_the_data_the_same_way(shards, tmp_path):
+    arguments = streaming_arguments(shards / "shards", tmp_path / "streamed", shards / "mae")
+    arguments[arguments.index("--max_steps=8")] = "--max_steps=3"
+    run_generic.main(arguments)
+    not_streamed = [argument for argument in arguments if argument != "--streaming"]
+    not_streamed[1] = f"--output_dir={tmp_path / 'other'}"
+    not_streamed += [f"--resume_from_checkpoint={tmp_path / 'streamed' / 'checkpoint-3'}"]
+    with pytest.raises(
+        ValueError, match=r"checkpoint of a run with --streaming true, and this run has --streaming false"
+    ):
+        run_generic.main(not_streamed)

@@ -308,6 +308,8 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
             f"--resume_from_checkpoint {given} is not a complete checkpoint: {problem}. Resume from an earlier "
             "checkpoint of the run."
         )
+    if isinstance(given, str) and training_args.do_train:
+        _check_same_reading(given, run_arguments(training_args, *argument_groups))
     if given is not None or not training_args.do_train:
         return given
     output_dir = Path(training_args.output_dir)
@@ -355,6 +357,23 @@ def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> 
         staging.write_text(json.dumps(current, indent=2) + "\n")
         staging.replace(record)  # whole or not at all: another process may be reading it
     return resume
+
+
+def _check_same_reading(checkpoint: str, current: dict) -> None:
+    """Refuse `--resume_from_checkpoint` from a run that read its data the other way (streamed or not): the
+    checkpoint's step counts batches of a stream in one, of an epoch-by-epoch pass in the other, so the resumed run
+    would continue at images the checkpoint never meant."""
+    record = Path(checkpoint).parent / RUN_ARGUMENTS
+    if "streaming" not in current or not record.is_file():
+        return
+    then = json.loads(record.read_text()).get("streaming", False)
+    if then != current["streaming"]:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} is a checkpoint of a run with --streaming {str(then).lower()}, "
+            f"and this run has --streaming {str(current['streaming']).lower()}: its position in the data would not "
+            "mean the same images. Resume with the checkpoint's --streaming, or start a new run (the checkpoint's "
+            "weights as the student: --student_name_or_path)."
+        )
 
 
 def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, data_report=None) -> dict:
