@@ -24,6 +24,7 @@ from g2sd_hf.scripts.arguments import (
     MaskedImageAugmentationArguments,
     every_training_image,
     prepare_splits,
+    prepare_stream,
 )
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
@@ -32,6 +33,7 @@ from g2sd_hf.scripts.run import (
     setup_logging,
     train_and_evaluate,
 )
+from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream, training_stream
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
 
@@ -50,15 +52,21 @@ class ModelArguments:
 
 
 def main(args: list[str] | None = None) -> dict:
-    model_args, data_args, augmentation_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, MAEPretrainingArguments), args
+    model_args, data_args, augmentation_args, streaming_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, MaskedImageAugmentationArguments, StreamingArguments, MAEPretrainingArguments),
+        args,
     )
     setup_logging(training_args)
-    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
+    check_streaming_arguments(streaming_args, training_args, data_args)
+    last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args, streaming_args)
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="preparing the data"):
-        splits, data_report = prepare_splits(data_args, training_args.seed)
+        if streaming_args.streaming:
+            stream, validation, data_report = prepare_stream(data_args)
+        else:
+            splits, data_report = prepare_splits(data_args, training_args.seed)
+            validation = splits["validation"]
 
     config = ViTMAEConfig(
         layer_norm_eps=1e-6,
@@ -69,18 +77,25 @@ def main(args: list[str] | None = None) -> dict:
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size
     processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augmentation_args.eval_crop_ratio)
-    train_dataset = every_training_image(splits).with_transform(  # no labels: the unlabeled images too
-        ImageTransform(augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    )
-    eval_dataset = splits["validation"].with_transform(
-        ImageTransform(augmentation_args.eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    )
+    train_transform = augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    if streaming_args.streaming:  # each image decoded and transformed in the data loader's workers
+        train_dataset = training_stream(
+            stream, train_transform, training_args.seed, streaming_args.shuffle_buffer_size
+        )
+    else:  # no labels: the unlabeled images too
+        train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
+    eval_dataset = None
+    if validation is not None:
+        eval_dataset = validation.with_transform(
+            ImageTransform(augmentation_args.eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        )
     trainer = RecipeTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=processor,
+        data_collator=collate_stream if streaming_args.streaming else None,
     )
     return train_and_evaluate(trainer, last_checkpoint, data_report)
 

@@ -14,9 +14,12 @@ already trained on (the Trainer's `skip_first_batches`) and continues with the n
 skipped. The skipped batches are read and decoded again, at the loader's speed.
 
 Why an endless stream: the Trainer counts an iterable data set's epoch as `max_steps` steps; a stream that ended and
-started again would be resumed from its first pass. `repeat` then `shuffle` keeps one stream: the buffer's draws carry
-on across passes, so each pass comes in another order (the shards keep the order drawn once; a buffer much larger than
-a shard mixes them).
+started again would be resumed from its first pass, and processes whose shards end at different times would reach
+the end of an epoch apart (a collective operation then waits forever). `repeat()` then `shuffle()` makes one endless
+stream in which each next image comes from a shard drawn at random among the process's shards (the shards' order,
+then the buffer, mix them), as WebDataset's resampled shards do: in expectation every image comes equally often when
+the shards hold equally many images (`g2sd_hf.shards` writes them so, but for the last one), and there are no passes
+in which each image comes exactly once.
 """
 
 import logging
@@ -28,12 +31,14 @@ from pathlib import Path
 import datasets
 import torch
 
-from .data import check_image_folder, describe_image, open_rgb_image
+from .data import check_image_folder, open_rgb_image
 
 
 logger = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".tar"
+# The keys of a streamed batch that are not model inputs (`collate_stream`; the trainers take them out).
+STREAM_IMAGE_IDS, STREAM_SKIPPED_IMAGES = "image_ids", "skipped_images"
 # The image fields of a WebDataset sample (its file's extension), as `datasets`' WebDataset loader decodes them.
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 
@@ -163,37 +168,45 @@ def load_image_stream(
 
 class StreamTransform:
     """A batched `IterableDataset.map` function: decode each image (`open_rgb_image`, as everywhere), apply
-    `transform`; an image that cannot be read is skipped with a warning naming it, as in the folder path."""
+    `transform`; an image that cannot be read is skipped with a warning naming it, as in the folder path, and counted
+    on the next image (`skipped_before`), so that the trainer can count them across workers and processes."""
 
     def __init__(self, transform):
         self.transform = transform
+        self._pending_skips = 0  # per data loader worker: each holds its own copy
 
     def __call__(self, batch: dict) -> dict:
-        pixel_values, image_ids = [], []
+        pixel_values, image_ids, skipped_before = [], [], []
         for image, image_id in zip(batch["image"], batch["image_id"]):
             try:
                 pixel_values.append(self.transform(open_rgb_image(image)))
             except ValueError as error:
-                logger.warning(f"Skipping the streamed image {image_id} ({describe_image(image)}): {error}")
+                logger.warning(f"Skipping the streamed image {image_id}: {error}")
+                self._pending_skips += 1
                 continue
             image_ids.append(image_id)
-        return {"pixel_values": pixel_values, "image_id": image_ids}
+            skipped_before.append(self._pending_skips)
+            self._pending_skips = 0
+        return {"pixel_values": pixel_values, "image_id": image_ids, "skipped_before": skipped_before}
 
 
 def training_stream(
     images: datasets.IterableDataset, transform, seed: int, shuffle_buffer_size: int
 ) -> datasets.IterableDataset:
     """The endless, seeded, shuffled stream of transformed training images (see the module's docstring for why
-    endless). Decoding and `transform` run lazily, in the data loader's workers."""
+    endless, and how it draws from the shards). Decoding and `transform` run lazily, in the data loader's workers."""
     stream = images.repeat(None).shuffle(seed=seed, buffer_size=shuffle_buffer_size)
     return stream.map(StreamTransform(transform), batched=True, batch_size=64, remove_columns=["image"])
 
 
 def collate_stream(examples: list[dict]) -> dict:
-    """Stack `pixel_values`; keep each streamed image's `image_id` (a list) so that a batch can name its images."""
+    """Stack `pixel_values`; for streamed images, also the batch's `image_ids` and the number of unreadable images
+    skipped before them (`skipped_images`), which the trainers take out of the inputs (`trainer.batch_image_ids`) and
+    count (`skipped_train_images`)."""
     batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
     if "image_id" in examples[0]:
-        batch["image_ids"] = [example["image_id"] for example in examples]
+        batch[STREAM_IMAGE_IDS] = [example["image_id"] for example in examples]
+        batch[STREAM_SKIPPED_IMAGES] = sum(example["skipped_before"] for example in examples)
     return batch
 
 

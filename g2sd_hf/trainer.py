@@ -16,6 +16,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 from transformers import (
@@ -60,6 +61,7 @@ from .losses import (
 from .modeling_g2sd import G2SDForGenericDistillation
 from .optimization import FINE_TUNING_NO_DECAY_NAMES, parameter_groups
 from .recipes import DEFAULT_RECIPE, RECIPES, SMALL_RUN_STEPS
+from .streaming import STREAM_IMAGE_IDS, STREAM_SKIPPED_IMAGES
 from .teacher import ClassificationTeacher, MAETeacher
 
 
@@ -352,6 +354,17 @@ class RecipeTrainer(Trainer):
         self._training_warnings: list[str] = []
         self._evaluation_warnings: list[str] = []
         self._evaluation_chain_warnings: list[str] = []
+        # A streamed batch (streaming.collate_stream) names its images and counts those skipped before it.
+        self.batch_image_ids: list[str] | None = None
+        self._skipped_streamed_images = 0
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = dict(inputs)
+        self.batch_image_ids = inputs.pop(STREAM_IMAGE_IDS, None)
+        skipped = inputs.pop(STREAM_SKIPPED_IMAGES, None)
+        if skipped is not None and self.model.training:
+            self._skipped_streamed_images += int(skipped)
+        return super()._prepare_inputs(inputs)
 
     @property
     def learning_warnings(self) -> list[str]:
@@ -564,6 +577,15 @@ class RecipeTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._check_one_batch()
         result = super().train(*args, **kwargs)
+        if isinstance(self.train_dataset, datasets.IterableDataset):
+            # The images a stream skipped (unreadable), over every process, as the folder path counts them.
+            skipped = torch.tensor(self._skipped_streamed_images, device=self.args.device)
+            result.metrics["skipped_train_images"] = int(self.accelerator.reduce(skipped, reduction="sum"))
+            if result.metrics["skipped_train_images"]:
+                logger.warning(
+                    f"{result.metrics['skipped_train_images']} streamed training image(s) could not be read and were "
+                    "skipped, each named in a warning above."
+                )
         self._training_warnings = self._check_training()
         self._report(self._training_warnings)
         return result

@@ -95,7 +95,7 @@ def recorded_run(monkeypatch, arguments, stop_at: int | None = None) -> dict[int
             step = self.state.global_step + 1
             if step == stop_at:
                 raise Interrupted(f"stopped at step {step}")
-            seen[step] = inputs["image_ids"]
+            seen[step] = self.batch_image_ids
         return COMPUTE_LOSS(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(GenericDistillationTrainer, "compute_loss", recording)
@@ -169,7 +169,7 @@ def recording(self, model, inputs, *args, **kwargs):
         if step == stop_at:
             raise SystemExit(3)
         with open(os.path.join({record!r}, f"rank{{rank}}.jsonl"), "a") as handle:
-            handle.write(json.dumps({{"step": step, "ids": inputs["image_ids"], "loss": loss.item()}}) + "\\n")
+            handle.write(json.dumps({{"step": step, "ids": self.batch_image_ids, "loss": loss.item()}}) + "\\n")
     return loss
 
 
@@ -281,3 +281,40 @@ def test_a_checkpoint_is_resumed_only_by_a_run_that_reads_the_data_the_same_way(
         ValueError, match=r"checkpoint of a run with --streaming true, and this run has --streaming false"
     ):
         run_generic.main(not_streamed)
+
+
+def test_mae_pretraining_streams_and_a_bad_image_in_a_shard_is_skipped_named_and_counted(
+    shapes_folder, shards, tmp_path, caplog
+):
+    import shutil
+
+    import run_mae_pretraining
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards / "shards", data)
+    with tarfile.open(data / "shard-000008.tar", "w") as archive:
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+        archive.add(broken, arcname="cracked/broken.png")
+        archive.add(sorted((shapes_folder / "train" / "ring").glob("*.png"))[0], arcname="cracked/fine.png")
+    arguments = streaming_arguments(data, tmp_path / "mae", shards / "mae")
+    for argument in (
+        "--teacher_name_or_path=" + str(shards / "mae"),
+        "--target_layer=2",
+        f"--config_overrides={SHAPES_STUDENT}",
+    ):
+        arguments.remove(argument)
+    arguments += [
+        "--config_overrides=image_size=32,patch_size=8,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,"
+        "intermediate_size=32,decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,"
+        "decoder_intermediate_size=32",
+        "--max_steps=30",  # 240 images per pass of 194: the broken one comes up at least once
+        "--dataloader_num_workers=0",  # (warnings of worker processes do not reach caplog)
+    ]
+    arguments.remove("--max_steps=8")
+    with caplog.at_level("WARNING"):
+        metrics = run_mae_pretraining.main(arguments)
+    assert metrics["skipped_train_images"] >= 1 and "shard-000008.tar/cracked/broken" in caplog.text
+    assert "streamed training image(s) could not be read" in caplog.text
+    assert json.loads((tmp_path / "mae" / "train_results.json").read_text())["skipped_train_images"] >= 1
+    assert (tmp_path / "mae" / "model.safetensors").exists()
