@@ -31,7 +31,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from .data import check_image_folder, open_rgb_image
+from .data import IMAGE_SUFFIXES, check_image_folder, open_rgb_image
 
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,13 @@ def load_image_stream(
             stream = stream.cast_column(name, datasets.Image(decode=False))
         return stream.map(_coalesce_webdataset_images, remove_columns=stream.column_names)
     # An image folder: its files listed once (checked as in the map-style path), read lazily.
+    if not Path(train_dir).is_dir():
+        raise ValueError(f"--train_dir {train_dir}: no such folder. Give a folder of .tar shards or of images.")
+    if not any(path.suffix.lower() in IMAGE_SUFFIXES for path in Path(train_dir).rglob("*") if path.is_file()):
+        raise ValueError(
+            f"--train_dir {train_dir} holds no .tar shard and no image file: give the folder the shards were written "
+            "to (python -m g2sd_hf.shards SRC DST), or a folder of images."
+        )
     files = check_image_folder("--train_dir", train_dir)
     table = datasets.Dataset.from_dict({"image": files, "image_id": [os.path.relpath(f, train_dir) for f in files]})
     table = table.cast_column("image", datasets.Image(decode=False))

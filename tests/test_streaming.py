@@ -137,6 +137,12 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(shards, tmp_path):
         run_generic.main(streaming_arguments(shards / "shards", tmp_path / "x", teacher, "--do_eval"))
     assert not (tmp_path / "x").exists()
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("the shards are elsewhere")
+    with pytest.raises(ValueError, match=r"empty holds no .tar shard and no image file.*g2sd_hf.shards"):
+        run_generic.main(streaming_arguments(empty, tmp_path / "w", teacher))
+
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "shard-000000.tar").write_bytes(b"this is not a tar file")
