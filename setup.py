@@ -27,7 +27,10 @@ extras = {
         "ruff==0.17.6",
     ],
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+    # ONNX export and ONNX Runtime (torch.onnx's dynamo exporter needs onnxscript).
+    "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
 }
+extras["testing"] += extras["onnx"]
 extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})
 
 setup(

@@ -6,6 +6,9 @@ token has no position embedding in G2SD; DeiT adds one, which the export sets to
 projection is split. The export is checked before it is written: its logits must equal the G2SD model's.
 
     python -m g2sd_hf.export --model path/to/g2sd-student --output path/to/exported
+    python -m g2sd_hf.export --model path/to/g2sd-student --output path/to/onnx --format onnx --quantize int8
+
+`--format onnx` writes an ONNX model for ONNX Runtime instead (`g2sd_hf.onnx_export`; `pip install g2sd-hf[onnx]`).
 """
 
 import argparse
@@ -248,8 +251,22 @@ def main(args: list[str] | None = None) -> None:
         action="store_true",
         help="Write into a folder that holds other files (same-named files are replaced, others kept)",
     )
+    parser.add_argument(
+        "--format",
+        choices=["transformers", "onnx"],
+        default="transformers",
+        help="transformers: a stock ViT/DeiT classifier folder; onnx: model.onnx for ONNX Runtime (g2sd_hf.onnx_export)",
+    )
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="With --format onnx: also model_int8.onnx")
     options = parser.parse_args(args)
-    print(export_to_transformers(options.model, options.output, overwrite=options.overwrite))
+    if options.format == "onnx":
+        from .onnx_export import export_onnx
+
+        print(export_onnx(options.model, options.output, quantize=options.quantize, overwrite=options.overwrite))
+    elif options.quantize is not None:
+        parser.error("--quantize needs --format onnx.")
+    else:
+        print(export_to_transformers(options.model, options.output, overwrite=options.overwrite))
 
 
 if __name__ == "__main__":
