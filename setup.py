@@ -10,9 +10,11 @@ version = next(
     if line.startswith("__version__")
 )
 
+# ONNX export and ONNX Runtime (torch.onnx's dynamo exporter needs onnxscript).
+onnx = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 extras = {
-    # The embedded demo data set and the demo's figure.
-    "demo": ["elpv-dataset>=1.0", "matplotlib>=3.7", "tensorboard>=2.14"],
+    # The embedded demo data set, the demo's figure, and its ONNX Runtime export.
+    "demo": ["elpv-dataset>=1.0", "matplotlib>=3.7", "tensorboard>=2.14", *onnx],
     # Tests: timm is an independent ViT implementation to check the converted checkpoints against.
     "testing": [
         "pytest>=7.4",
@@ -27,10 +29,9 @@ extras = {
         "ruff==0.17.6",
     ],
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
-    # ONNX export and ONNX Runtime (torch.onnx's dynamo exporter needs onnxscript).
-    "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+    "onnx": onnx,
 }
-extras["testing"] += extras["onnx"]
+extras["testing"] += onnx
 extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})
 
 setup(

@@ -13,7 +13,8 @@ The task: ELPV's functional vs defective cells (defect probability >= 0.5), Deit
    only), SD only (from scratch with the teacher) and GD only (generic distillation, then plain fine-tuning).
 4. Results over the seeds (mean +- std) in `results.md`, `results.json`, `results.png`; occlusion curves (patches
    dropped from the token sequence, the paper's protocol) and CKA maps; a pipeline-ready checkpoint of the G2SD
-   student (`g2sd-student/`).
+   student (`g2sd-student/`), and its ONNX export with int8 weights, checked on the held-out cells
+   (`g2sd-student-onnx/`).
 
 Every stage runs with `--recipe small-data`. Finished stages are reused on a second run
 (`<output_dir>/stages/<stage>`, keyed by the stage's arguments).
@@ -53,6 +54,7 @@ from g2sd_hf.data import (
     resize_images,
 )  # noqa: E402
 from g2sd_hf.metrics import load_metric  # noqa: E402
+from g2sd_hf.onnx_export import export_onnx  # noqa: E402
 from g2sd_hf.output_folders import staged_folder  # noqa: E402
 from g2sd_hf.scripts.stages import STAGE_MARKER, STARTED_MARKER, run_stage, run_stages, start_demo  # noqa: E402
 
@@ -574,6 +576,19 @@ def evaluate_classifier(folder: Path, split, scale: DemoScale) -> dict:
     return {f"eval_{key}": value for key, value in metrics.items()}
 
 
+def export_for_onnx_runtime(checkpoint: Path, folder: Path, split, scale: DemoScale) -> dict:
+    """The saved student exported to ONNX with int8 (`python -m g2sd_hf.export --format onnx --quantize int8`),
+    checked on the held-out cells: fp32 against PyTorch, int8's balanced accuracy against fp32's."""
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    images = resize_images(split, scale.max_image_side) if scale.max_image_side else split
+    dataset = images.with_transform(ImageTransform(processor_transform(processor), with_labels=True))
+    batch = collate_classification([dataset[index] for index in range(len(dataset))])
+    checks = export_onnx(
+        str(checkpoint), str(folder), quantize="int8", check_images=(batch["pixel_values"], batch["labels"])
+    )
+    return {**checks, "folder": str(folder)}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------------------------
@@ -960,8 +975,32 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{second['estimated_seconds_left'] / 60:.1f} min announced, {second['real_seconds_left'] / 60:.1f} min "
             f"real ({100 * (second['estimated_seconds_left'] / second['real_seconds_left'] - 1):+.0f}%).",
         ]
+    lines += onnx_lines(results)
     lines += ["", "![results](results.png)", "", "![occlusion](occlusion.png)", "", "![cka](cka.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def onnx_lines(results: dict) -> list[str]:
+    """The deployment section of results.md: the student in ONNX Runtime, fp32 and int8."""
+    onnx = results.get("onnx")
+    if not onnx:
+        return []
+    return [
+        "",
+        "## Deployment: the student in ONNX Runtime",
+        "",
+        f"`python -m g2sd_hf.export --format onnx --quantize int8` of the seed-{results['seeds'][0]} G2SD student "
+        f"(`{Path(onnx['folder']).name}`), checked on the {onnx['checked_images']} held-out cells:",
+        "",
+        "| Model | Balanced acc. | Largest logit difference from PyTorch |",
+        "|---|---|---|",
+        f"| PyTorch (the saved student) | {onnx['pytorch_balanced_accuracy']:.3f} | - |",
+        f"| ONNX Runtime, fp32 | {onnx['fp32_balanced_accuracy']:.3f} | {onnx['fp32_max_abs_difference_on_images']:.1e} |",
+        f"| ONNX Runtime, int8 (dynamic quantization) | {onnx['int8_balanced_accuracy']:.3f} | "
+        f"{onnx['int8_max_abs_difference_on_images']:.1e} |",
+        "",
+        f"int8 - fp32 balanced accuracy: {onnx['int8_minus_fp32_balanced_accuracy']:+.3f}.",
+    ]
 
 
 def low_label_lines(results: dict) -> list[str]:
@@ -1114,6 +1153,8 @@ def main(args: list[str] | None = None) -> dict:
         "label": splits["test"].features["label"].names[example["label"]],
         "prediction": classifier(open_rgb_image(example["image"]))[0],
     }
+
+    results["onnx"] = export_for_onnx_runtime(checkpoint, output_dir / "g2sd-student-onnx", test_split, scale)
 
     results["analysis"] = analyze(stages, scale, test_split, output_dir, teacher_classifier)
 

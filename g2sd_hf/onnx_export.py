@@ -129,7 +129,8 @@ class ORTImageClassifier(PreTrainedModel):
         return ImageClassifierOutput(logits=torch.from_numpy(logits))
 
 
-def _export_graph(stock: PreTrainedModel, path: Path, image_size: int, num_channels: int) -> None:
+def export_onnx_graph(stock: PreTrainedModel, path: Path, image_size: int, num_channels: int) -> None:
+    """`torch.onnx.export` (dynamo, opset 18) of an image classifier's logits, with a dynamic batch axis."""
     example = torch.randn(2, num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.onnx.export(
@@ -145,7 +146,8 @@ def _export_graph(stock: PreTrainedModel, path: Path, image_size: int, num_chann
         )
 
 
-def _quantize_int8(source: Path, target: Path) -> None:
+def quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic quantization: int8 weights of the matrix products, activations quantized per batch."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
@@ -298,9 +300,9 @@ def export_onnx(
     image_size = model.config.processor_size
     output_dir = Path(output_dir)
     with staged_folder(output_dir, overwrite) as staging:
-        _export_graph(stock, staging / ONNX_FILE, image_size, model.config.num_channels)
+        export_onnx_graph(stock, staging / ONNX_FILE, image_size, model.config.num_channels)
         if quantize == "int8":
-            _quantize_int8(staging / ONNX_FILE, staging / INT8_FILE)
+            quantize_int8(staging / ONNX_FILE, staging / INT8_FILE)
         checks = check_onnx(stock, staging, image_size, quantize == "int8", check_images)
         stock.config.save_pretrained(staging)
         if processor is not None:
@@ -312,4 +314,11 @@ def export_onnx(
     return {**checks, "files": sorted([*files, "README.md"])}
 
 
-__all__ = ["ORTImageClassifier", "check_onnx", "export_onnx", "inference_session"]
+__all__ = [
+    "ORTImageClassifier",
+    "check_onnx",
+    "export_onnx",
+    "export_onnx_graph",
+    "inference_session",
+    "quantize_int8",
+]

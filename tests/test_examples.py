@@ -249,6 +249,15 @@ def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
         assert figure.format == "PNG" and figure.size[0] > 500
     classifier = pipeline("image-classification", model=str(tmp_path / "g2sd-student"))
     assert classifier(Image.new("RGB", (40, 40)))[0]["label"] in {"functional", "defective"}
+    # The student in ONNX Runtime: fp32 equal to PyTorch, int8 scored against it on the held-out cells.
+    onnx = results["onnx"]
+    assert onnx["fp32_max_abs_difference"] < 1e-4 and onnx["checked_images"] == results["eval_images"]
+    assert onnx["pytorch_balanced_accuracy"] == pytest.approx(
+        results["models"]["g2sd"]["balanced_accuracy"]["values"][0]
+    )
+    assert onnx["fp32_balanced_accuracy"] == pytest.approx(onnx["pytorch_balanced_accuracy"])
+    assert (tmp_path / "g2sd-student-onnx" / "model_int8.onnx").exists()
+    assert "## Deployment: the student in ONNX Runtime" in table and "int8 - fp32 balanced accuracy" in table
 
     again = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
     assert all(stage["reused"] for stage in again["stages"].values())
