@@ -31,9 +31,9 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from g2sd_hf import G2SDConfig, G2SDForImageClassification
-from g2sd_hf.export import to_stock_model
 from g2sd_hf.onnx_export import export_onnx_graph, inference_session, quantize_int8
 from g2sd_hf.scripts.run import parse_overrides
+from g2sd_hf.stock_model import to_stock_model
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,7 +80,11 @@ def main(args: list[str] | None = None) -> dict:
     train_transform = augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     if streaming_args.streaming:  # each image decoded and transformed in the data loader's workers
         train_dataset = training_stream(
-            stream, train_transform, training_args.seed, streaming_args.shuffle_buffer_size
+            stream,
+            train_transform,
+            training_args.seed,
+            streaming_args.shuffle_buffer_size,
+            skip_unreadable=data_args.drop_unreadable_images,
         )
     else:  # no labels: the unlabeled images too
         train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))

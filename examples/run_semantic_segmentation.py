@@ -18,11 +18,12 @@ import g2sd_hf  # noqa: F401  (registers the G2SD backbone with the Auto classes
 from g2sd_hf.data import dense_image_processor
 from g2sd_hf.dense_data import SegmentationTransform, collate_segmentation, load_segmentation_dataset
 from g2sd_hf.dense_models import load_backbone_weights, semantic_segmentation_model
-from g2sd_hf.dense_trainer import DenseDistillationArguments, DenseDistillationTrainer
+from g2sd_hf.dense_trainer import DenseDistillationTrainer
 from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
 from g2sd_hf.scripts.arguments import DenseDataArguments, DenseModelArguments, dense_backbone_config
 from g2sd_hf.scripts.run import checkpoint_to_resume, parse_arguments, setup_logging, train_and_evaluate
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DenseTeacher
+from g2sd_hf.training_args import DenseDistillationArguments
 
 
 logger = logging.getLogger(__name__)

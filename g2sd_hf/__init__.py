@@ -13,9 +13,8 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from ._deprecation import moved_names
 from .configuration_g2sd import G2SD_PRESET_ALIASES, G2SD_PRESETS, G2SDBackboneConfig, G2SDConfig
-from .dense_trainer import DenseDistillationArguments, DenseDistillationTrainer
+from .dense_trainer import DenseDistillationTrainer
 from .losses import (
     generic_distillation_loss,
     hard_distillation_loss,
@@ -33,14 +32,13 @@ from .modeling_g2sd import (
     G2SDPreTrainedModel,
 )
 from .teacher import ClassificationTeacher, DenseTeacher, MAETeacher, initialize_mae_from_scratch
-from .trainer import (
+from .trainer import FineTuningTrainer, GenericDistillationTrainer, SpecificDistillationTrainer
+from .training_args import (
+    DenseDistillationArguments,
     FineTuningArguments,
-    FineTuningTrainer,
     GenericDistillationArguments,
-    GenericDistillationTrainer,
     MAEPretrainingArguments,
     SpecificDistillationArguments,
-    SpecificDistillationTrainer,
 )
 
 
@@ -95,18 +93,6 @@ __all__ = [
 ]
 
 
-_renamed = moved_names(
-    __name__,
-    {
-        # One rule for names: `...Config` is a model configuration, `...Arguments` are training or script arguments.
-        "GenericDistillationConfig": "g2sd_hf.trainer:GenericDistillationArguments",
-        "SpecificDistillationConfig": "g2sd_hf.trainer:SpecificDistillationArguments",
-        "DenseDistillationConfig": "g2sd_hf.dense_trainer:DenseDistillationArguments",
-    },
-    stacklevel=3,
-)
-
-
 def __getattr__(name: str):
     # Imported on first use, so that `python -m g2sd_hf.export` runs the module fresh (no runpy RuntimeWarning about
     # a module found in sys.modules before its execution).
@@ -114,4 +100,4 @@ def __getattr__(name: str):
         from .export import export_to_transformers
 
         return export_to_transformers
-    return _renamed(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

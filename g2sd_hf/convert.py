@@ -31,11 +31,11 @@ from transformers.utils import logging
 
 from .configuration_g2sd import G2SD_PRESETS, G2SDConfig, resolve_preset_name
 from .data import image_processor
-from .export import fused_layer_tensors, load_by_parameter, stock_vit_layer_parameters
 from .hub import build_model_card
 from .modeling_g2sd import G2SDForGenericDistillation, G2SDForImageClassification
 from .output_folders import check_output_folder, staged_folder
 from .scripts.run import parse_overrides
+from .stock_model import fused_layer_tensors, load_by_parameter, stock_vit_layer_parameters
 from .teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 

@@ -28,7 +28,6 @@ from torchvision.transforms import InterpolationMode, v2
 from transformers import BitImageProcessor, ViTImageProcessor
 from transformers.image_utils import PILImageResampling, load_image
 
-from ._deprecation import moved_names
 from .metrics import check_class_names
 
 
@@ -677,17 +676,3 @@ __all__ = [
     "resize_images",
     "to_rgb",
 ]
-
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        name: "g2sd_hf.scripts.arguments"
-        for name in (
-            "DataArguments",
-            "MaskedImageAugmentationArguments",
-            "ClassificationAugmentationArguments",
-            "prepare_splits",
-        )
-    },
-)

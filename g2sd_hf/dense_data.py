@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ._deprecation import moved_names
 from .data import _to_normalized_tensor, open_rgb_image, require_data_source, to_rgb
 from .synthetic import SHAPE_CLASSES, make_shapes_dataset
 
@@ -322,6 +321,3 @@ __all__ = [
     "load_detection_dataset",
     "load_segmentation_dataset",
 ]
-
-
-__getattr__ = moved_names(__name__, {"DenseDataArguments": "g2sd_hf.scripts.arguments"})

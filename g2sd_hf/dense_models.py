@@ -7,6 +7,8 @@ Mask2Former (universal segmentation); readers turn each head's outputs into what
 
 import copy
 
+import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ from transformers import (
 )
 
 from .configuration_g2sd import G2SDBackboneConfig
+from .dense_data import image_size_of
+from .metrics import load_metric
 from .modeling_g2sd import BackboneMixin, G2SDBackbone
 
 
@@ -275,10 +279,45 @@ def detections_from_outputs(
     return results
 
 
+@torch.no_grad()
+def evaluate_detection(
+    model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100
+) -> dict:
+    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset` (one
+    process: run it on the main one)."""
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, truth = [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    sizes = [image_size_of(image) for image in raw_dataset.cast_column("image", datasets.Image(decode=False))["image"]]
+    for start, batch in zip(range(0, len(sizes), batch_size), loader):
+        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+        predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
+    for size, objects in zip(sizes, raw_dataset["objects"]):
+        boxes = np.asarray(objects["bbox"], dtype=np.float64).reshape(-1, 4)
+        # COCO's defaults where the data set has no such field: the box area, not a crowd.
+        area = objects["area"] if "area" in objects else (boxes[:, 2] * boxes[:, 3]).tolist()
+        iscrowd = objects["iscrowd"] if "iscrowd" in objects else [0] * len(boxes)
+        truth.append(
+            {
+                "boxes": boxes.tolist(),
+                "labels": objects["category"],
+                "size": list(size),
+                "area": area,
+                "iscrowd": iscrowd,
+            }
+        )
+    predictions = [
+        {key: np.asarray(value).tolist() for key, value in prediction.items()} for prediction in predictions
+    ]
+    return load_metric("coco_detection").compute(predictions=predictions, references=truth, num_labels=num_labels)
+
+
 __all__ = [
     "box_score_maps",
     "detections_from_outputs",
     "detector_queries",
+    "evaluate_detection",
     "find_backbone",
     "head_task",
     "load_backbone_weights",

@@ -23,7 +23,7 @@ as such; locations no student box covers are left out of the score term.
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ from .losses import (
 )
 from .optimization import FINE_TUNING_NO_DECAY_NAMES
 from .teacher import DenseTeacher
-from .trainer import DistillationTrainer, RecipeArguments
+from .trainer import DistillationTrainer
+from .training_args import DenseDistillationArguments
 
 
 logger = logging.get_logger(__name__)
@@ -86,76 +87,6 @@ DENSE_DISTILLATION_DEFAULTS = {
         "feature_adapter": False,
     },
 }
-
-
-@dataclass
-class DenseDistillationArguments(RecipeArguments):
-    r"""
-    `TrainingArguments` for dense-task fine-tuning with (or without) a teacher: ViTDet's AdamW recipe (learning rate
-    1e-4, weight decay 0.1, layer-wise decay over the backbone) and the distillation settings. Settings left at
-    `None` take the release's values for the head's task (`DENSE_DISTILLATION_DEFAULTS`).
-    """
-
-    feature_distillation_weight: float | None = field(
-        default=None,
-        metadata={
-            "help": "Weight of the pyramid-feature loss (default: detection 0.001, segmentation 0, Mask2Former 1)."
-        },
-    )
-    score_distillation_weight: float | None = field(
-        default=None,
-        metadata={"help": "Weight of the score loss (default: detection 0.1, segmentation's CWD 10, Mask2Former 1)."},
-    )
-    segmentation_distillation: str = field(
-        default="channel-wise",
-        metadata={
-            "help": "Segmentation logits: 'channel-wise' (CWD of the decode head's logits, the release's) or "
-            "'pixel-kl' (per-pixel KL over classes of the upsampled logits).",
-            "choices": ["channel-wise", "pixel-kl"],
-        },
-    )
-    feature_loss_reduction: str | None = field(
-        default=None,
-        metadata={
-            "help": "'release' (per level: sum over channels and locations / sum of the weights; summed over "
-            "levels) or 'mean' (per level: channel mean, weighted location mean; averaged over levels). Default: "
-            "'release', 'mean' for Mask2Former.",
-            "choices": ["release", "mean"],
-        },
-    )
-    feature_adapter: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Pass the student's pyramid through a 3x3 convolution per level before the feature loss "
-            "(trained with the student, not saved with it). Default: on for detection, as in the release."
-        },
-    )
-    distillation_temperature: float = field(default=1.0, metadata={"help": "Temperature of CWD and of the pixel KL."})
-    distillation_warmup_steps: float | None = field(
-        default=None,
-        metadata={
-            "help": "Steps (or fraction of the steps, < 1) over which the distillation weights rise linearly "
-            "from 0 (default: detection 500, as the release; segmentation 0)."
-        },
-    )
-    detection_top_queries: int = field(
-        default=50, metadata={"help": "Detection: the best queries (by score) projected onto the score maps."}
-    )
-    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise learning-rate decay over the backbone."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    scale_lr_with_batch_size: bool = field(default=False, metadata={"help": "Scale learning_rate by batch / 256."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
-
-    def __post_init__(self):
-        weights = (self.feature_distillation_weight, self.score_distillation_weight)
-        if any(weight is not None and weight < 0 for weight in weights):
-            raise ValueError("The distillation weights must be >= 0.")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
-        if self.distillation_temperature <= 0:
-            raise ValueError(f"distillation_temperature must be > 0, got {self.distillation_temperature}.")
-        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -490,7 +421,6 @@ def _resize_weights(weights: torch.Tensor, size) -> torch.Tensor:
 
 __all__ = [
     "DENSE_DISTILLATION_DEFAULTS",
-    "DenseDistillationArguments",
     "DenseDistillationSettings",
     "DenseDistillationTrainer",
     "PyramidAdapter",

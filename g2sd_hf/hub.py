@@ -9,7 +9,6 @@ import os
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._deprecation import moved_names
 from .metrics import metric_name
 
 
@@ -374,14 +373,3 @@ def build_model_card(
 
 
 __all__ = ["CITATION", "build_model_card", "describe_metric"]
-
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        "finish_training_run": "g2sd_hf.scripts.run",
-        "WRITTEN_FILES": "g2sd_hf.output_folders",
-        "check_output_folder": "g2sd_hf.output_folders",
-        "staged_folder": "g2sd_hf.output_folders",
-    },
-)

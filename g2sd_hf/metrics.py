@@ -9,13 +9,12 @@
 - `"mean_iou"` (`g2sd_mean_iou`): mean IoU and pixel accuracy from a confusion matrix (`SegmentationMetrics`, which
   the segmentation Trainer streams batch by batch instead of keeping every pixel map).
 - `"coco_detection"` (`g2sd_coco_detection`): COCO box AP through pycocotools' `COCOeval` (`coco_detection_metrics`),
-  used by `evaluate_detection`.
+  used by `dense_models.evaluate_detection`.
 """
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from transformers import EvalPrediction
@@ -244,7 +243,6 @@ def _numpy(array) -> np.ndarray:
 
 def segmentation_predictions(logits, labels):
     """`preprocess_logits_for_metrics`: upsample the logits to the labels' size and keep the arg-max class."""
-    import torch
 
     logits = logits[0] if isinstance(logits, tuple) else logits
     if logits.shape[-2:] != labels.shape[-2:]:
@@ -343,47 +341,9 @@ def coco_detection_metrics(
     return metrics
 
 
-@torch.no_grad()
-def evaluate_detection(
-    model, dataset, raw_dataset, num_labels: int, collate_fn, batch_size: int = 16, top_k: int = 100
-) -> dict:
-    """COCO box AP of a DETR-family `model` on `dataset` (transformed) against the boxes of `raw_dataset` (one
-    process: run it on the main one)."""
-    from .dense_data import image_size_of
-    from .dense_models import detections_from_outputs
-
-    model.eval()
-    device = next(model.parameters()).device
-    predictions, truth = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-    sizes = [image_size_of(image) for image in raw_dataset.cast_column("image", datasets.Image(decode=False))["image"]]
-    for start, batch in zip(range(0, len(sizes), batch_size), loader):
-        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
-        predictions += detections_from_outputs(outputs, sizes[start : start + batch_size], num_labels, top_k)
-    for size, objects in zip(sizes, raw_dataset["objects"]):
-        boxes = np.asarray(objects["bbox"], dtype=np.float64).reshape(-1, 4)
-        # COCO's defaults where the data set has no such field: the box area, not a crowd.
-        area = objects["area"] if "area" in objects else (boxes[:, 2] * boxes[:, 3]).tolist()
-        iscrowd = objects["iscrowd"] if "iscrowd" in objects else [0] * len(boxes)
-        truth.append(
-            {
-                "boxes": boxes.tolist(),
-                "labels": objects["category"],
-                "size": list(size),
-                "area": area,
-                "iscrowd": iscrowd,
-            }
-        )
-    predictions = [
-        {key: np.asarray(value).tolist() for key, value in prediction.items()} for prediction in predictions
-    ]
-    return load_metric("coco_detection").compute(predictions=predictions, references=truth, num_labels=num_labels)
-
-
 __all__ = [
     "image_classification_evaluator",
     "load_metric",
-    "evaluate_detection",
     "ClassificationMetrics",
     "SegmentationMetrics",
     "classification_metrics",

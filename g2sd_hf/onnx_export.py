@@ -2,7 +2,7 @@
 
 Optimum's exporter (`optimum-onnx`, the Hugging Face way) supports transformers < 4.58 only; this package needs
 transformers 5, so the export goes through `torch.onnx.export` (the dynamo exporter, opset 18) of the stock
-transformers classifier `g2sd_hf.export` makes (its logits are the G2SD model's: the two heads' average for a student
+transformers classifier `g2sd_hf.stock_model` makes (its logits are the G2SD model's: the two heads' average for a student
 with a distillation token, as `pipeline` gives). The batch axis is dynamic. `--quantize int8` adds ONNX Runtime's
 dynamic quantization (int8 weights of the matrix products, activations quantized per batch).
 
@@ -33,10 +33,10 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
 from .checkpoints import load_image_classifier
-from .export import to_stock_model
 from .metrics import classification_metrics
 from .modeling_g2sd import G2SDForImageClassification
 from .output_folders import check_output_folder, staged_folder
+from .stock_model import to_stock_model
 
 
 logger = logging.get_logger(__name__)
@@ -134,7 +134,7 @@ def export_onnx_graph(stock: PreTrainedModel, path: Path, image_size: int, num_c
     example = torch.randn(2, num_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.onnx.export(
-            _Logits(stock.eval()),
+            _Logits(stock).eval(),
             (example,),
             str(path),
             input_names=["pixel_values"],

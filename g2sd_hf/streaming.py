@@ -77,6 +77,16 @@ def check_streaming_arguments(streaming_args: StreamingArguments, training_args,
         raise ValueError(
             "--max_train_samples and --label_fraction need a data set that is read whole: not with --streaming."
         )
+    if data_args.unlabeled_train_dir is not None or data_args.unlabeled_dataset_name is not None:
+        raise ValueError(
+            "With --streaming, the stream is every training image (no labels are used): put the unlabeled images in "
+            "the --train_dir shards (or folder) instead of --unlabeled_train_dir / --unlabeled_dataset_name."
+        )
+    if data_args.max_image_side is not None:
+        raise ValueError(
+            "--max_image_side re-encodes a table of images once; a stream is decoded as it comes. Drop it, or write "
+            "smaller images into the shards."
+        )
     if training_args.do_eval and data_args.validation_dir is None:
         raise ValueError(
             "With --streaming, --do_eval scores a --validation_dir (an image folder, read whole): give one, or drop "
@@ -178,8 +188,9 @@ class StreamTransform:
     `transform`; an image that cannot be read is skipped with a warning naming it, as in the folder path, and counted
     on the next image (`skipped_before`), so that the trainer can count them across workers and processes."""
 
-    def __init__(self, transform):
+    def __init__(self, transform, skip_unreadable: bool = True):
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
         self._pending_skips = 0  # per data loader worker: each holds its own copy
 
     def __call__(self, batch: dict) -> dict:
@@ -188,6 +199,8 @@ class StreamTransform:
             try:
                 pixel_values.append(self.transform(open_rgb_image(image)))
             except ValueError as error:
+                if not self.skip_unreadable:  # --drop_unreadable_images false: the first one stops the run
+                    raise ValueError(f"The streamed image {image_id}: {error}") from error
                 logger.warning(f"Skipping the streamed image {image_id}: {error}")
                 self._pending_skips += 1
                 continue
@@ -198,12 +211,19 @@ class StreamTransform:
 
 
 def training_stream(
-    images: datasets.IterableDataset, transform, seed: int, shuffle_buffer_size: int
+    images: datasets.IterableDataset,
+    transform,
+    seed: int,
+    shuffle_buffer_size: int,
+    skip_unreadable: bool = True,
 ) -> datasets.IterableDataset:
     """The endless, seeded, shuffled stream of transformed training images (see the module's docstring for why
-    endless, and how it draws from the shards). Decoding and `transform` run lazily, in the data loader's workers."""
+    endless, and how it draws from the shards). Decoding and `transform` run lazily, in the data loader's workers;
+    an unreadable image is skipped and counted, or, without `skip_unreadable`, stops the run naming it."""
     stream = images.repeat(None).shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-    return stream.map(StreamTransform(transform), batched=True, batch_size=64, remove_columns=["image"])
+    return stream.map(
+        StreamTransform(transform, skip_unreadable), batched=True, batch_size=64, remove_columns=["image"]
+    )
 
 
 def collate_stream(examples: list[dict]) -> dict:

@@ -5,7 +5,6 @@ A teacher is loaded, validated (a teacher with untrained parts is refused), froz
 the student's pixels to it, so a teacher is never fed silently wrong pixels.
 """
 
-import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -303,17 +302,6 @@ class MAETeacher(_FrozenTeacher):
     @property
     def target_hidden_size(self) -> int:
         return self.model.config.decoder_hidden_size
-
-    @property
-    def mask_ratio(self) -> float:
-        """Deprecated: the mask ratio lives in the student's `G2SDConfig`, passed to `forward` at each call."""
-        warnings.warn(
-            "MAETeacher.mask_ratio is deprecated: the mask ratio lives in the student's G2SDConfig.mask_ratio, which "
-            "GenericDistillationTrainer passes to the teacher at each call (teacher(pixel_values, noise, mask_ratio)).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.model.config.mask_ratio
 
     def forward(
         self, pixel_values: torch.Tensor, noise: torch.Tensor, mask_ratio: float | None = None

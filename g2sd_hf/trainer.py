@@ -14,7 +14,6 @@ import platform
 import shutil
 import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -24,14 +23,12 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
     ViTMAEForPreTraining,
     set_seed,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from ._deprecation import moved_names
 from .checkpoints import checkpoint_problem, reporting_full_disk
 from .configuration_g2sd import to_pair
 from .few_labels import UNLABELED, count_unlabeled, labeled_rows
@@ -60,26 +57,21 @@ from .losses import (
 )
 from .modeling_g2sd import G2SDForGenericDistillation
 from .optimization import FINE_TUNING_NO_DECAY_NAMES, parameter_groups
-from .recipes import DEFAULT_RECIPE, RECIPES, SMALL_RUN_STEPS
+from .recipes import SMALL_RUN_STEPS
 from .streaming import STREAM_IMAGE_IDS, STREAM_SKIPPED_IMAGES
 from .teacher import ClassificationTeacher, MAETeacher
+from .training_args import (
+    FineTuningArguments,
+    GenericDistillationArguments,
+    SpecificDistillationArguments,
+)
 
 
 logger = logging.get_logger(__name__)
 
-DISTILLATION_TYPES = ("hard", "soft", "nkd", "none")
-
 
 def _value(option) -> str:
     return str(getattr(option, "value", option))
-
-
-def default_dataloader_workers() -> int:
-    """Data-loader workers per training process: the CPUs this process may use, shared among the processes of this
-    machine (`LOCAL_WORLD_SIZE`, set by `accelerate launch` / torchrun), at most 8; none on a single CPU."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return 0 if cpus < 2 else min(8, max(1, cpus // local_processes))
 
 
 def hardware_description(num_processes: int, device: torch.device) -> str:
@@ -98,235 +90,6 @@ def hardware_description(num_processes: int, device: torch.device) -> str:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         name = f"{device.type.upper()} ({model}, {cores} cores)" if device.type == "cpu" else device.type
     return f"{num_processes} x {name}"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class RecipeArguments(TrainingArguments):
-    """`TrainingArguments` with what the MAE/G2SD recipes share: AdamW with weight decay 0.05, a cosine schedule down
-    to `min_learning_rate`, no gradient clipping, and the linear scaling rule of the learning rate."""
-
-    scale_lr_with_batch_size: bool = field(
-        default=True,
-        metadata={
-            "help": "Use learning_rate * total_train_batch_size / 256 as the peak learning rate (the MAE/G2SD "
-            "linear scaling rule). Set False to use learning_rate as is."
-        },
-    )
-    weight_decay: float = field(
-        default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."}
-    )
-    lr_scheduler_type: str = field(
-        default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule (cosine down to min_learning_rate)."}
-    )
-    min_learning_rate: float = field(
-        default=0.0,
-        metadata={
-            "help": "Where the cosine schedule ends (lr_scheduler_type cosine_with_min_lr); layer-decayed groups "
-            "end at this times their scale, as in the release."
-        },
-    )
-    max_grad_norm: float = field(
-        default=0.0,
-        metadata={"help": "Clip the gradient norm to this; 0 disables clipping (the release never clips)."},
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the raw image column: the data transforms turn it into pixel_values."}
-    )
-    recipe: str = field(
-        default=DEFAULT_RECIPE,
-        metadata={
-            "help": "Named defaults for the arguments not given explicitly: 'release' (the authors' ImageNet "
-            "recipe) or 'small-data' (a few thousand images: plain augmentation, unscaled lr 1e-3). See "
-            "g2sd_hf.recipes.",
-            "choices": sorted(RECIPES),
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Start a new run in an output_dir that holds another run's checkpoints or finished model (its "
-            "checkpoints are not resumed; same-named files are replaced, nothing else is removed). Without it, "
-            "the example scripts resume only a run started with the same arguments and refuse anything else."
-        },
-    )
-    dataloader_num_workers: int = field(
-        default_factory=default_dataloader_workers,
-        metadata={
-            "help": "Data-loader worker processes per training process (default: the CPUs available to each "
-            "local process, at most 8). Decoding and augmenting images in the main process starves the model."
-        },
-    )
-    dataloader_persistent_workers: bool = field(
-        default=True, metadata={"help": "Keep the data-loader workers between epochs (ignored without workers)."}
-    )
-    dataloader_pin_memory: bool = field(
-        default_factory=torch.cuda.is_available,
-        metadata={"help": "Pin the batches' memory for faster copies to the GPU (default: when CUDA is available)."},
-    )
-
-    def __post_init__(self):
-        self._check_counts()
-        if self.min_learning_rate < 0:
-            raise ValueError(f"min_learning_rate must be >= 0, got {self.min_learning_rate}.")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"Unknown recipe {self.recipe!r}: choose one of {sorted(RECIPES)}.")
-        if self.dataloader_num_workers == 0:
-            self.dataloader_persistent_workers = False  # nothing to keep: torch refuses the flag without workers
-        super().__post_init__()
-        kwargs = self.lr_scheduler_kwargs
-        if _value(self.lr_scheduler_type) == "cosine_with_min_lr" and not (
-            isinstance(kwargs, dict) and {"min_lr", "min_lr_rate"} & kwargs.keys()
-        ):
-            self.lr_scheduler_kwargs = {
-                **(kwargs if isinstance(kwargs, dict) else {}),
-                "min_lr": self.min_learning_rate,
-            }
-
-    def _check_counts(self) -> None:
-        """Refuse, before any work, counts that would train nothing or fail late: batch sizes and accumulation steps
-        below 1, negative workers, and a run with neither steps nor epochs (it would save its initial weights as a
-        finished model)."""
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.dataloader_num_workers < 0:
-            raise ValueError(
-                f"--dataloader_num_workers must be >= 0 (0: load in the main process), got {self.dataloader_num_workers}."
-            )
-        if self.num_train_epochs < 0:
-            raise ValueError(f"--num_train_epochs must be positive, got {self.num_train_epochs}.")
-        if self.do_train and self.max_steps <= 0 and self.num_train_epochs == 0:
-            raise ValueError(
-                "--num_train_epochs 0 without --max_steps trains nothing: the initial weights would be saved as a "
-                "finished model. Give a positive --num_train_epochs or --max_steps."
-            )
-
-
-@dataclass
-class GenericDistillationArguments(RecipeArguments):
-    r"""
-    `TrainingArguments` with the defaults of G2SD's generic-distillation recipe (the release's `main_distill.py` and
-    `GD.sh`): AdamW with betas (0.9, 0.95), weight decay 0.05 (none on biases and 1-D weights), base learning rate
-    1.5e-4 scaled by total batch / 256, cosine schedule with 10 warm-up epochs out of 300 down to 2.5e-6, no gradient
-    clipping.
-
-    The student's mask ratio, feature-loss tokens and Smooth-L1 beta live in its `G2SDConfig`; the teacher's target
-    layer in its `MAETeacher`.
-    """
-
-    learning_rate: float = field(
-        default=1.5e-4, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
-    )
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 in MAE and G2SD)."})
-    min_learning_rate: float = field(
-        default=2.5e-6, metadata={"help": "Where the cosine schedule ends (2.5e-6 in G2SD)."}
-    )
-    warmup_steps: float = field(
-        default=10 / 300, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."}
-    )
-    num_train_epochs: float = field(default=300.0, metadata={"help": "Training epochs (300 in G2SD)."})
-    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
-
-
-@dataclass
-class MAEPretrainingArguments(GenericDistillationArguments):
-    r"""
-    `TrainingArguments` of MAE pre-training (of a teacher, `examples/run_mae_pretraining.py` with `RecipeTrainer`):
-    the generic-distillation optimizer and schedule, which the release takes from MAE's pre-training (AdamW betas
-    (0.9, 0.95), weight decay 0.05 on weights, base learning rate 1.5e-4 scaled by total batch / 256, cosine schedule
-    with warm-up, no clipping). The model's mask ratio and `norm_pix_loss` live in its `ViTMAEConfig`.
-    """
-
-
-@dataclass
-class SpecificDistillationArguments(RecipeArguments):
-    r"""
-    `TrainingArguments` with the defaults of G2SD's specific-distillation recipe for image classification (the
-    release's `main_finetune_dis.py` and `SD.sh`): hard distillation with a distillation token, label smoothing 0.1,
-    mixup 0.8 / cutmix 1.0, AdamW with weight decay 0.05, layer-wise learning-rate decay 0.75, base learning rate 1e-3
-    scaled by total batch / 256, cosine schedule with 5 warm-up epochs out of 200 down to 1e-6, no gradient clipping.
-
-    The loss is `L_SD = (L_task + beta * L_KD) / (1 + beta)`: with beta = 1 and hard distillation this is the
-    official `(CE(cls_logits, y) + CE(distillation_logits, argmax teacher_logits)) / 2`.
-    """
-
-    distillation_type: str = field(
-        default="hard",
-        metadata={
-            "help": "L_KD: 'hard' (CE to the teacher's arg-max, DeiT), 'soft' (T^2 KL at temperature T), 'nkd' "
-            "(normalized KD), or 'none' (plain fine-tuning, no teacher).",
-            "choices": list(DISTILLATION_TYPES),
-        },
-    )
-    distillation_beta: float = field(default=1.0, metadata={"help": "beta, the weight of L_KD."})
-    distillation_temperature: float = field(default=1.0, metadata={"help": "Temperature of 'soft' and 'nkd'."})
-    nkd_gamma: float = field(default=1.0, metadata={"help": "gamma, the non-target weight of 'nkd'."})
-    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise learning-rate decay (1.0 disables it)."})
-    mixup_alpha: float = field(default=0.8, metadata={"help": "Mixup alpha (0 disables mixup)."})
-    cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix alpha (0 disables cutmix)."})
-    label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of the task loss."})
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Base learning rate for a total batch of 256; see scale_lr_with_batch_size."}
-    )
-    warmup_steps: float = field(default=5 / 200, metadata={"help": "Warm-up steps, or a fraction (< 1) of the steps."})
-    num_train_epochs: float = field(default=200.0, metadata={"help": "Training epochs (200 in G2SD)."})
-    min_learning_rate: float = field(default=1e-6, metadata={"help": "Where the cosine schedule ends (1e-6 in G2SD)."})
-    chain_checks: bool = field(
-        default=True,
-        metadata={
-            "help": "Score the teacher and the student's starting point on the validation split before distilling (and "
-            "a fine-tuning run after its first epoch), and warn when a stage is too weak for the next "
-            "(g2sd_hf.learning_check). Costs one or two passes over the validation split."
-        },
-    )
-    scratch_baseline: bool = field(
-        default=False,
-        metadata={
-            "help": "After distilling, train the same student from a random initialization with the same recipe and "
-            "epochs on the labeled images but no teacher (and no layer-wise lr decay), score it on the validation "
-            "split (scratch_eval_*), "
-            "and warn, naming the weak stage, when the distilled student ended below it. Doubles the training time "
-            "of a small student; on by default in --recipe small-data. Needs a teacher and one evaluation set."
-        },
-    )
-
-    def __post_init__(self):
-        if self.distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {self.distillation_type!r}.")
-        if self.distillation_beta < 0 or self.distillation_temperature <= 0:
-            raise ValueError(
-                "distillation_beta must be >= 0 and distillation_temperature > 0, got "
-                f"{self.distillation_beta} and {self.distillation_temperature}."
-            )
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay} (G2SD uses 0.75; 1 disables it).")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0 (0 disables them).")
-        super().__post_init__()
-
-
-@dataclass
-class FineTuningArguments(SpecificDistillationArguments):
-    r"""
-    `TrainingArguments` of plain fine-tuning, without a teacher (`FineTuningTrainer`; the MAE teacher's own fine-tuning
-    in `examples/run_finetune_teacher.py`): the specific-distillation recipe (the release's, MAE's fine-tuning) with
-    the task loss only.
-    """
-
-    distillation_type: str = field(
-        default="none", metadata={"help": "Always 'none': fine-tuning has no teacher (SpecificDistillationArguments)."}
-    )
-
-    def __post_init__(self):
-        if self.distillation_type != "none":
-            raise ValueError(
-                f"Fine-tuning has no teacher, got distillation_type={self.distillation_type!r}: distill with "
-                "SpecificDistillationArguments and SpecificDistillationTrainer (examples/run_specific.py)."
-            )
-        super().__post_init__()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1247,23 +1010,10 @@ def check_specific_distillation_pair(student: PreTrainedModel, teacher: Classifi
 
 __all__ = [
     "DistillationTrainer",
-    "FineTuningArguments",
     "FineTuningTrainer",
-    "MAEPretrainingArguments",
-    "RecipeArguments",
-    "RecipeTrainer",
-    "GenericDistillationArguments",
     "GenericDistillationTrainer",
-    "SpecificDistillationArguments",
+    "RecipeTrainer",
     "SpecificDistillationTrainer",
+    "check_generic_distillation_pair",
+    "check_specific_distillation_pair",
 ]
-
-
-__getattr__ = moved_names(
-    __name__,
-    {
-        "RecipeConfig": "g2sd_hf.trainer:RecipeArguments",
-        "GenericDistillationConfig": "g2sd_hf.trainer:GenericDistillationArguments",
-        "SpecificDistillationConfig": "g2sd_hf.trainer:SpecificDistillationArguments",
-    },
-)

@@ -17,6 +17,7 @@ from g2sd_hf.dense_data import (
 )
 from g2sd_hf.dense_models import (
     box_score_maps,
+    evaluate_detection,
     find_backbone,
     object_detection_model,
     query_class_probabilities,
@@ -32,7 +33,7 @@ from g2sd_hf.losses import (
     pixel_distillation_loss,
     weighted_feature_distillation_loss,
 )
-from g2sd_hf.metrics import SegmentationMetrics, evaluate_detection, segmentation_predictions
+from g2sd_hf.metrics import SegmentationMetrics, segmentation_predictions
 from g2sd_hf.synthetic import SHAPE_CLASSES, make_shapes_dataset
 
 from .conftest import tiny_student_config

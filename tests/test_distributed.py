@@ -103,6 +103,8 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     )
     assert double.returncode == 0, double.stderr[-3000:]
     assert "distributed True" in double.stdout + double.stderr  # both processes joined one gloo group
+    assert "Training setup: 2 processes, data parallel (gloo)" in double.stdout + double.stderr
+    assert "Training setup: single process, no distributed training" in single.stdout + single.stderr
 
     one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert len(one) == len(two) == 4

@@ -31,7 +31,7 @@ from g2sd_hf.metrics import ClassificationMetrics
 from g2sd_hf.recipes import RECIPES, recipe_defaults
 from g2sd_hf.scripts.arguments import ClassificationAugmentationArguments, DataArguments
 from g2sd_hf.scripts.run import parse_arguments
-from g2sd_hf.trainer import GenericDistillationArguments, default_dataloader_workers
+from g2sd_hf.training_args import GenericDistillationArguments, default_dataloader_workers
 
 from .conftest import tiny_image_dataset, tiny_student_config
 from .test_trainer import quick_run

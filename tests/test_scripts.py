@@ -219,6 +219,10 @@ def test_stage_clock_estimates_the_time_left_by_kind_of_stage():
     measured.finished("generic_seed0", 70.0)  # generic is now known; the speed is (100 + 70) / (50 + 70)
     speed = 170.0 / 120.0
     assert measured.seconds_left("g2sd_seed0") == pytest.approx(40.0 * speed + 70.0 + 40.0 * speed + 300.0 * speed)
+    # Shrunk toward the measured run's speed: 60 expected seconds at speed 1 count beside the stages finished.
+    shrunk = StageClock(["teacher", "generic_seed0"], {"teacher": 50.0, "generic": 70.0}, prior_seconds=60.0)
+    shrunk.finished("teacher", 100.0)
+    assert shrunk.seconds_left("generic_seed0") == pytest.approx(70.0 * (100.0 + 60.0) / (50.0 + 60.0))
 
 
 def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):

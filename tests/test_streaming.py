@@ -135,6 +135,12 @@ def test_streaming_refuses_what_it_cannot_do_before_any_work(shards, tmp_path):
         run_generic.main(without_steps)
     with pytest.raises(ValueError, match=r"--do_eval scores a --validation_dir"):
         run_generic.main(streaming_arguments(shards / "shards", tmp_path / "x", teacher, "--do_eval"))
+    with pytest.raises(ValueError, match=r"the stream is every training image.*--unlabeled_train_dir"):
+        run_generic.main(
+            streaming_arguments(shards / "shards", tmp_path / "x", teacher, f"--unlabeled_train_dir={tmp_path}")
+        )
+    with pytest.raises(ValueError, match=r"--max_image_side re-encodes a table"):
+        run_generic.main(streaming_arguments(shards / "shards", tmp_path / "x", teacher, "--max_image_side=64"))
     assert not (tmp_path / "x").exists()
 
     empty = tmp_path / "empty"
@@ -324,3 +330,17 @@ def test_mae_pretraining_streams_and_a_bad_image_in_a_shard_is_skipped_named_and
     assert "streamed training image(s) could not be read" in caplog.text
     assert json.loads((tmp_path / "mae" / "train_results.json").read_text())["skipped_train_images"] >= 1
     assert (tmp_path / "mae" / "model.safetensors").exists()
+
+
+def test_without_dropping_unreadable_images_a_bad_streamed_image_stops_the_run_naming_it(shapes_folder):
+    from g2sd_hf.data import evaluation_transform
+    from g2sd_hf.streaming import StreamTransform
+
+    good = {"path": str(sorted((shapes_folder / "train" / "ring").glob("*.png"))[0]), "bytes": None}
+    bad = {"path": None, "bytes": b"\x89PNG\r\n\x1a\n cut short"}
+    batch = {"image": [good, bad, good], "image_id": ["a", "shard-000003.tar/cracked/broken", "c"]}
+    transform = evaluation_transform(32, **NORMALIZATION)
+    skipped = StreamTransform(transform)(batch)
+    assert skipped["image_id"] == ["a", "c"] and skipped["skipped_before"] == [0, 1]
+    with pytest.raises(ValueError, match=r"The streamed image shard-000003.tar/cracked/broken: Cannot read image"):
+        StreamTransform(transform, skip_unreadable=False)(batch)

@@ -599,3 +599,11 @@ def test_a_full_disk_while_saving_is_reported_as_such_naming_the_checkpoint(tmp_
     # A checkpoint is complete or absent: the half-written folder is removed (with torch.save failing, the weights
     # had been written), nothing else.
     assert not (tmp_path / "checkpoint-1").exists() and tmp_path.is_dir()
+
+
+def test_fine_tuning_arguments_refuse_a_teacher_loss(tmp_path):
+    from g2sd_hf.training_args import FineTuningArguments
+
+    assert FineTuningArguments(str(tmp_path)).distillation_type == "none"
+    with pytest.raises(ValueError, match="Fine-tuning has no teacher"):
+        FineTuningArguments(str(tmp_path), distillation_type="hard")

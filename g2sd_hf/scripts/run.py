@@ -376,6 +376,31 @@ def _check_same_reading(checkpoint: str, current: dict) -> None:
         )
 
 
+# What accelerate's distributed types mean, in the words of a user reading the log.
+_PARALLELISM = {
+    "MULTI_CPU": "data parallel",
+    "MULTI_GPU": "data parallel",
+    "MULTI_XPU": "data parallel",
+    "MULTI_NPU": "data parallel",
+    "MULTI_MLU": "data parallel",
+    "MULTI_HPU": "data parallel",
+    "FSDP": "fully sharded data parallel (FSDP)",
+    "DEEPSPEED": "DeepSpeed",
+}
+
+
+def distributed_setup(accelerator) -> str:
+    """The run's processes in words: `"single process, no distributed training"`, `"2 processes, data parallel
+    (gloo)"` (accelerate's `DistributedType.NO` reads as "no training" otherwise)."""
+    import torch.distributed
+
+    kind = accelerator.distributed_type.value
+    if kind == "NO" or accelerator.num_processes == 1:
+        return "single process, no distributed training"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "no process group"
+    return f"{accelerator.num_processes} processes, {_PARALLELISM.get(kind, kind)} ({backend})"
+
+
 def train_and_evaluate(trainer, resume_from_checkpoint: str | None = None, data_report=None) -> dict:
     """`--do_train`: train, save the model (and processor), metrics and state; `--do_eval`: evaluate. Returns all
     metrics, and under `learning_warnings` what the trainer's learning checks found (also written to
@@ -391,7 +416,9 @@ def _train_and_evaluate(trainer, resume_from_checkpoint: str | None, data_report
     args, metrics = trainer.args, {}
     # FSDP, DeepSpeed, multi-GPU / multi-CPU data parallelism or none: what accelerate set up for the student.
     distributed_type = trainer.accelerator.distributed_type.value
-    logger.info(f"Process rank {args.process_index}: {distributed_type} training")
+    logger.info(
+        f"Training setup: {distributed_setup(trainer.accelerator)}; this is process rank {args.process_index}."
+    )
     for requested, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
         if os.environ.get(flag, "false").lower() == "true" and distributed_type != requested:
             # accelerate falls back without a word: on CPUs, an FSDP config runs plain data parallelism.
@@ -493,6 +520,7 @@ __all__ = [
     "RUN_ARGUMENTS",
     "checkpoint_to_resume",
     "claim_output_dir",
+    "distributed_setup",
     "finish_training_run",
     "parse_arguments",
     "parse_overrides",

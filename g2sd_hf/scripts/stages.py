@@ -22,6 +22,8 @@ STAGE_MARKER = "g2sd_demo_stage.json"  # written into every stage folder the dem
 
 
 STARTED_MARKER = "g2sd_demo_stage_started"
+# How much expected stage time the measured run's speed counts for in the time-left estimate (`StageClock`).
+SPEED_PRIOR_SECONDS = 60.0
 
 
 def start_demo(
@@ -88,6 +90,10 @@ class StageClock:
     finished so far against their expected times; without expectations, by the mean stage. `tail_seconds`, scaled the
     same way, is the work after the last stage (evaluation, analysis).
 
+    The speed is shrunk toward 1 (the measured run's) by `prior_seconds` of expected time: one short first stage, which
+    also pays for the process's first imports and caches, does not decide the whole estimate alone (a first stage
+    twice as slow as measured, 50 s for 25, meant a 1.25x slower run in the demo of 2026-12-03).
+
     Example:
 
     ```python
@@ -103,11 +109,16 @@ class StageClock:
     """
 
     def __init__(
-        self, names: Sequence[str], expected_seconds: dict[str, float] | None = None, tail_seconds: float = 0.0
+        self,
+        names: Sequence[str],
+        expected_seconds: dict[str, float] | None = None,
+        tail_seconds: float = 0.0,
+        prior_seconds: float = 0.0,
     ):
         self.names = list(names)
         self.expected = dict(expected_seconds or {})
         self.tail_seconds = tail_seconds
+        self.prior_seconds = prior_seconds
         self.seconds: dict[str, list[float]] = {}
 
     @staticmethod
@@ -118,8 +129,9 @@ class StageClock:
         self.seconds.setdefault(self.kind(name), []).append(seconds)
 
     def _speed(self) -> float:
-        """Seconds taken here per expected second, over the finished stages of expected kinds (1 before any)."""
-        taken = expected = 0.0
+        """Seconds taken here per expected second, over the finished stages of expected kinds, shrunk toward 1 by
+        `prior_seconds` (1 before any)."""
+        taken = expected = self.prior_seconds
         for kind, values in self.seconds.items():
             if kind in self.expected:
                 taken += sum(values)
@@ -158,7 +170,8 @@ def run_stages(
     number and the time left (`StageClock`, with the measured `expected_seconds` by kind and `tail_seconds` when
     given); returns each stage's record (`run_stage`), with when it started (`started_after_seconds`, from the first
     stage's start) and the time left the clock announced then (`estimated_seconds_left`), to check the estimate."""
-    clock, records, start = StageClock(list(planned), expected_seconds, tail_seconds), {}, time.perf_counter()
+    clock = StageClock(list(planned), expected_seconds, tail_seconds, prior_seconds=SPEED_PRIOR_SECONDS)
+    records, start = {}, time.perf_counter()
     for name, (module, arguments) in planned.items():
         announced = {
             "started_after_seconds": time.perf_counter() - start,

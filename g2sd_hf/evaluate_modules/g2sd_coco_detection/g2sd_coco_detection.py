@@ -1,7 +1,7 @@
 """COCO box AP as an `evaluate` module, loadable offline: `g2sd_hf.metrics.load_metric("coco_detection")`.
 
 The numbers come from `g2sd_hf.metrics.coco_detection_metrics` (pycocotools' `COCOeval`), which
-`g2sd_hf.metrics.evaluate_detection` (the detection example's evaluation) computes through this module.
+`g2sd_hf.dense_models.evaluate_detection` (the detection example's evaluation) computes through this module.
 """
 
 import datasets
