@@ -95,7 +95,7 @@ def export_to_transformers(
 def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="G2SD classifier folder or Hub id")
-    parser.add_argument("--output", required=True, help="Folder to write the stock transformers model to")
+    parser.add_argument("--output", required=True, help="Folder to write the exported model to")
     parser.add_argument(
         "--overwrite",
         action="store_true",

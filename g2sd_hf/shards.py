@@ -86,7 +86,9 @@ def main(args: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="A folder of images (any layout).")
     parser.add_argument("destination", help="A new or empty folder for the shards.")
-    parser.add_argument("--images_per_shard", type=int, default=1000)
+    parser.add_argument(
+        "--images_per_shard", type=int, default=1000, help="Images in each shard (the last one: the rest)."
+    )
     arguments = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return write_shards(arguments.source, arguments.destination, arguments.images_per_shard)
