@@ -55,8 +55,8 @@ from g2sd_hf.data import (
 )  # noqa: E402
 from g2sd_hf.metrics import load_metric  # noqa: E402
 from g2sd_hf.onnx_export import export_onnx  # noqa: E402
-from g2sd_hf.output_folders import staged_folder  # noqa: E402
-from g2sd_hf.scripts.stages import STAGE_MARKER, STARTED_MARKER, run_stage, run_stages, start_demo  # noqa: E402
+from g2sd_hf.output_folders import WRITTEN_FILES, staged_folder  # noqa: E402
+from g2sd_hf.scripts.stages import STAGE_MARKER, run_stage, run_stages, start_demo  # noqa: E402
 
 
 logger = logging.getLogger("g2sd_demo")
@@ -1077,7 +1077,7 @@ def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
             staging,
             dirs_exist_ok=True,
             ignore=shutil.ignore_patterns(
-                "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, STARTED_MARKER, "runs"
+                "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, WRITTEN_FILES, "runs"
             ),
         )
 

@@ -1,9 +1,12 @@
-"""What the package may write and remove: folders written all at once, and the record of what it wrote.
+"""What the package may write and remove: folders written all at once, and the one record of what it wrote.
 
 A folder is built in a staging folder beside its target and moved into place only when complete, so an error never
 leaves a half-written checkpoint. The files written are recorded in `.g2sd_hf_written.json`, so that a later rewrite
 can tell the package's files from anyone else's: a folder holding only the package's files is replaced; anything else
 is refused, or with `overwrite` written into without removing a file the package did not write.
+
+A folder that a script fills as it runs (a demo's stage) cannot be staged: `claim_folder` creates it with the same
+record saying that the whole folder is the package's, and `remove_claimed_folder` removes only such a folder.
 """
 
 import json
@@ -23,15 +26,57 @@ WRITTEN_FILES = (
 )
 
 
+WHOLE_FOLDER = "*"  # the record's `files` of a folder the package claimed whole (`claim_folder`)
+
+
 def _written_by_us(folder: Path) -> set[str] | None:
-    """The files `staged_folder` wrote into `folder` (relative paths), or `None` when it did not write the folder."""
+    """The files the package wrote into `folder` (relative paths: those `staged_folder` recorded, or every file of a
+    claimed folder), or `None` when it did not write the folder."""
     record = folder / WRITTEN_FILES
     if not record.is_file():
         return None
     try:
-        return set(json.loads(record.read_text())["files"])
+        files = json.loads(record.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return None
+    return _files(folder) if files == WHOLE_FOLDER else set(files)
+
+
+def claim_folder(folder: str | Path) -> Path:
+    """Create `folder` (which must not exist) for the package to fill as a script runs, with the record that the whole
+    folder is the package's, so that `remove_claimed_folder` may replace it later.
+
+    Example:
+
+    ```python
+    >>> stage = claim_folder("demo_output/stages/generic_seed0")
+    >>> run_generic.main(["--output_dir", str(stage), ...])
+    ```
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    (folder / WRITTEN_FILES).write_text(json.dumps({"files": WHOLE_FOLDER}) + "\n")
+    return folder
+
+
+def is_claimed_folder(folder: str | Path) -> bool:
+    """Whether `folder` was created by `claim_folder` (the whole folder is the package's)."""
+    record = Path(folder) / WRITTEN_FILES
+    try:
+        return json.loads(record.read_text())["files"] == WHOLE_FOLDER
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_claimed_folder(folder: str | Path) -> None:
+    """Remove a folder `claim_folder` created; anything else is refused, naming it, and left as it is."""
+    folder = Path(folder)
+    if not is_claimed_folder(folder):
+        raise FileExistsError(
+            f"{folder} exists and was not written by this package ({WRITTEN_FILES} does not claim it): move it away, "
+            "or choose another output folder."
+        )
+    shutil.rmtree(folder)
 
 
 def _files(folder: Path) -> set[str]:
@@ -116,4 +161,11 @@ def staged_folder(output_dir: str | Path, overwrite: bool = False) -> Iterator[P
             shutil.rmtree(staging)
 
 
-__all__ = ["WRITTEN_FILES", "check_output_folder", "staged_folder"]
+__all__ = [
+    "WRITTEN_FILES",
+    "check_output_folder",
+    "claim_folder",
+    "is_claimed_folder",
+    "remove_claimed_folder",
+    "staged_folder",
+]

@@ -426,3 +426,35 @@ def test_the_files_left_out_are_counted_listed_and_named_on_the_card(shapes_fold
     assert recorded["left_out_files"] == metrics["left_out_files"] == 3 and recorded["skipped_train_images"] == 1
     card = (tmp_path / "out" / "README.md").read_text()
     assert "files left out" in card and "3 (each with the reason in left_out.json)" in card and "notes.txt" in card
+
+
+def test_one_record_says_what_the_package_wrote_for_staged_and_claimed_folders(tmp_path):
+    """Issue 22: the demo's stage folders and `staged_folder` keep one record of what the package wrote."""
+    from g2sd_hf.output_folders import (
+        WRITTEN_FILES,
+        check_output_folder,
+        claim_folder,
+        is_claimed_folder,
+        remove_claimed_folder,
+        staged_folder,
+    )
+
+    stage = claim_folder(tmp_path / "stages" / "generic_seed0")
+    (stage / "model.safetensors").write_bytes(b"weights")  # what a script writes into it as it runs
+    assert is_claimed_folder(stage) and (stage / WRITTEN_FILES).is_file()
+    check_output_folder(stage)  # every file of a claimed folder is the package's
+    remove_claimed_folder(stage)
+    assert not stage.exists()
+
+    with staged_folder(tmp_path / "export") as staging:
+        (staging / "config.json").write_text("{}")
+    assert not is_claimed_folder(tmp_path / "export")  # a staged folder records its files, not the whole folder
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    for folder in (tmp_path / "export", theirs):
+        with pytest.raises(FileExistsError, match="was not written by this package"):
+            remove_claimed_folder(folder)
+    assert (theirs / "notes.txt").read_text() == "mine" and (tmp_path / "export" / "config.json").exists()
+    with pytest.raises(FileExistsError):
+        claim_folder(theirs)  # an existing folder is never claimed

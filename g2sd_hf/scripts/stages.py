@@ -9,19 +9,17 @@ would write a line per update).
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..output_folders import claim_folder, is_claimed_folder, remove_claimed_folder
+
 
 logger = logging.getLogger(__name__)
 
-STAGE_MARKER = "g2sd_demo_stage.json"  # written into every stage folder the demo makes
-
-
-STARTED_MARKER = "g2sd_demo_stage_started"
+STAGE_MARKER = "g2sd_demo_stage.json"  # a finished stage's record: its arguments, time and metrics (reuse)
 # How much expected stage time the measured run's speed counts for in the time-left estimate (`StageClock`).
 SPEED_PRIOR_SECONDS = 60.0
 
@@ -61,19 +59,18 @@ def run_stage(name: str, module, arguments: list[str], folder: Path, position: s
     refused, so that nothing the demo did not write is deleted.
     """
     marker = folder / STAGE_MARKER
-    if marker.exists():
+    if marker.exists() and is_claimed_folder(folder):
         record = json.loads(marker.read_text())
         if record["arguments"] == arguments:
             logger.warning(f"[{name}] {position}reusing the finished stage in {folder}")
             return {**record, "reused": True}
     if folder.exists():
-        if not (marker.exists() or (folder / STARTED_MARKER).exists()):
+        if not is_claimed_folder(folder):
             raise FileExistsError(
                 f"{folder} exists and was not written by the demo: move it away, or choose another --output_dir."
             )
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    (folder / STARTED_MARKER).touch()
+        remove_claimed_folder(folder)
+    claim_folder(folder)  # the package's one record of what it wrote (output_folders), as for staged folders
     logger.warning(f"[{name}] {position}{module.__name__}.py {' '.join(arguments)}")
     start = time.perf_counter()
     # The progress bar is display only: the stage's record (what decides reuse) keeps the arguments as given.
@@ -186,4 +183,4 @@ def run_stages(
     return records
 
 
-__all__ = ["STAGE_MARKER", "STARTED_MARKER", "StageClock", "run_stage", "run_stages", "start_demo"]
+__all__ = ["STAGE_MARKER", "StageClock", "run_stage", "run_stages", "start_demo"]
