@@ -64,14 +64,11 @@ from .training_args import (
     FineTuningArguments,
     GenericDistillationArguments,
     SpecificDistillationArguments,
+    _value,
 )
 
 
 logger = logging.get_logger(__name__)
-
-
-def _value(option) -> str:
-    return str(getattr(option, "value", option))
 
 
 def hardware_description(num_processes: int, device: torch.device) -> str:
