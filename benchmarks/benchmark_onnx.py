@@ -70,25 +70,25 @@ def demo_pair():
     return scale.image_size, {"teacher (demo)": teacher, "G2SD student (demo)": student}
 
 
-def latency(run, runs: int) -> tuple[float, float]:
-    for _ in range(3):
+def seconds(run, runs: int, warmup: int) -> list[float]:
+    """The time of each of `runs` calls of `run`, after `warmup` calls."""
+    for _ in range(warmup):
         run()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def latency(run, runs: int) -> tuple[float, float]:
+    times = seconds(run, runs, warmup=3)
     return statistics.median(times) * 1000, float(np.percentile(times, 90)) * 1000
 
 
 def throughput(run, batch: int, runs: int) -> float:
-    run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    return batch / statistics.median(seconds(run, runs, warmup=1))
 
 
 def measure(model, image_size: int, folder: Path, arguments) -> dict:

@@ -31,14 +31,8 @@ from g2sd_hf import (
     GenericDistillationTrainer,
     MAETeacher,
 )
-from g2sd_hf.data import ImageTransform, image_processor
-from g2sd_hf.scripts.arguments import (
-    DataArguments,
-    MaskedImageAugmentationArguments,
-    every_training_image,
-    prepare_splits,
-    prepare_stream,
-)
+from g2sd_hf.data import image_processor
+from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, label_free_datasets
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
     finish_training_run,
@@ -47,7 +41,7 @@ from g2sd_hf.scripts.run import (
     setup_logging,
     train_and_evaluate,
 )
-from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream, training_stream
+from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream
 from g2sd_hf.trainer import check_generic_distillation_pair
 
 
@@ -142,31 +136,18 @@ def main(args: list[str] | None = None) -> dict:
     student = build_student(model_args, teacher)
     check_generic_distillation_pair(student, teacher)  # before the data pass, which decodes every image once
 
-    with training_args.main_process_first(desc="preparing the data"):
-        if streaming_args.streaming:
-            stream, validation, data_report = prepare_stream(data_args, model_args.cache_dir, model_args.token)
-        else:
-            splits, data_report = prepare_splits(data_args, training_args.seed, model_args.cache_dir, model_args.token)
-            validation = splits["validation"]
     image_size = student.config.processor_size
     # The student reads the teacher's pixels: its processor carries the teacher's normalization.
     processor = image_processor(image_size, teacher.image_mean, teacher.image_std, augmentation_args.eval_crop_ratio)
-    train_transform = augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std)
-    if streaming_args.streaming:  # each image decoded and transformed in the data loader's workers
-        train_dataset = training_stream(
-            stream,
-            train_transform,
-            training_args.seed,
-            streaming_args.shuffle_buffer_size,
-            skip_unreadable=data_args.drop_unreadable_images,
-        )
-    else:  # no labels are used: every training image, the unlabeled ones included
-        train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
-    eval_dataset = None
-    if validation is not None:
-        eval_dataset = validation.with_transform(
-            ImageTransform(augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std))
-        )
+    train_dataset, eval_dataset, data_report = label_free_datasets(
+        data_args,
+        streaming_args,
+        training_args,
+        augmentation_args.train_transform(image_size, teacher.image_mean, teacher.image_std),
+        augmentation_args.eval_transform(image_size, teacher.image_mean, teacher.image_std),
+        model_args.cache_dir,
+        model_args.token,
+    )
 
     trainer = GenericDistillationTrainer(
         model=student,

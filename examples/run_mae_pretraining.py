@@ -18,14 +18,8 @@ from dataclasses import dataclass, field
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, set_seed
 
 from g2sd_hf import MAEPretrainingArguments, initialize_mae_from_scratch
-from g2sd_hf.data import ImageTransform, image_processor
-from g2sd_hf.scripts.arguments import (
-    DataArguments,
-    MaskedImageAugmentationArguments,
-    every_training_image,
-    prepare_splits,
-    prepare_stream,
-)
+from g2sd_hf.data import image_processor
+from g2sd_hf.scripts.arguments import DataArguments, MaskedImageAugmentationArguments, label_free_datasets
 from g2sd_hf.scripts.run import (
     checkpoint_to_resume,
     parse_arguments,
@@ -33,7 +27,7 @@ from g2sd_hf.scripts.run import (
     setup_logging,
     train_and_evaluate,
 )
-from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream, training_stream
+from g2sd_hf.streaming import StreamingArguments, check_streaming_arguments, collate_stream
 from g2sd_hf.teacher import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from g2sd_hf.trainer import RecipeTrainer
 
@@ -61,13 +55,6 @@ def main(args: list[str] | None = None) -> dict:
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args, streaming_args)
     set_seed(training_args.seed)
 
-    with training_args.main_process_first(desc="preparing the data"):
-        if streaming_args.streaming:
-            stream, validation, data_report = prepare_stream(data_args)
-        else:
-            splits, data_report = prepare_splits(data_args, training_args.seed)
-            validation = splits["validation"]
-
     config = ViTMAEConfig(
         layer_norm_eps=1e-6,
         norm_pix_loss=model_args.norm_pix_loss,
@@ -77,22 +64,13 @@ def main(args: list[str] | None = None) -> dict:
     model = initialize_mae_from_scratch(ViTMAEForPreTraining(config))
     size = config.image_size
     processor = image_processor(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augmentation_args.eval_crop_ratio)
-    train_transform = augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    if streaming_args.streaming:  # each image decoded and transformed in the data loader's workers
-        train_dataset = training_stream(
-            stream,
-            train_transform,
-            training_args.seed,
-            streaming_args.shuffle_buffer_size,
-            skip_unreadable=data_args.drop_unreadable_images,
-        )
-    else:  # no labels: the unlabeled images too
-        train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
-    eval_dataset = None
-    if validation is not None:
-        eval_dataset = validation.with_transform(
-            ImageTransform(augmentation_args.eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-        )
+    train_dataset, eval_dataset, data_report = label_free_datasets(  # no labels: the unlabeled images too
+        data_args,
+        streaming_args,
+        training_args,
+        augmentation_args.train_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        augmentation_args.eval_transform(size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    )
     trainer = RecipeTrainer(
         model=model,
         args=training_args,

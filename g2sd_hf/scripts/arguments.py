@@ -18,6 +18,7 @@ from ..data import (
     ELPV_NAME,
     NAMED_DATA_SETS,
     RELEASE_AUTO_AUGMENT,
+    ImageTransform,
     classification_train_transform,
     drop_unreadable_images,
     evaluation_transform,
@@ -28,7 +29,7 @@ from ..data import (
 )
 from ..dense_data import NAMED_DENSE_DATA_SETS, SYNTHETIC_NAME
 from ..few_labels import check_label_fraction, load_unlabeled_images, split_labels
-from ..streaming import load_image_stream
+from ..streaming import StreamingArguments, load_image_stream, training_stream
 from .run import parse_overrides
 
 
@@ -255,6 +256,20 @@ class DataReport:
     def metrics(self) -> dict[str, int]:
         return {**self.counts, "left_out_files": len(self.left_out)}
 
+    def drop_unreadable(
+        self, images: datasets.Dataset, name: str, num_proc: int | None = None
+    ) -> tuple[datasets.Dataset, dict[str, str]]:
+        """`drop_unreadable_images`, the skipped files counted (`skipped_<name>_images`) and recorded as left out."""
+        images, skipped = drop_unreadable_images(images, num_proc=num_proc)
+        self.counts[f"skipped_{name}_images"] = len(skipped)
+        self.left_out.update(skipped)
+        return images, skipped
+
+
+def _first(images: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    """The first `limit` images (all of them when `limit` is `None`)."""
+    return images if limit is None else images.select(range(min(limit, len(images))))
+
 
 def load_splits(
     data_args: DataArguments, seed: int, cache_dir: str | None = None, token: str | None = None
@@ -279,10 +294,8 @@ def load_splits(
         token=token,
         left_out=report.left_out,
     )
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    for name, limit in limits.items():
-        if limit is not None:
-            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+    splits["train"] = _first(splits["train"], data_args.max_train_samples)
+    splits["validation"] = _first(splits["validation"], data_args.max_eval_samples)
     return splits, report
 
 
@@ -300,9 +313,7 @@ def check_splits(
         split = splits[name]
         if data_args.drop_unreadable_images:
             total = len(split)
-            split, skipped = drop_unreadable_images(split, num_proc=data_args.preprocessing_num_workers)
-            report.counts[f"skipped_{name}_images"] = len(skipped)
-            report.left_out.update(skipped)
+            split, skipped = report.drop_unreadable(split, name, data_args.preprocessing_num_workers)
             if total and not len(split):
                 source = data_args.train_dir if name == "train" else (data_args.validation_dir or data_args.train_dir)
                 first, reason = next(iter(skipped.items()))
@@ -357,9 +368,7 @@ def _prepare_unlabeled_images(
             left_out=report.left_out,
         )
         if data_args.drop_unreadable_images:
-            images, skipped = drop_unreadable_images(images, num_proc=data_args.preprocessing_num_workers)
-            report.counts["skipped_unlabeled_images"] = len(skipped)
-            report.left_out.update(skipped)
+            images, _ = report.drop_unreadable(images, "unlabeled", data_args.preprocessing_num_workers)
         if data_args.max_image_side is not None:
             images = resize_images(images, data_args.max_image_side, num_proc=data_args.preprocessing_num_workers)
         parts.append(images)
@@ -388,13 +397,46 @@ def prepare_stream(
     report, validation = DataReport(), None
     if data_args.validation_dir is not None:
         validation = load_unlabeled_images(train_dir=data_args.validation_dir, left_out=report.left_out)
-        if data_args.max_eval_samples is not None:
-            validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+        validation = _first(validation, data_args.max_eval_samples)
         if data_args.drop_unreadable_images:
-            validation, skipped = drop_unreadable_images(validation, num_proc=data_args.preprocessing_num_workers)
-            report.counts["skipped_validation_images"] = len(skipped)
-            report.left_out.update(skipped)
+            validation, _ = report.drop_unreadable(validation, "validation", data_args.preprocessing_num_workers)
     return stream, validation, report
+
+
+def label_free_datasets(
+    data_args: DataArguments,
+    streaming_args: StreamingArguments,
+    training_args,
+    train_transform,
+    eval_transform,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> tuple:
+    """The training and evaluation sets of the label-free stages (MAE pre-training, generic distillation): every
+    training image, the unlabeled ones included, read whole (`prepare_splits`) or streamed (`--streaming`:
+    `prepare_stream`, `streaming.training_stream`, decoded in the loader's workers); the validation images (or `None`).
+
+    Returns:
+        `(train_dataset, eval_dataset, report)`, `report` the `DataReport` of what was left out.
+    """
+    with training_args.main_process_first(desc="preparing the data"):
+        if streaming_args.streaming:
+            stream, validation, report = prepare_stream(data_args, cache_dir, token)
+        else:
+            splits, report = prepare_splits(data_args, training_args.seed, cache_dir, token)
+            validation = splits["validation"]
+    if streaming_args.streaming:
+        train_dataset = training_stream(
+            stream,
+            train_transform,
+            training_args.seed,
+            streaming_args.shuffle_buffer_size,
+            skip_unreadable=data_args.drop_unreadable_images,
+        )
+    else:
+        train_dataset = every_training_image(splits).with_transform(ImageTransform(train_transform))
+    eval_dataset = None if validation is None else validation.with_transform(ImageTransform(eval_transform))
+    return train_dataset, eval_dataset, report
 
 
 def every_training_image(splits: datasets.DatasetDict) -> datasets.Dataset:
@@ -516,6 +558,7 @@ __all__ = [
     "MaskedImageAugmentationArguments",
     "check_splits",
     "dense_backbone_config",
+    "label_free_datasets",
     "load_splits",
     "prepare_splits",
     "prepare_stream",
