@@ -113,6 +113,40 @@ def test_tensorboard_logging(teachers, tmp_path):
     assert {"train/loss", "train/masked_token_loss"} <= set(accumulator.Tags()["scalars"])
 
 
+def test_trackio_logging_reads_back_the_loss_terms(teachers, tmp_path):
+    """`--report_to trackio`, local and offline: the terms the trainer logs are in trackio's store, read back by
+    trackio itself in another process. Both processes get their own `TRACKIO_DIR` (trackio reads it at import)."""
+    pytest.importorskip("trackio")
+    arguments = common(
+        tmp_path / "out",
+        max_steps=3,
+        teacher_name_or_path=teachers / "mae",
+        target_layer=2,
+        config_overrides=TINY_STUDENT,
+        project="g2sd-test",
+        run_name="generic",
+    )
+    arguments[arguments.index("--report_to") + 1] = "trackio"
+    environment = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(EXAMPLES / "run_generic.py"), *arguments], env=environment, check=True)
+    read_back = (
+        "import json; from trackio.sqlite_storage import SQLiteStorage as s; "
+        "print(json.dumps(s.get_logs('g2sd-test', 'generic', scalar_only=True), default=str))"
+    )
+    logs = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", read_back], env=environment, check=True, capture_output=True, text=True
+        ).stdout
+    )
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = {entry["step"]: entry for entry in history if "masked_token_loss" in entry}
+    stored = {entry["train/global_step"]: entry for entry in logs if "train/masked_token_loss" in entry}
+    assert sorted(stored) == sorted(logged) == [1, 2, 3]
+    for step, entry in logged.items():
+        for term in ("loss", "masked_token_loss", "visible_token_loss"):
+            assert stored[step][f"train/{term}"] == pytest.approx(entry[term], rel=1e-6), (step, term)
+
+
 def test_run_generic_reads_a_yaml_file(teachers, tmp_path):
     import yaml
 
