@@ -56,7 +56,8 @@ from g2sd_hf.data import (
 from g2sd_hf.metrics import load_metric  # noqa: E402
 from g2sd_hf.onnx_export import export_onnx  # noqa: E402
 from g2sd_hf.output_folders import WRITTEN_FILES, staged_folder  # noqa: E402
-from g2sd_hf.scripts.stages import STAGE_MARKER, run_stage, run_stages, start_demo  # noqa: E402
+from g2sd_hf.scripts.run import logging_to_file  # noqa: E402
+from g2sd_hf.scripts.stages import STAGE_MARKER, format_seconds, run_stage, run_stages, start_demo  # noqa: E402
 
 
 logger = logging.getLogger("g2sd_demo")
@@ -473,6 +474,24 @@ def stage_arguments(
     return stages_to_run
 
 
+def stage_descriptions(scale: DemoScale) -> dict[str, str]:
+    """What each kind of stage trains, for its line in the terminal."""
+    few = f"{scale.low_label_fraction:.0%} of the labels" if scale.low_label_fraction is not None else ""
+    full = {
+        "mae_teacher": "MAE pre-training of the teacher",
+        "teacher_classifier": "fine-tuning the teacher into a classifier",
+        "low_label_teacher": f"fine-tuning the teacher on {few}",
+        "generic": "generic distillation: the student learns the MAE teacher's decoder features",
+        "g2sd": "G2SD: specific distillation of the generic-distilled student",
+        "gd_only": "fine-tuning the generic-distilled student, no teacher",
+        "sd_only": "specific distillation of a student from scratch",
+        "scratch": "supervised training of a student from scratch",
+    }
+    low = {f"low_{kind}": f"{full[kind]}, {few}" for kind in ("g2sd", "gd_only", "sd_only", "scratch")}
+    low["low_g2sd_unlabeled"] = f"G2SD on {few}, distilled on the other training images too"
+    return {**full, **low}
+
+
 def prepare_teachers(scale: DemoScale, stages: Path, rebuild: bool) -> tuple[Path, Path, dict]:
     """The MAE teacher and the classification teacher: the shipped ones, or made now (`stages/mae_teacher`,
     `stages/teacher_classifier`). Returns their folders and their stage records."""
@@ -483,19 +502,21 @@ def prepare_teachers(scale: DemoScale, stages: Path, rebuild: bool) -> tuple[Pat
             ("teacher_classifier", ASSETS / CLASSIFIER_ASSET),
         ):
             provenance = json.loads((folder / "provenance.json").read_text())
-            logger.warning(
-                f"[{name}] using the shipped teacher {folder.relative_to(ASSETS.parents[1])} ({provenance['summary']})"
-            )
+            print(f"{name}: the shipped teacher {folder.relative_to(ASSETS.parents[1])} ({provenance['summary']})")
             records[name] = {"seconds": 0.0, "reused": True, "shipped": True, "metrics": provenance.get("metrics", {})}
         return ASSETS / MAE_TEACHER_ASSET, ASSETS / CLASSIFIER_ASSET, records
     mae, classifier = stages / "mae_teacher", stages / "teacher_classifier"
+    about = stage_descriptions(scale)
     records = {
-        "mae_teacher": run_stage("mae_teacher", run_mae_pretraining, mae_teacher_arguments(scale, mae), mae),
+        "mae_teacher": run_stage(
+            "mae_teacher", run_mae_pretraining, mae_teacher_arguments(scale, mae), mae, about=about["mae_teacher"]
+        ),
         "teacher_classifier": run_stage(
             "teacher_classifier",
             run_finetune_teacher,
             teacher_classifier_arguments(scale, classifier, mae),
             classifier,
+            about=about["teacher_classifier"],
         ),
     }
     return mae, classifier, {name: {**record, "shipped": False} for name, record in records.items()}
@@ -1106,63 +1127,68 @@ def main(args: list[str] | None = None) -> dict:
         )
     planned.update(stage_arguments(scale, stages, mae_teacher, teacher_classifier, low_label_teacher, train_images))
     stages_started = time.perf_counter() - start
-    records = run_stages(planned, stages, scale.stage_seconds, scale.results_seconds)
+    records = run_stages(planned, stages, scale.stage_seconds, scale.results_seconds, stage_descriptions(scale))
 
-    eval_labels = splits["test"]["label"][: scale.max_eval_samples or len(splits["test"])]
-    test_split = splits["test"].select(range(len(eval_labels)))
-    models = evaluate_models(stages, scale, records, teacher_classifier, test_split)
-    results = {
-        "scale": options.scale,
-        "scale_settings": asdict(scale),
-        "seeds": list(scale.seeds),
-        "device": f"CUDA ({torch.cuda.get_device_name()})"
-        if torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "image_size": scale.image_size,
-        "train_images": train_images,
-        "eval_images": len(eval_labels),
-        "majority_class_accuracy": max(eval_labels.count(label) for label in set(eval_labels)) / len(eval_labels),
-        "generic_epochs": scale.generic_epochs,
-        "specific_epochs": scale.specific_epochs,
-        "primary_metric": PRIMARY_METRIC,
-        "teachers_shipped": teacher_records["mae_teacher"]["shipped"],
-        "models": models,
-        "speedup": models["g2sd"]["images_per_second"] / models["teacher"]["images_per_second"],
-        "stages": {
-            name: {"seconds": record["seconds"], "reused": record["reused"]}
-            for name, record in {**teacher_records, **records}.items()
-        },
-        "warnings": {
-            name: record["metrics"]["learning_warnings"]
-            for name, record in {**teacher_records, **records}.items()
-            if record["metrics"].get("learning_warnings")
-        },
-    }
-    results["comparison"] = compare(results)
-    if low_label_teacher is not None:
-        results["low_labels"] = evaluate_low_label_track(
-            stages, scale, records, low_label_teacher, test_split, results["models"]
-        )
+    # The evaluation, the exports and the analysis: one line here, their log in evaluation.log.
+    evaluation_log, evaluation_start = output_dir / "evaluation.log", time.perf_counter()
+    print(f"Evaluating every model, ONNX export, occlusion and CKA analysis (log: {evaluation_log})", flush=True)
+    with logging_to_file(evaluation_log):
+        eval_labels = splits["test"]["label"][: scale.max_eval_samples or len(splits["test"])]
+        test_split = splits["test"].select(range(len(eval_labels)))
+        models = evaluate_models(stages, scale, records, teacher_classifier, test_split)
+        results = {
+            "scale": options.scale,
+            "scale_settings": asdict(scale),
+            "seeds": list(scale.seeds),
+            "device": f"CUDA ({torch.cuda.get_device_name()})"
+            if torch.cuda.is_available()
+            else f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "image_size": scale.image_size,
+            "train_images": train_images,
+            "eval_images": len(eval_labels),
+            "majority_class_accuracy": max(eval_labels.count(label) for label in set(eval_labels)) / len(eval_labels),
+            "generic_epochs": scale.generic_epochs,
+            "specific_epochs": scale.specific_epochs,
+            "primary_metric": PRIMARY_METRIC,
+            "teachers_shipped": teacher_records["mae_teacher"]["shipped"],
+            "models": models,
+            "speedup": models["g2sd"]["images_per_second"] / models["teacher"]["images_per_second"],
+            "stages": {
+                name: {"seconds": record["seconds"], "reused": record["reused"]}
+                for name, record in {**teacher_records, **records}.items()
+            },
+            "warnings": {
+                name: record["metrics"]["learning_warnings"]
+                for name, record in {**teacher_records, **records}.items()
+                if record["metrics"].get("learning_warnings")
+            },
+        }
+        results["comparison"] = compare(results)
+        if low_label_teacher is not None:
+            results["low_labels"] = evaluate_low_label_track(
+                stages, scale, records, low_label_teacher, test_split, results["models"]
+            )
 
-    checkpoint = output_dir / "g2sd-student"
-    save_student(stages, f"g2sd_seed{scale.seeds[0]}", checkpoint)
-    classifier = pipeline("image-classification", model=str(checkpoint), device=-1)
-    example = splits["test"][0]
-    results["pipeline_check"] = {
-        "image": example["image"]["path"],
-        "label": splits["test"].features["label"].names[example["label"]],
-        "prediction": classifier(open_rgb_image(example["image"]))[0],
-    }
+        checkpoint = output_dir / "g2sd-student"
+        save_student(stages, f"g2sd_seed{scale.seeds[0]}", checkpoint)
+        classifier = pipeline("image-classification", model=str(checkpoint), device=-1)
+        example = splits["test"][0]
+        results["pipeline_check"] = {
+            "image": example["image"]["path"],
+            "label": splits["test"].features["label"].names[example["label"]],
+            "prediction": classifier(open_rgb_image(example["image"]))[0],
+        }
 
-    results["onnx"] = export_for_onnx_runtime(checkpoint, output_dir / "g2sd-student-onnx", test_split, scale)
+        results["onnx"] = export_for_onnx_runtime(checkpoint, output_dir / "g2sd-student-onnx", test_split, scale)
 
-    results["analysis"] = analyze(stages, scale, test_split, output_dir, teacher_classifier)
+        results["analysis"] = analyze(stages, scale, test_split, output_dir, teacher_classifier)
 
-    results["total_seconds"] = time.perf_counter() - start
-    results["time_left_estimates"] = time_left_estimates(records, results["total_seconds"] - stages_started)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, output_dir / "results.md")
-    write_figure(results, stages, output_dir / "results.png")
+        results["total_seconds"] = time.perf_counter() - start
+        results["time_left_estimates"] = time_left_estimates(records, results["total_seconds"] - stages_started)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_markdown(results, output_dir / "results.md")
+        write_figure(results, stages, output_dir / "results.png")
+    print(f"    done in {format_seconds(time.perf_counter() - evaluation_start)}", flush=True)
     print(
         f"\nG2SD demo finished in {results['total_seconds'] / 60:.1f} min. Results: {output_dir / 'results.md'} "
         f"(+ results.json, results.png); pipeline-ready student: {checkpoint}"

@@ -134,6 +134,15 @@ def main(args: list[str] | None = None) -> dict:
             for role in roles
         },
         stages,
+        about={
+            f"{task}_{role}": f"{task}: {description}"
+            for task, _, _ in tasks
+            for role, description in (
+                ("teacher", "fine-tuning the teacher"),
+                ("scratch", "the student trained from scratch"),
+                ("distilled", "the student distilled from the teacher"),
+            )
+        },
     )
     for task, _, metrics in tasks:
         rows = {}

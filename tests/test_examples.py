@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,8 +223,22 @@ def test_run_specific_refuses_unknown_positive_classes(generic_run, tmp_path):
         )
 
 
-def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path):
+def test_demo_runs_every_stage_writes_results_and_reuses_them(tmp_path, capfd):
     results = run_demo.main(["--scale", "smoke", "--output_dir", str(tmp_path)])
+    # The terminal: a line per stage (k/n, name, what it trains) and a line with its results; the rest in the logs.
+    terminal = capfd.readouterr()
+    planned = [name for name in results["stages"] if name not in ("mae_teacher", "teacher_classifier")]
+    headings = [line for line in terminal.out.splitlines() if line.startswith("[")]
+    assert [line.split("] ")[1].split(" (")[0] for line in headings] == planned
+    assert headings[0].startswith(f"[ 1/{len(planned)}] low_label_teacher (fine-tuning the teacher on 25% of the")
+    assert terminal.out.count("    done in ") == len(results["stages"]) + 1  # and the evaluation's
+    assert len(terminal.out.splitlines()) == 2 * (len(results["stages"]) + 1) + 2  # + the final message
+    assert "INFO" not in terminal.out + terminal.err and "Running training" not in terminal.out + terminal.err
+    for name in results["stages"]:
+        log = (tmp_path / "stages" / name / "train.log").read_text()
+        assert re.match(rf"\d\d/\d\d/\d{{4}} .* \[{name}\] run_\w+\.py --output_dir", log)
+        assert "***** Running training *****" in log and "'train_loss':" in log  # the Trainer's INFO and its log dict
+    assert "quantization" in (tmp_path / "evaluation.log").read_text()  # ONNX Runtime's advice, from the export
     assert set(results["models"]) == {"teacher", "g2sd", "gd_only", "sd_only", "scratch"}
     seeds = run_demo.SCALES["smoke"].seeds
     for name, row in results["models"].items():

@@ -196,13 +196,13 @@ def test_stage_clock_estimates_the_time_left_by_kind_of_stage():
     from g2sd_hf.scripts.stages import StageClock
 
     clock = StageClock(["teacher", "generic_seed0", "g2sd_seed0", "generic_seed1", "g2sd_seed1"])
-    assert clock.position("teacher") == "stage 1/5: "  # nothing timed yet: no estimate
+    assert clock.position("teacher") == "[1/5] "  # nothing timed yet: no estimate
     clock.finished("teacher", 600.0)
     clock.finished("generic_seed0", 120.0)
     clock.finished("g2sd_seed0", 60.0)
     assert clock.seconds_left("generic_seed1") == 120.0 + 60.0  # each by its kind's first seed
     clock.finished("generic_seed1", 180.0)
-    assert clock.seconds_left("g2sd_seed1") == 60.0 and clock.position("g2sd_seed1") == "stage 5/5, about 1 min left: "
+    assert clock.seconds_left("g2sd_seed1") == 60.0 and clock.position("g2sd_seed1") == "[5/5, about 1 min left] "
     other = StageClock(["a", "b", "c"])
     other.finished("a", 90.0)
     assert other.seconds_left("b") == 180.0  # unknown kinds take the mean stage
@@ -239,6 +239,58 @@ def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):
         assert record["arguments"] == ["--disable_tqdm", "true"] and not record["reused"]
     assert seen == [["--disable_tqdm", "true", "--disable_tqdm", "false"], ["--disable_tqdm", "true"]]
     assert run_stage("tty", script, ["--disable_tqdm", "true"], tmp_path / "tty")["reused"]
+
+
+def test_logging_to_file_takes_the_runs_output_and_restores_the_terminals(tmp_path, capfd):
+    """Issue 22: a demo stage's logs (Python's, transformers', datasets'), warnings and printed lines go to its file."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    from g2sd_hf.scripts.run import logging_to_file
+
+    library = logging.getLogger("transformers")
+    before = (logging.getLogger().handlers[:], library.handlers[:], library.level, library.propagate)
+    with logging_to_file(tmp_path / "train.log"):
+        transformers.utils.logging.set_verbosity_info()  # what setup_logging does in a script
+        transformers.utils.logging.get_logger("transformers.trainer").info("***** Running training *****")
+        datasets.utils.logging.get_logger("datasets.arrow_dataset").warning("Loading cached processed dataset")
+        logging.getLogger("g2sd_hf.trainer").warning("Peak learning rate 0.001")
+        print({"loss": 0.5})
+        warnings.warn("a library's warning")
+        assert not transformers.utils.logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    log = (tmp_path / "train.log").read_text()
+    for line in ("***** Running training *****", "Loading cached", "Peak learning rate", "{'loss': 0.5}", "warning"):
+        assert line in log, line
+    terminal = capfd.readouterr()
+    assert terminal.out == terminal.err == ""
+    after = (logging.getLogger().handlers[:], library.handlers[:], library.level, library.propagate)
+    assert after == before and transformers.utils.logging.is_progress_bar_enabled()
+    logging.getLogger("g2sd_hf.trainer").warning("after the block")
+    assert "after the block" not in (tmp_path / "train.log").read_text()
+
+
+def test_a_stage_that_fails_says_where_its_log_is(tmp_path, capfd):
+    import logging
+    import types
+
+    from g2sd_hf.scripts.stages import run_stage
+
+    def main(arguments):
+        logging.getLogger("g2sd_hf.trainer").warning("step 1 of 3")
+        raise ValueError("no images in train_dir")
+
+    with pytest.raises(ValueError, match="no images in train_dir"):
+        run_stage("generic_seed0", types.SimpleNamespace(__name__="run_generic", main=main), ["--x"], tmp_path / "g")
+    out = capfd.readouterr().out.splitlines()
+    assert out[0] == "generic_seed0" and "FAILED after" in out[1] and "no images in train_dir" in out[1]
+    assert out[2] == f"    The stage's whole log: {tmp_path / 'g' / 'train.log'}"
+    log = (tmp_path / "g" / "train.log").read_text()
+    assert "[generic_seed0] run_generic.py --x" in log and "step 1 of 3" in log
+    assert "Traceback" in log and "ValueError: no images in train_dir" in log
+    assert not (tmp_path / "g" / "g2sd_demo_stage.json").exists()  # not finished: not reused on the next run
 
 
 @pytest.mark.parametrize(

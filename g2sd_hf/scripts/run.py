@@ -3,6 +3,7 @@ folder (one run at a time, resumed only with the same arguments), train + evalua
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -12,7 +13,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -51,13 +53,17 @@ def parse_arguments(dataclass_types: Sequence[type], args: Sequence[str] | None 
     return parser.parse_args_into_dataclasses(args=args)
 
 
+LOG_FORMAT = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
+# The handler of the log file `logging_to_file` writes, while a block runs inside it (the demos' stages).
+_log_file_handler: logging.Handler | None = None
+
+
 def setup_logging(training_args: TrainingArguments) -> None:
-    """transformers-style logging: INFO on the main process, warnings elsewhere; the same level for datasets."""
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    """transformers-style logging: INFO on the main process, warnings elsewhere; the same level for datasets.
+    Inside `logging_to_file`, into its file rather than the terminal."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(LOG_FORMAT)
+    logging.basicConfig(handlers=[handler])  # nothing when the root logger has a handler already
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
@@ -65,7 +71,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
         logging.getLogger(name).setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
+    if _log_file_handler is None:
+        transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     logger.warning(
         f"Process rank {training_args.process_index}, device {training_args.device}, n_gpu {training_args.n_gpu}, "
@@ -285,6 +292,63 @@ def _move_earlier_checkpoints(output_dir: Path) -> Path:
         if folder.is_dir():
             folder.rename(target / folder.name)
     return target
+
+
+@contextlib.contextmanager
+def logging_to_file(path: Path) -> Iterator[None]:
+    """Everything a run logs or prints inside the block goes to the file `path` (appended), not to the terminal:
+    Python's loggers, transformers' and datasets', warnings, and standard output (the Trainer's log lines). Standard
+    error keeps only the Trainer's progress bars (`--disable_tqdm false`); the libraries' other bars (dataset maps,
+    checkpoint shards) are off. An exception is written into the file with its traceback, then raised. Everything is
+    as before after the block. The demos run each stage inside it (`stages/<name>/train.log`)."""
+    global _log_file_handler
+    if _log_file_handler is not None:
+        raise RuntimeError("logging_to_file blocks do not nest: one file receives the run's log.")
+    stream = open(path, "a", encoding="utf-8", buffering=1)
+    root_handler, library_handler = logging.StreamHandler(stream), logging.StreamHandler(stream)
+    root_handler.setFormatter(LOG_FORMAT)
+    library_handler.setFormatter(LOG_FORMAT)
+    root = logging.getLogger()
+    libraries = [logging.getLogger(name) for name in ("transformers", "datasets")]
+    transformers.utils.logging.get_logger()  # configures transformers' library logger, so that it is restored as is
+    named = [logging.getLogger(name) for name in ("g2sd_hf", "__main__")]
+    saved = {
+        "root": (root.handlers[:], root.level),
+        "libraries": [(library.handlers[:], library.level, library.propagate) for library in libraries],
+        "levels": [logger_.level for logger_ in named],
+        "showwarning": warnings.showwarning,
+        "bars": (transformers.utils.logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()),
+    }
+    root.handlers = [root_handler]
+    for library in libraries:
+        library.handlers, library.propagate = [library_handler], False
+    logging.captureWarnings(True)
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    _log_file_handler = library_handler
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    except BaseException:
+        logger.exception(f"The run stopped: {path}")
+        raise
+    finally:
+        _log_file_handler = None
+        logging.captureWarnings(False)
+        warnings.showwarning = saved["showwarning"]
+        root.handlers, level = saved["root"]
+        root.setLevel(level)
+        for library, (handlers, level, propagate) in zip(libraries, saved["libraries"]):
+            library.handlers, library.propagate = handlers, propagate
+            library.setLevel(level)
+        for logger_, level in zip(named, saved["levels"]):
+            logger_.setLevel(level)
+        transformers_bars, datasets_bars = saved["bars"]
+        if transformers_bars:
+            transformers.utils.logging.enable_progress_bar()
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        stream.close()
 
 
 def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:
@@ -522,6 +586,7 @@ __all__ = [
     "claim_output_dir",
     "distributed_setup",
     "finish_training_run",
+    "logging_to_file",
     "parse_arguments",
     "parse_overrides",
     "release_output_dir",

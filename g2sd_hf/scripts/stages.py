@@ -1,12 +1,15 @@
 """Multi-stage runs (the demos): a command line shared by the demos, and stages that each run one example script in
 its own folder and are reused when they finished with the same arguments.
 
-Progress: `run_stages` says which stage runs (k of n) with an estimate of the time the remaining stages take, from the
-stages already run; in a terminal each stage also shows the Trainer's progress bar (not in a log file, where a bar
-would write a line per update).
+What the terminal shows: a line per stage (k of n, its name, what it trains, and the time the stages left should
+take, from those already run), the Trainer's progress bar while it trains (in a terminal only: in a log file a bar
+writes a line per update), and a line with its results. Each stage's whole log (the script's arguments, the
+libraries' INFO lines, the Trainer's log dicts, warnings, a traceback) goes to `<stage folder>/train.log`, whose path
+is printed when the stage fails.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -14,12 +17,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import transformers.trainer
+from tqdm.auto import tqdm
+from transformers.trainer_callback import ProgressCallback
+
 from ..output_folders import claim_folder, is_claimed_folder, remove_claimed_folder
+from .run import logging_to_file
 
 
 logger = logging.getLogger(__name__)
 
 STAGE_MARKER = "g2sd_demo_stage.json"  # a finished stage's record: its arguments, time and metrics (reuse)
+STAGE_LOG = "train.log"  # everything the stage's script logged or printed
+# The metrics a stage's result line shows, when the stage has them.
+SUMMARY_METRICS = {
+    "eval_balanced_accuracy": "balanced accuracy",
+    "eval_accuracy": "accuracy",
+    "eval_mean_iou": "mean IoU",
+    "eval_map": "box AP",
+    "eval_loss": "eval loss",
+    "train_loss": "train loss",
+}
 # How much expected stage time the measured run's speed counts for in the time-left estimate (`StageClock`).
 SPEED_PRIOR_SECONDS = 60.0
 
@@ -52,17 +70,21 @@ def start_demo(
     return options, output_dir, output_dir / "stages"
 
 
-def run_stage(name: str, module, arguments: list[str], folder: Path, position: str = "") -> dict:
+def run_stage(name: str, module, arguments: list[str], folder: Path, position: str = "", about: str = "") -> dict:
     """Run a stage's script unless the same stage already finished in `folder`; return its timing and metrics.
 
-    A folder is only ever replaced when the demo made it (it holds the demo's marker); anything else in the way is
-    refused, so that nothing the demo did not write is deleted.
+    Prints one line when it starts (`position`: "stage k/n, about m min left: ", and `about`: what it trains) and one
+    with its results when it ends; the script's own log goes to `folder / STAGE_LOG`. A folder is only ever replaced
+    when the demo made it (it holds the demo's marker); anything else in the way is refused, so that nothing the demo
+    did not write is deleted.
     """
     marker = folder / STAGE_MARKER
+    heading = f"{position}{name}" + (f" ({about})" if about else "")
     if marker.exists() and is_claimed_folder(folder):
         record = json.loads(marker.read_text())
         if record["arguments"] == arguments:
-            logger.warning(f"[{name}] {position}reusing the finished stage in {folder}")
+            print(f"{heading}: reused, finished earlier in {folder}", flush=True)
+            print(f"    {stage_summary(record['metrics'], record['seconds'])}", flush=True)
             return {**record, "reused": True}
     if folder.exists():
         if not is_claimed_folder(folder):
@@ -71,13 +93,79 @@ def run_stage(name: str, module, arguments: list[str], folder: Path, position: s
             )
         remove_claimed_folder(folder)
     claim_folder(folder)  # the package's one record of what it wrote (output_folders), as for staged folders
-    logger.warning(f"[{name}] {position}{module.__name__}.py {' '.join(arguments)}")
+    print(heading, flush=True)
+    log = folder / STAGE_LOG
     start = time.perf_counter()
     # The progress bar is display only: the stage's record (what decides reuse) keeps the arguments as given.
-    metrics = module.main(arguments + (["--disable_tqdm", "false"] if sys.stderr.isatty() else []))
+    display = ["--disable_tqdm", "false"] if sys.stderr.isatty() else []
+    try:
+        with logging_to_file(log), clearing_progress_bars():
+            logger.warning(f"[{name}] {module.__name__}.py {' '.join(arguments)}")
+            metrics = module.main(arguments + display)
+    except BaseException as error:
+        print(f"    FAILED after {format_seconds(time.perf_counter() - start)}: {error!r}", flush=True)
+        print(f"    The stage's whole log: {log}", flush=True)
+        raise
     record = {"arguments": arguments, "seconds": time.perf_counter() - start, "metrics": metrics}
     marker.write_text(json.dumps(record, indent=2))
+    print(f"    {stage_summary(metrics, record['seconds'])}", flush=True)
     return {**record, "reused": False}
+
+
+class StageProgressCallback(ProgressCallback):
+    """The Trainer's progress bars, cleared when they end: a finished stage leaves its two lines in the terminal (what
+    it trains, its results), not its bars."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, leave=False, desc="training")
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and self.prediction_bar is None and eval_dataloader is not None:
+            with contextlib.suppress(TypeError):  # a loader without a length: no bar
+                self.prediction_bar = tqdm(
+                    total=len(eval_dataloader), dynamic_ncols=True, leave=False, desc="evaluation"
+                )
+        if self.prediction_bar is not None:
+            self.prediction_bar.update(1)
+
+
+@contextlib.contextmanager
+def clearing_progress_bars():
+    """Trainers made inside the block show `StageProgressCallback`'s bars: transformers picks the progress callback of
+    a Trainer from `transformers.trainer.DEFAULT_PROGRESS_CALLBACK` (notebooks get theirs the same way)."""
+    default = transformers.trainer.DEFAULT_PROGRESS_CALLBACK
+    transformers.trainer.DEFAULT_PROGRESS_CALLBACK = StageProgressCallback
+    try:
+        yield
+    finally:
+        transformers.trainer.DEFAULT_PROGRESS_CALLBACK = default
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def stage_summary(metrics: dict, seconds: float) -> str:
+    """A finished stage's results in one line: its time, the metrics of `SUMMARY_METRICS` it has, and the first
+    sentence of its first learning warning, loudly (the whole warnings are in its log, learning_warnings.json and
+    model card).
+
+    ```python
+    >>> stage_summary({"train_loss": 0.14271, "eval_loss": 0.1060, "epoch": 5.0}, 62.0)
+    'done in 62 s: eval loss 0.106, train loss 0.1427'
+    >>> stage_summary({"eval_balanced_accuracy": 0.5, "learning_warnings": ["At chance: 0.500. Train longer."]}, 95.0)
+    'done in 1.6 min: balanced accuracy 0.5 -- LEARNING WARNING: At chance: 0.500 (learning_warnings.json)'
+    ```
+    """
+    shown = [f"{label} {metrics[key]:.4g}" for key, label in SUMMARY_METRICS.items() if key in metrics]
+    line = f"done in {format_seconds(seconds)}" + (f": {', '.join(shown)}" if shown else "")
+    warnings = metrics.get("learning_warnings") or []
+    if warnings:
+        more = f", +{len(warnings) - 1} more" if len(warnings) > 1 else ""
+        line += f" -- LEARNING WARNING: {warnings[0].split('. ')[0].rstrip('.')} (learning_warnings.json{more})"
+    return line
 
 
 class StageClock:
@@ -97,7 +185,7 @@ class StageClock:
     >>> clock = StageClock(["generic_seed0", "g2sd_seed0", "generic_seed1", "g2sd_seed1"])
     >>> clock.finished("generic_seed0", 120.0)
     >>> clock.position("g2sd_seed0")
-    'stage 2/4, about 6 min left: '
+    '[2/4, about 6 min left] '
     >>> measured = StageClock(["generic_seed0", "g2sd_seed0"], {"generic": 60.0, "g2sd": 30.0}, tail_seconds=30.0)
     >>> measured.finished("generic_seed0", 120.0)  # this machine runs at half the measured speed
     >>> measured.seconds_left("g2sd_seed0")
@@ -154,7 +242,8 @@ class StageClock:
     def position(self, name: str) -> str:
         left = self.seconds_left(name)
         estimate = "" if left is None else f", about {max(1, round(left / 60))} min left"
-        return f"stage {self.names.index(name) + 1}/{len(self.names)}{estimate}: "
+        width = len(str(len(self.names)))
+        return f"[{self.names.index(name) + 1:>{width}}/{len(self.names)}{estimate}] "
 
 
 def run_stages(
@@ -162,11 +251,13 @@ def run_stages(
     stages: Path,
     expected_seconds: dict[str, float] | None = None,
     tail_seconds: float = 0.0,
+    about: dict[str, str] | None = None,
 ) -> dict[str, dict]:
     """Run `planned` stages (`name -> (script module, arguments)`) in order, each in `stages / name`, saying the stage
-    number and the time left (`StageClock`, with the measured `expected_seconds` by kind and `tail_seconds` when
-    given); returns each stage's record (`run_stage`), with when it started (`started_after_seconds`, from the first
-    stage's start) and the time left the clock announced then (`estimated_seconds_left`), to check the estimate."""
+    number, what it trains (`about`, by kind: `StageClock.kind`) and the time left (`StageClock`, with the measured
+    `expected_seconds` by kind and `tail_seconds` when given); returns each stage's record (`run_stage`), with when it
+    started (`started_after_seconds`, from the first stage's start) and the time left the clock announced then
+    (`estimated_seconds_left`), to check the estimate."""
     clock = StageClock(list(planned), expected_seconds, tail_seconds, prior_seconds=SPEED_PRIOR_SECONDS)
     records, start = {}, time.perf_counter()
     for name, (module, arguments) in planned.items():
@@ -175,7 +266,14 @@ def run_stages(
             "estimated_seconds_left": clock.seconds_left(name),
         }
         records[name] = {
-            **run_stage(name, module, arguments, stages / name, position=clock.position(name)),
+            **run_stage(
+                name,
+                module,
+                arguments,
+                stages / name,
+                position=clock.position(name),
+                about=(about or {}).get(clock.kind(name), ""),
+            ),
             **announced,
         }
         # A reused stage took no time now, but its recorded time is the best guess for the stages of its kind.
@@ -183,4 +281,4 @@ def run_stages(
     return records
 
 
-__all__ = ["STAGE_MARKER", "StageClock", "run_stage", "run_stages", "start_demo"]
+__all__ = ["STAGE_LOG", "STAGE_MARKER", "StageClock", "run_stage", "run_stages", "stage_summary", "start_demo"]
