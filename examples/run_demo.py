@@ -57,7 +57,7 @@ from g2sd_hf.metrics import load_metric  # noqa: E402
 from g2sd_hf.onnx_export import export_onnx  # noqa: E402
 from g2sd_hf.output_folders import WRITTEN_FILES, staged_folder  # noqa: E402
 from g2sd_hf.scripts.run import logging_to_file  # noqa: E402
-from g2sd_hf.scripts.stages import STAGE_MARKER, format_seconds, run_stage, run_stages, start_demo  # noqa: E402
+from g2sd_hf.scripts.stages import STAGE_LOG, STAGE_MARKER, format_seconds, run_stage, run_stages, start_demo  # noqa: E402
 
 
 logger = logging.getLogger("g2sd_demo")
@@ -1098,7 +1098,14 @@ def save_student(stages: Path, folder: str, checkpoint: Path) -> None:
             staging,
             dirs_exist_ok=True,
             ignore=shutil.ignore_patterns(
-                "checkpoint-*", "*.bin", "*_results.json", "trainer_state.json", STAGE_MARKER, WRITTEN_FILES, "runs"
+                "checkpoint-*",
+                "*.bin",
+                "*_results.json",
+                "trainer_state.json",
+                STAGE_MARKER,
+                STAGE_LOG,
+                WRITTEN_FILES,
+                "runs",
             ),
         )
 

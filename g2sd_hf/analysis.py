@@ -132,7 +132,7 @@ def cka_matrix(
     # Sized from the configs (embeddings + each block), not from a first batch: with uneven sharding a process may
     # see no batch at all and must still take part in the cross-process sum.
     cka = MinibatchCKA(*(getattr(model, "module", model).config.num_hidden_layers + 1 for model in (model_a, model_b)))
-    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator), leave=False):
         pixel_values = batch["pixel_values"]
         cka.update(
             layer_representations(model_a, pixel_values.to(_device(model_a)), pooling),
@@ -284,7 +284,7 @@ def occlusion_curve(
     correct = torch.zeros(len(fractions), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator), leave=False):
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
         if order == "random":
@@ -343,7 +343,7 @@ def evaluate_accuracy(
     model.eval()
     device = _device(model)
     counts = torch.zeros(2, dtype=torch.float64)
-    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator)):
+    for batch in tqdm(loader, desc=description, disable=_hide_progress(accelerator), leave=False):
         logits = model(pixel_values=batch["pixel_values"].to(device)).logits
         predictions = restrict_to_subset(logits, indices) if indices is not None else logits.argmax(dim=1)
         counts += torch.tensor(

@@ -241,6 +241,19 @@ def test_a_stage_shows_a_progress_bar_in_a_terminal_only(tmp_path, monkeypatch):
     assert run_stage("tty", script, ["--disable_tqdm", "true"], tmp_path / "tty")["reused"]
 
 
+def test_the_examples_in_the_stages_docstrings_hold():
+    import doctest
+
+    from g2sd_hf.scripts import stages
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(stages):
+        for example in test.examples:
+            example.want = example.want.removesuffix("```\n")  # the markdown fence that closes the example
+        runner.run(test)
+    assert runner.summarize(verbose=False) == (0, 8)
+
+
 def test_logging_to_file_takes_the_runs_output_and_restores_the_terminals(tmp_path, capfd):
     """Issue 22: a demo stage's logs (Python's, transformers', datasets'), warnings and printed lines go to its file."""
     import logging

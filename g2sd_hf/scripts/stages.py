@@ -20,6 +20,7 @@ from pathlib import Path
 import transformers.trainer
 from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from ..output_folders import claim_folder, is_claimed_folder, remove_claimed_folder
 from .run import logging_to_file
@@ -73,7 +74,7 @@ def start_demo(
 def run_stage(name: str, module, arguments: list[str], folder: Path, position: str = "", about: str = "") -> dict:
     """Run a stage's script unless the same stage already finished in `folder`; return its timing and metrics.
 
-    Prints one line when it starts (`position`: "stage k/n, about m min left: ", and `about`: what it trains) and one
+    Prints one line when it starts (`position`: "[k/n, about m min left] ", and `about`: what it trains) and one
     with its results when it ends; the script's own log goes to `folder / STAGE_LOG`. A folder is only ever replaced
     when the demo made it (it holds the demo's marker); anything else in the way is refused, so that nothing the demo
     did not write is deleted.
@@ -122,12 +123,11 @@ class StageProgressCallback(ProgressCallback):
         self.current_step = 0
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if state.is_world_process_zero and self.prediction_bar is None and eval_dataloader is not None:
-            with contextlib.suppress(TypeError):  # a loader without a length: no bar
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
                 self.prediction_bar = tqdm(
                     total=len(eval_dataloader), dynamic_ncols=True, leave=False, desc="evaluation"
                 )
-        if self.prediction_bar is not None:
             self.prediction_bar.update(1)
 
 
