@@ -32,7 +32,7 @@ extras = {
     "onnx": onnx,
     # A local, offline experiment tracker for `--report_to trackio` (any Trainer backend works; this one is tested).
     # trackio (0.43) requires pillow < 13: in the testing environment pip installs Pillow 12.
-    "tracking": ["trackio>=0.21.1"],
+    "tracking": ["trackio>=0.43"],
 }
 extras["testing"] += onnx + extras["tracking"]
 extras["dev"] = sorted({requirement for group in extras.values() for requirement in group})

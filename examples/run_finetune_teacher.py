@@ -52,7 +52,7 @@ def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
         (ModelArguments, DataArguments, ClassificationAugmentationArguments, FineTuningArguments), args
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     check_unlabeled_arguments(data_args, training_args, with_teacher=False)  # --label_fraction: the labeled alone
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)
     set_seed(training_args.seed)

@@ -120,7 +120,7 @@ def main(args: list[str] | None = None) -> dict:
         ),
         args,
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     logger.info(f"Training arguments {training_args}")
     check_streaming_arguments(streaming_args, training_args, data_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args, streaming_args)

@@ -50,7 +50,7 @@ def main(args: list[str] | None = None) -> dict:
         (ModelArguments, DataArguments, MaskedImageAugmentationArguments, StreamingArguments, MAEPretrainingArguments),
         args,
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     check_streaming_arguments(streaming_args, training_args, data_args)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args, streaming_args)
     set_seed(training_args.seed)

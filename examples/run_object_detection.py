@@ -45,7 +45,7 @@ def main(args: list[str] | None = None) -> dict:
     model_args, detector_args, data_args, training_args = parse_arguments(
         (DenseModelArguments, DetectorArguments, DenseDataArguments, DenseDistillationArguments), args
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, detector_args, data_args)
     set_seed(training_args.seed)
 

@@ -33,7 +33,7 @@ def main(args: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(
         (DenseModelArguments, DenseDataArguments, DenseDistillationArguments), args
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args)
     set_seed(training_args.seed)
 

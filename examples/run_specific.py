@@ -137,7 +137,7 @@ def main(args: list[str] | None = None) -> dict:
     model_args, data_args, augmentation_args, training_args = parse_arguments(
         (ModelArguments, DataArguments, ClassificationAugmentationArguments, SpecificDistillationArguments), args
     )
-    setup_logging(training_args)
+    setup_logging(training_args, logger)
     logger.info(f"Training arguments {training_args}")
     check_unlabeled_arguments(data_args, training_args, with_teacher=model_args.teacher_name_or_path is not None)
     last_checkpoint = checkpoint_to_resume(training_args, model_args, data_args, augmentation_args)

@@ -1,6 +1,8 @@
 """The script layer (g2sd_hf.scripts.run): resuming only the same run, the output_dir lock, config overrides."""
 
+import contextlib
 import json
+import types
 
 import pytest
 
@@ -254,8 +256,35 @@ def test_the_examples_in_the_stages_docstrings_hold():
     assert runner.summarize(verbose=False) == (0, 8)
 
 
-def test_logging_to_file_takes_the_runs_output_and_restores_the_terminals(tmp_path, capfd):
-    """Issue 22: a demo stage's logs (Python's, transformers', datasets'), warnings and printed lines go to its file."""
+def logging_state():
+    """What logging_to_file changes and must restore: every logger's handlers, level and propagation, warnings,
+    standard output and the libraries' progress bars."""
+    import logging
+    import sys
+    import warnings
+
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    loggers = [logging.getLogger()] + [
+        item for item in logging.Logger.manager.loggerDict.values() if isinstance(item, logging.Logger)
+    ]
+    return (
+        {item.name: (item.handlers[:], item.level, item.propagate) for item in loggers},
+        warnings.showwarning,
+        list(warnings.filters),
+        sys.stdout,
+        transformers.utils.logging.is_progress_bar_enabled(),
+        huggingface_hub.utils.are_progress_bars_disabled(),
+        datasets.is_progress_bar_enabled(),
+    )
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_logging_to_file_takes_the_runs_output_and_restores_the_terminals(tmp_path, capfd, failing):
+    """Issue 22: a demo stage's logs (Python's, transformers', datasets', torch's), warnings and printed lines go to
+    its file, and everything is as before after the block, also when the run fails."""
     import logging
     import warnings
 
@@ -264,25 +293,67 @@ def test_logging_to_file_takes_the_runs_output_and_restores_the_terminals(tmp_pa
 
     from g2sd_hf.scripts.run import logging_to_file
 
-    library = logging.getLogger("transformers")
-    before = (logging.getLogger().handlers[:], library.handlers[:], library.level, library.propagate)
-    with logging_to_file(tmp_path / "train.log"):
-        transformers.utils.logging.set_verbosity_info()  # what setup_logging does in a script
-        transformers.utils.logging.get_logger("transformers.trainer").info("***** Running training *****")
-        datasets.utils.logging.get_logger("datasets.arrow_dataset").warning("Loading cached processed dataset")
-        logging.getLogger("g2sd_hf.trainer").warning("Peak learning rate 0.001")
-        print({"loss": 0.5})
-        warnings.warn("a library's warning")
-        assert not transformers.utils.logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    def warn():
+        warnings.warn("a library's warning", UserWarning)
+
+    warn()  # shown once here: shown again inside the block
+    capfd.readouterr()
+    before = logging_state()
+    with pytest.raises(ValueError, match="stopped") if failing else contextlib.nullcontext():
+        with logging_to_file(tmp_path / "train.log"):
+            transformers.utils.logging.set_verbosity_info()  # what setup_logging does in a script
+            transformers.utils.logging.get_logger("transformers.trainer").info("***** Running training *****")
+            datasets.utils.logging.get_logger("datasets.arrow_dataset").warning("Loading cached processed dataset")
+            logging.getLogger("torch.onnx").warning("torch's own handler")  # torch's loggers do not propagate
+            logging.getLogger("g2sd_hf.trainer").warning("Peak learning rate 0.001")
+            print({"loss": 0.5})
+            warn()
+            assert not transformers.utils.logging.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+            if failing:
+                raise ValueError("stopped")
     log = (tmp_path / "train.log").read_text()
-    for line in ("***** Running training *****", "Loading cached", "Peak learning rate", "{'loss': 0.5}", "warning"):
-        assert line in log, line
+    for line in (
+        "Running training",
+        "Loading cached",
+        "torch's own",
+        "Peak learning rate",
+        "{'loss': 0.5}",
+        "UserWarning: a library's warning",
+    ):
+        assert log.count(line) == 1, line
+    assert ("Traceback" in log and "ValueError: stopped" in log) == failing
     terminal = capfd.readouterr()
     assert terminal.out == terminal.err == ""
-    after = (logging.getLogger().handlers[:], library.handlers[:], library.level, library.propagate)
-    assert after == before and transformers.utils.logging.is_progress_bar_enabled()
+    after = logging_state()
+    assert {name: after[0][name] for name in before[0]} == before[0] and after[1:] == before[1:]
     logging.getLogger("g2sd_hf.trainer").warning("after the block")
     assert "after the block" not in (tmp_path / "train.log").read_text()
+
+
+def test_a_stage_shows_the_bars_that_clear(tmp_path):
+    """In a terminal, a stage's Trainer gets `StageProgressCallback` (through transformers' DEFAULT_PROGRESS_CALLBACK),
+    whose bars are not left on the screen; outside the block, the default one."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    from g2sd_hf.scripts.stages import StageProgressCallback, clearing_progress_bars
+
+    def callbacks():
+        args = TrainingArguments(str(tmp_path), disable_tqdm=False, report_to=[], use_cpu=True)
+        return [type(item) for item in Trainer(torch.nn.Linear(2, 2), args).callback_handler.callbacks]
+
+    with clearing_progress_bars():
+        inside = callbacks()
+    assert StageProgressCallback in inside and ProgressCallback not in inside
+    assert ProgressCallback in callbacks() and StageProgressCallback not in callbacks()
+    bars = StageProgressCallback()
+    state = types.SimpleNamespace(is_world_process_zero=True, max_steps=3, global_step=0)
+    bars.on_train_begin(None, state, None)
+    bars.on_prediction_step(None, state, None, eval_dataloader=[1, 2])
+    assert bars.training_bar.leave is False and bars.prediction_bar.leave is False
+    bars.on_evaluate(None, state, None)
+    bars.on_train_end(None, state, None)
 
 
 def test_a_stage_that_fails_says_where_its_log_is(tmp_path, capfd):

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -54,24 +55,26 @@ def parse_arguments(dataclass_types: Sequence[type], args: Sequence[str] | None 
 
 
 LOG_FORMAT = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
-# The handler of the log file `logging_to_file` writes, while a block runs inside it (the demos' stages).
-_log_file_handler: logging.Handler | None = None
+# True while a `logging_to_file` block runs (the demos' stages): `setup_logging` then adds no terminal handler.
+_inside_logging_to_file = False
 
 
-def setup_logging(training_args: TrainingArguments) -> None:
-    """transformers-style logging: INFO on the main process, warnings elsewhere; the same level for datasets.
-    Inside `logging_to_file`, into its file rather than the terminal."""
+def setup_logging(training_args: TrainingArguments, script_logger: logging.Logger | None = None) -> None:
+    """transformers-style logging: INFO on the main process, warnings elsewhere; the same level for datasets, the
+    package and the script's own logger (`script_logger`: its name is `__main__` only when run as a script). Inside
+    `logging_to_file`, into its file rather than the terminal."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LOG_FORMAT)
     logging.basicConfig(handlers=[handler])  # nothing when the root logger has a handler already
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
-    for name in ("g2sd_hf", "__main__"):
-        logging.getLogger(name).setLevel(level)
+    for logger_ in (logging.getLogger("g2sd_hf"), logging.getLogger("__main__"), script_logger):
+        if logger_ is not None:
+            logger_.setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
-    if _log_file_handler is None:
+    if not _inside_logging_to_file:
         transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
     logger.warning(
@@ -296,59 +299,95 @@ def _move_earlier_checkpoints(output_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def logging_to_file(path: Path) -> Iterator[None]:
-    """Everything a run logs or prints inside the block goes to the file `path` (appended), not to the terminal:
-    Python's loggers, transformers' and datasets', warnings, and standard output (the Trainer's log lines). Standard
-    error keeps only the Trainer's progress bars (`--disable_tqdm false`); the libraries' other bars (dataset maps,
-    checkpoint shards) are off. An exception is written into the file with its traceback, then raised. Everything is
-    as before after the block. The demos run each stage inside it (`stages/<name>/train.log`)."""
-    global _log_file_handler
-    if _log_file_handler is not None:
+    """What a run logs or prints from Python inside the block goes to the file `path` (appended), not to the
+    terminal: every logger (the root's handlers, and those of libraries with handlers of their own: transformers,
+    datasets, torch, huggingface_hub), warnings (each shown again, not once per process), and standard output (the
+    Trainer's log lines). Standard error keeps the Trainer's progress bars (`--disable_tqdm false`); transformers' and
+    datasets' other bars (checkpoint shards, dataset maps) are off. Native libraries writing to the terminal
+    themselves (onnxruntime's C++ log) are not redirected. An exception, `KeyboardInterrupt` and `SystemExit` included,
+    is written into the file with its traceback, then raised. Loggers, levels, warnings and bars are as before after
+    the block (a hub bar group disabled alone comes back as all hub bars on or off). The demos run each stage inside
+    it (`stages/<name>/train.log`)."""
+    global _inside_logging_to_file
+    if _inside_logging_to_file:
         raise RuntimeError("logging_to_file blocks do not nest: one file receives the run's log.")
-    stream = open(path, "a", encoding="utf-8", buffering=1)
-    root_handler, library_handler = logging.StreamHandler(stream), logging.StreamHandler(stream)
-    root_handler.setFormatter(LOG_FORMAT)
-    library_handler.setFormatter(LOG_FORMAT)
-    root = logging.getLogger()
-    libraries = [logging.getLogger(name) for name in ("transformers", "datasets")]
-    transformers.utils.logging.get_logger()  # configures transformers' library logger, so that it is restored as is
-    named = [logging.getLogger(name) for name in ("g2sd_hf", "__main__")]
-    saved = {
-        "root": (root.handlers[:], root.level),
-        "libraries": [(library.handlers[:], library.level, library.propagate) for library in libraries],
-        "levels": [logger_.level for logger_ in named],
-        "showwarning": warnings.showwarning,
-        "bars": (transformers.utils.logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()),
-    }
-    root.handlers = [root_handler]
-    for library in libraries:
-        library.handlers, library.propagate = [library_handler], False
-    logging.captureWarnings(True)
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    _log_file_handler = library_handler
-    try:
-        with contextlib.redirect_stdout(stream):
+    transformers.utils.logging.get_logger()  # configures transformers' library logger first, to restore it as is
+    with contextlib.ExitStack() as restore:
+        stream = restore.enter_context(open(path, "a", encoding="utf-8", buffering=1))
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(LOG_FORMAT)
+        library_handler = logging.StreamHandler(stream)  # transformers' explicit format goes on this one
+        library_handler.setFormatter(LOG_FORMAT)
+        restore.callback(handler.close)
+        restore.callback(library_handler.close)
+
+        loggers = [logging.getLogger()] + [
+            candidate
+            for candidate in logging.Logger.manager.loggerDict.values()
+            if isinstance(candidate, logging.Logger)
+        ]
+        saved = [(logger_, logger_.handlers[:], logger_.level, logger_.propagate) for logger_ in loggers]
+
+        def restore_loggers():
+            for logger_, handlers, level, propagate in saved:
+                logger_.handlers, logger_.propagate = handlers, propagate
+                logger_.setLevel(level)
+
+        restore.callback(restore_loggers)
+
+        def to_terminal(item: logging.Handler) -> bool:  # torch's stderr handler is not a StreamHandler
+            return getattr(item, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+        for logger_, handlers, _, _ in saved:
+            if logger_ is loggers[0]:
+                logger_.handlers = [handler]
+            elif logger_.name in ("transformers", "datasets"):  # their handlers print to the terminal
+                logger_.handlers, logger_.propagate = [library_handler], False
+            elif any(to_terminal(item) for item in handlers):
+                # A library that prints by itself (torch, huggingface_hub): into the file, once (not again through
+                # the root); its other handlers (torch's trace files) stay.
+                logger_.handlers = [handler if to_terminal(item) else item for item in handlers]
+                logger_.propagate = False
+
+        # catch_warnings restores the filters and showwarning after, and resets "shown once" (a later stage's log has
+        # the warnings an earlier stage already showed).
+        restore.enter_context(warnings.catch_warnings())
+        warnings.showwarning = _log_warning
+
+        bars = (
+            transformers.utils.logging.is_progress_bar_enabled(),
+            huggingface_hub.utils.are_progress_bars_disabled(),
+            datasets.is_progress_bar_enabled(),
+        )
+
+        def restore_bars():
+            transformers_bars, hub_disabled, datasets_bars = bars
+            if transformers_bars:
+                transformers.utils.logging.enable_progress_bar()
+            if hub_disabled:  # transformers' switch also turns the hub's bars on
+                huggingface_hub.utils.disable_progress_bars()
+            if datasets_bars:
+                datasets.enable_progress_bars()
+
+        restore.callback(restore_bars)
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+        _inside_logging_to_file = True
+        restore.callback(globals().__setitem__, "_inside_logging_to_file", False)
+        restore.enter_context(contextlib.redirect_stdout(stream))
+        try:
             yield
-    except BaseException:
-        logger.exception(f"The run stopped: {path}")
-        raise
-    finally:
-        _log_file_handler = None
-        logging.captureWarnings(False)
-        warnings.showwarning = saved["showwarning"]
-        root.handlers, level = saved["root"]
-        root.setLevel(level)
-        for library, (handlers, level, propagate) in zip(libraries, saved["libraries"]):
-            library.handlers, library.propagate = handlers, propagate
-            library.setLevel(level)
-        for logger_, level in zip(named, saved["levels"]):
-            logger_.setLevel(level)
-        transformers_bars, datasets_bars = saved["bars"]
-        if transformers_bars:
-            transformers.utils.logging.enable_progress_bar()
-        if datasets_bars:
-            datasets.enable_progress_bars()
-        stream.close()
+        except BaseException:
+            logger.exception(f"The run stopped: {path}")
+            raise
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` inside `logging_to_file`: into the log, as `logging.captureWarnings` does."""
+    logging.getLogger("py.warnings").warning(
+        warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    )
 
 
 def checkpoint_to_resume(training_args: TrainingArguments, *argument_groups) -> str | None:

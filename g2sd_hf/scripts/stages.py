@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import transformers.trainer
-from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import has_length
 
 from ..output_folders import claim_folder, is_claimed_folder, remove_claimed_folder
 from .run import logging_to_file
@@ -105,7 +103,8 @@ def run_stage(name: str, module, arguments: list[str], folder: Path, position: s
             metrics = module.main(arguments + display)
     except BaseException as error:
         print(f"    FAILED after {format_seconds(time.perf_counter() - start)}: {error!r}", flush=True)
-        print(f"    The stage's whole log: {log}", flush=True)
+        if log.exists():
+            print(f"    The stage's whole log: {log}", flush=True)
         raise
     record = {"arguments": arguments, "seconds": time.perf_counter() - start, "metrics": metrics}
     marker.write_text(json.dumps(record, indent=2))
@@ -118,17 +117,14 @@ class StageProgressCallback(ProgressCallback):
     it trains, its results), not its bars."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, leave=False, desc="training")
-        self.current_step = 0
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.leave = False  # tqdm reads it when the bar closes
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if state.is_world_process_zero and has_length(eval_dataloader):
-            if self.prediction_bar is None:
-                self.prediction_bar = tqdm(
-                    total=len(eval_dataloader), dynamic_ncols=True, leave=False, desc="evaluation"
-                )
-            self.prediction_bar.update(1)
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if self.prediction_bar is not None:
+            self.prediction_bar.leave = False
 
 
 @contextlib.contextmanager
@@ -281,4 +277,15 @@ def run_stages(
     return records
 
 
-__all__ = ["STAGE_LOG", "STAGE_MARKER", "StageClock", "run_stage", "run_stages", "stage_summary", "start_demo"]
+__all__ = [
+    "STAGE_LOG",
+    "STAGE_MARKER",
+    "StageClock",
+    "StageProgressCallback",
+    "clearing_progress_bars",
+    "format_seconds",
+    "run_stage",
+    "run_stages",
+    "stage_summary",
+    "start_demo",
+]
