@@ -102,8 +102,8 @@ def test_tensorboard_logging(teachers, tmp_path):
         teacher_name_or_path=teachers / "mae",
         target_layer=2,
         config_overrides=TINY_STUDENT,
+        report_to="tensorboard",
     )
-    arguments[arguments.index("--report_to") + 1] = "tensorboard"
     run_generic.main(arguments)
     events = list((tmp_path / "out").rglob("events.out.tfevents.*"))  # <output_dir>/runs/<date>_<host>/
     assert events and events[0].stat().st_size > 0
@@ -126,8 +126,8 @@ def test_trackio_logging_reads_back_the_loss_terms(teachers, tmp_path):
         config_overrides=TINY_STUDENT,
         project="g2sd-test",
         run_name="generic",
+        report_to="trackio",
     )
-    arguments[arguments.index("--report_to") + 1] = "trackio"
     environment = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, str(EXAMPLES / "run_generic.py"), *arguments], env=environment, check=True)
     read_back = (
